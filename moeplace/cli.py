@@ -1,0 +1,272 @@
+"""The ``moeplace`` command line: every stage behind one click group, bad input as one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+
+from moeplace.errors import InputError, MoeplaceError
+
+
+class _Group(click.Group):
+    """Turns library errors into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MoeplaceError as exc:
+            click.echo(f"moeplace: error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            click.echo(f"moeplace: error: {getattr(exc, 'filename', '') or ''}: "
+                       f"{exc.strerror or exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moeplace")
+def main() -> None:
+    """Place the experts of a Mixture-of-Experts model across GPUs from its routing traces."""
+
+
+# ---- shared helpers -------------------------------------------------------------------------
+def _layer_ids(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError("--moe-layers", "value", f"{text!r} is not a comma-separated list of "
+                         "integers", "e.g. --moe-layers 1,2,3") from None
+
+
+_import_options = [
+    click.option("--format", "fmt", default="auto", show_default=True,
+                 type=click.Choice(["auto", "parquet", "npz", "vllm", "sglang", "sglang-dump",
+                                    "megatron"]), help="Input format."),
+    click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1)."),
+    click.option("--moe-layers", help="Hidden-layer ids of the MoE layers, comma separated "
+                 "(default: detected)."),
+    click.option("--top-k", type=int, help="Experts per token (SGLang per-request input)."),
+    click.option("--num-hidden-layers", type=int, help="Hidden layers (SGLang per-request input)."),
+]
+
+
+def import_options(f: Any) -> Any:
+    for opt in reversed(_import_options):
+        f = opt(f)
+    return f
+
+
+def _load(path: str, fmt: str = "auto", num_experts: int | None = None,
+          moe_layers: str | None = None, top_k: int | None = None,
+          num_hidden_layers: int | None = None) -> Any:
+    from moeplace.traces import load_routing
+
+    return load_routing(path, fmt, num_experts=num_experts, moe_layer_ids=_layer_ids(moe_layers),
+                        top_k=top_k, num_hidden_layers=num_hidden_layers)
+
+
+def _stats_of(path: str, **kw: Any) -> tuple[Any, Any]:
+    """(RoutingStats, Trace or None) for any trace or statistics source."""
+    from moeplace.traces import RoutingStats, compute_stats, detect_format, open_trace
+
+    fmt = kw.get("fmt", "auto")
+    if fmt == "parquet" or (fmt == "auto" and detect_format(path) == "parquet"):
+        reader = open_trace(path)
+        return compute_stats(reader), None
+    obj = _load(path, **kw)
+    if isinstance(obj, RoutingStats):
+        return obj, None
+    return compute_stats(obj), obj
+
+
+def _print_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> None:
+    with pd.option_context("display.max_rows", 500, "display.width", 200,
+                           "display.max_columns", 50,
+                           "display.float_format", floatfmt.format):
+        click.echo(df.to_string(index=False))
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return None if np.isnan(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+# ---- analyze -------------------------------------------------------------------------------
+@main.command()
+@click.argument("trace", required=False)
+@click.option("--demo", is_flag=True, help="Analyse the bundled FLAME-MoE-290M sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Save load and transition heatmaps to this image file.")
+@click.option("--top", type=int, default=10, show_default=True, help="Top transitions to list.")
+@click.option("--drift-windows", type=int, default=8, show_default=True,
+              help="Windows for the load-drift table (per-token traces only).")
+@import_options
+def analyze(trace: str | None, demo: bool, as_json: bool, plot_path: str | None, top: int,
+            drift_windows: int, **kw: Any) -> None:
+    """Per-layer skew and cross-layer affinity of a routing trace (or statistics file)."""
+    from moeplace.traces import analysis
+    from moeplace.traces.demo import demo_trace_path
+
+    if demo:
+        trace = str(demo_trace_path())
+    if not trace:
+        raise InputError("analyze", "TRACE", "no trace given", "pass a trace path or --demo")
+    stats, tr = _stats_of(trace, **kw)
+    table = analysis.layer_table(stats)
+    if plot_path:
+        analysis.plot(stats, plot_path)
+    if as_json:
+        out = analysis.summary(stats, table)
+        if stats.transitions is not None and stats.num_layers > 1:
+            out["top_transitions"] = analysis.top_transitions(stats, top).to_dict("records")
+        _echo_json(out)
+        return
+    m = stats.meta
+    click.echo(f"{m.model or trace}: {stats.num_tokens:,} tokens, {stats.num_layers} MoE layers, "
+               f"{stats.num_experts} experts, top-{m.top_k}")
+    _print_table(table)
+    if stats.transitions is not None and stats.num_layers > 1:
+        click.echo(f"\ntop {top} transitions (expert at layer -> expert at next layer):")
+        _print_table(analysis.top_transitions(stats, top))
+    if tr is None and drift_windows > 1 and Path(trace).suffix == ".parquet":
+        from moeplace.traces import read_trace
+
+        tr = read_trace(trace) if stats.num_tokens <= 2_000_000 else None
+    if tr is not None and drift_windows > 1 and tr.num_tokens >= drift_windows:
+        click.echo(f"\nload drift over {drift_windows} windows (JS divergence from the whole, bits):")
+        _print_table(analysis.drift(tr, drift_windows), "{:.4f}")
+    if plot_path:
+        click.echo(f"\nwrote {plot_path}")
+
+
+# ---- stats / convert / synth ----------------------------------------------------------------
+@main.command()
+@click.argument("trace")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz.")
+@import_options
+def stats(trace: str, out: str, **kw: Any) -> None:
+    """Aggregate a trace into statistics (.npz) that add up across shards."""
+    st, _ = _stats_of(trace, **kw)
+    st.save(out)
+    click.echo(f"wrote {out}: {st.num_tokens:,} tokens, {st.num_layers} layers, "
+               f"{st.num_experts} experts")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path())
+@click.option("--model", default="", help="Model name to record in the trace metadata.")
+@import_options
+def convert(src: str, dst: str, model: str, **kw: Any) -> None:
+    """Import SRC (vLLM, SGLang, Megatron, .npz, Parquet) and write DST as a Parquet trace."""
+    from moeplace.traces import RoutingStats, write_trace
+
+    obj = _load(src, **kw)
+    if isinstance(obj, RoutingStats):
+        raise InputError(src, "format", "holds aggregated counts, not per-token routing",
+                         "use 'moeplace stats' or pass it to solve directly")
+    if model:
+        obj.meta = obj.meta.with_updates(model=model)
+    write_trace(obj, dst)
+    click.echo(f"wrote {dst}: {obj.num_tokens:,} tokens x {obj.num_layers} layers x top-"
+               f"{obj.top_k} of {obj.num_experts} experts"
+               + (f" (dropped {obj.meta.extra['dropped_tokens']} tokens with lost records)"
+                  if obj.meta.extra.get("dropped_tokens") else ""))
+
+
+@main.command()
+@click.option("--preset", default="deepseek-v3", show_default=True,
+              help="Model shape: deepseek-v3, kimi-k2, deepseek-v2-lite, qwen3-30b-a3b, mixtral, "
+                   "flame-moe-290m.")
+@click.option("--tokens", type=int, default=100_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--skew", type=float, help="Zipf exponent of per-layer popularity.")
+@click.option("--affinity", type=float, help="Weight of topic-specific routing (0..1).")
+@click.option("--stickiness", type=float, help="Chance a token keeps its topic per layer (0..1).")
+@click.option("--weights", is_flag=True, help="Also write gate weights.")
+@click.option("--out", required=True, type=click.Path(), help="Output Parquet trace.")
+def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: float | None,
+          stickiness: float | None, weights: bool, out: str) -> None:
+    """Write a seeded synthetic trace with controllable skew and cross-layer affinity."""
+    from moeplace._progress import Progress
+    from moeplace.traces import SyntheticRouter, TraceWriter
+    from moeplace.traces.synthetic import preset as get_preset
+
+    over = {k: v for k, v in (("skew", skew), ("affinity", affinity),
+                              ("stickiness", stickiness)) if v is not None}
+    router = SyntheticRouter(get_preset(preset, **over), seed)
+    bar = Progress(tokens, "synth", "tokens")
+    with TraceWriter(out, router.meta, with_weights=weights,
+                     token_fields=["request", "position", "phase"]) as w:
+        for chunk in router.sample(tokens, weights=weights):
+            w.write(chunk)
+            bar.update(chunk.num_tokens)
+    bar.close()
+    click.echo(f"wrote {out}: {tokens:,} tokens of {router.meta.model}")
+
+
+# ---- evaluate -------------------------------------------------------------------------------
+@main.command()
+@click.argument("trace")
+@click.argument("placement")
+@click.option("--home", type=click.Choice(["static", "follow"]), default="static",
+              show_default=True, help="Execution model whose replica choices set the GPU loads.")
+@click.option("--window", type=int, default=4096, show_default=True,
+              help="Tokens per window for windowed load imbalance.")
+@click.option("--current", type=click.Path(dir_okay=False),
+              help="Current placement, to report migration cost.")
+@click.option("--expert-bytes", type=int, default=0, help="Bytes of one expert's weights.")
+@click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@import_options
+def evaluate(trace: str, placement: str, home: str, window: int, current: str | None,
+             expert_bytes: int, per_layer: bool, as_json: bool, **kw: Any) -> None:
+    """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md."""
+    from moeplace.placement import Placement
+    from moeplace.solvers import evaluate as run_eval
+    from moeplace.traces import RoutingStats, detect_format, open_trace
+
+    plc = Placement.load(placement)
+    cur = Placement.load(current) if current else None
+    fmt = kw.get("fmt", "auto")
+    if fmt == "parquet" or (fmt == "auto" and detect_format(trace) == "parquet"):
+        src: Any = open_trace(trace)
+    else:
+        src = _load(trace, **kw)
+        if isinstance(src, RoutingStats):
+            raise InputError(trace, "format", "aggregated counts cannot be scored per token",
+                             "give a per-token trace")
+    res = run_eval(src, plc, window=window, home=home, current=cur, expert_bytes=expert_bytes)
+    if as_json:
+        out = dict(res.summary)
+        if per_layer:
+            out["per_layer"] = res.per_layer.to_dict("records")
+        _echo_json(out)
+        return
+    if per_layer:
+        _print_table(res.per_layer)
+        click.echo("")
+    for k, v in res.summary.items():
+        click.echo(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,35 @@
+"""Typed exceptions that every moeplace layer raises for bad input, missing extras and infeasible requests."""
+
+from __future__ import annotations
+
+
+class MoeplaceError(Exception):
+    """Base class: the CLI turns any of these into one line on stderr and exit code 2."""
+
+
+class InputError(MoeplaceError, ValueError):
+    """A file or argument is malformed; the message names the source, the field and the fix."""
+
+    def __init__(self, source: object, field: str, problem: str, fix: str = "") -> None:
+        self.source = str(source)
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        msg = f"{self.source}: {field}: {problem}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+class MissingDependencyError(MoeplaceError, ImportError):
+    """An optional extra (torch, matplotlib, numba) is needed for this call."""
+
+    def __init__(self, package: str, purpose: str, extra: str) -> None:
+        super().__init__(
+            f"{purpose} needs {package}, which is not installed "
+            f"(pip install 'moeplace[{extra}]')"
+        )
+
+
+class InfeasibleError(MoeplaceError, ValueError):
+    """The request cannot be satisfied (e.g. more GPUs than slots allow)."""

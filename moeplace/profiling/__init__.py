@@ -1,0 +1,1 @@
+"""Profiling: record routing traces from running models (not implemented yet; see issue 4)."""

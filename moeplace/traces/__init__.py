@@ -1,0 +1,26 @@
+"""Routing traces: the trace type, Parquet storage, importers, statistics, synthetic traces, analysis."""
+
+from moeplace.traces.importers import detect_format, import_trace, load_routing
+from moeplace.traces.stats import RoutingStats, compute_stats
+from moeplace.traces.store import TraceReader, TraceWriter, open_trace, read_trace, write_trace
+from moeplace.traces.synthetic import PRESETS, SyntheticRouter, SyntheticSpec, synthetic_trace
+from moeplace.traces.trace import Trace, TraceMeta
+
+__all__ = [
+    "PRESETS",
+    "RoutingStats",
+    "SyntheticRouter",
+    "SyntheticSpec",
+    "Trace",
+    "TraceMeta",
+    "TraceReader",
+    "TraceWriter",
+    "compute_stats",
+    "detect_format",
+    "import_trace",
+    "load_routing",
+    "open_trace",
+    "read_trace",
+    "synthetic_trace",
+    "write_trace",
+]

@@ -1,0 +1,115 @@
+"""Helpers the importers share: decoding base64 arrays, dropping dense layers, reading JSON records."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import InputError, MissingDependencyError
+
+
+def iter_json_records(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(location, object)`` from a JSON file (object or list) or a JSONL file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(p, "file", f"cannot read as text ({exc})", "check the path") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise InputError(p, "file", "file is empty", "give a file with at least one record")
+    if p.suffix != ".jsonl" and stripped[0] in "[{":
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None
+        if obj is not None:
+            items = obj if isinstance(obj, list) else [obj]
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise InputError(p, f"[{i}]", "record is not a JSON object",
+                                     "give a list of response objects")
+                yield f"{p}[{i}]", item
+            return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"{p}:{lineno}", "line", f"not valid JSON ({exc.args[0]})",
+                             "one JSON object per line") from None
+        if not isinstance(item, dict):
+            raise InputError(f"{p}:{lineno}", "line", "not a JSON object",
+                             "one JSON object per line")
+        yield f"{p}:{lineno}", item
+
+
+def b64decode(value: Any, source: str, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise InputError(source, field, f"expected a base64 string, got {type(value).__name__}",
+                         "enable routed-expert return in the server")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(source, field, "not valid base64", "pass the field unmodified") from None
+
+
+def npy_from_bytes(raw: bytes, source: str, field: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(source, field, f"not .npy bytes ({exc})",
+                         "pass the field unmodified") from None
+
+
+def drop_dense_layers(experts: np.ndarray, moe_layer_ids: list[int] | None, source: object
+                      ) -> tuple[np.ndarray, list[int]]:
+    """Keep the MoE layers of an all-hidden-layers array ``[T, H, k]``.
+
+    Without explicit ids, a dense layer is one whose every entry is 0 (vLLM) or -1 (SGLang): a
+    real MoE layer with k >= 2 never repeats an expert, so cannot be all zeros.
+    """
+    H = experts.shape[1]
+    if moe_layer_ids is None:
+        flat = experts.reshape(experts.shape[0], H, -1)
+        dense = np.all((flat == 0) | (flat == -1), axis=(0, 2))
+        if experts.shape[2] == 1:
+            dense = np.all(flat == -1, axis=(0, 2))
+        moe_layer_ids = [h for h in range(H) if not dense[h]]
+    bad = [h for h in moe_layer_ids if not 0 <= h < H]
+    if bad:
+        raise InputError(source, "moe_layer_ids", f"layer {bad[0]} outside 0..{H - 1}",
+                         "give hidden-layer indices of the MoE layers")
+    if not moe_layer_ids:
+        raise InputError(source, "routed_experts", "every layer is empty (all dense)",
+                         "check that routed-expert capture was enabled")
+    return experts[:, moe_layer_ids], list(moe_layer_ids)
+
+
+def torch_load(path: str | os.PathLike[str]) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", f"reading {Path(path).name} (.pt)", "torch") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many unrelated types for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, "file", f"not a readable torch file ({first[:200]})",
+                         "pass the dump file unmodified") from None
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Tensor, list or array to numpy without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)

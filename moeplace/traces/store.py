@@ -1,0 +1,298 @@
+"""Parquet storage of routing traces: a streaming, sharded writer and a chunked, bounded-memory reader.
+
+Layout (format version 1): one row per token. ``experts`` is a fixed-size binary cell holding the
+token's ``[L, k]`` ids row-major in the little-endian dtype named in the metadata; ``weights``
+(optional) likewise holds float32 ``[L, k]``; ``request``, ``position``, ``phase``, ``step`` are
+optional integer columns. The schema metadata key ``moeplace`` holds the JSON header (format,
+version, dtype, TraceMeta). A trace is one ``.parquet`` file or a directory of ``part-*.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moeplace._fileio import atomic_path
+from moeplace.errors import InputError
+from moeplace.traces.trace import TOKEN_FIELDS, Trace, TraceMeta, expert_dtype
+
+FORMAT = "moeplace.trace"
+VERSION = 1
+META_KEY = b"moeplace"
+DEFAULT_CHUNK = 1 << 16
+
+
+def _header(meta: TraceMeta, has_weights: bool) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "experts_dtype": expert_dtype(meta.num_experts).str.lstrip("<|>"),
+        "has_weights": has_weights,
+        "meta": meta.to_dict(),
+    }
+
+
+def _schema(meta: TraceMeta, has_weights: bool, token_fields: list[str]) -> pa.Schema:
+    L, k = meta.num_layers, meta.top_k
+    itemsize = expert_dtype(meta.num_experts).itemsize
+    fields = [pa.field("experts", pa.binary(L * k * itemsize), nullable=False)]
+    if has_weights:
+        fields.append(pa.field("weights", pa.binary(L * k * 4), nullable=False))
+    for name in token_fields:
+        fields.append(pa.field(name, pa.from_numpy_dtype(TOKEN_FIELDS[name]), nullable=False))
+    header = json.dumps(_header(meta, has_weights), sort_keys=True).encode()
+    return pa.schema(fields, metadata={META_KEY: header})
+
+
+def _fixed_binary(arr: np.ndarray, width: int) -> pa.Array:
+    flat = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), arr.shape[0], [None, pa.py_buffer(flat)]
+    )
+
+
+def _to_batch(trace: Trace, schema: pa.Schema) -> pa.RecordBatch:
+    T, L, k = trace.experts.shape
+    e = trace.experts.astype(trace.experts.dtype.newbyteorder("<"), copy=False)
+    cols: list[pa.Array] = [_fixed_binary(e, L * k * e.dtype.itemsize)]
+    names = schema.names
+    if "weights" in names:
+        w = trace.weights.astype("<f4", copy=False)  # type: ignore[union-attr]
+        cols.append(_fixed_binary(w, L * k * 4))
+    for name in names[len(cols):]:
+        cols.append(pa.array(trace.tokens[name]))
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+class TraceWriter:
+    """Stream ``Trace`` chunks into Parquet; nothing appears at ``path`` until ``close()`` succeeds.
+
+    ``path`` ending in ``.parquet`` gives one file (one row group per ``row_group_tokens``);
+    any other path gives a directory of shards of at most ``shard_tokens`` tokens each.
+    Use as a context manager: an exception inside the block discards everything written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], meta: TraceMeta, *,
+                 with_weights: bool = False, token_fields: list[str] | None = None,
+                 shard_tokens: int = 1 << 22, row_group_tokens: int = 1 << 17,
+                 compression: str = "zstd") -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.schema = _schema(meta, with_weights, sorted(token_fields or []))
+        self.sharded = self.path.suffix != ".parquet"
+        self.shard_tokens = shard_tokens
+        self.row_group_tokens = row_group_tokens
+        self.compression = compression
+        self.num_tokens = 0
+        self._ctx = atomic_path(self.path)
+        self._tmp = self._ctx.__enter__()
+        if self.sharded:
+            self._tmp.mkdir()
+        self._writer: pq.ParquetWriter | None = None
+        self._shard = 0
+        self._in_shard = 0
+        self._closed = False
+
+    def _open_next(self) -> pq.ParquetWriter:
+        if self._writer is not None:
+            self._writer.close()
+        target = self._tmp / f"part-{self._shard:05d}.parquet" if self.sharded else self._tmp
+        self._shard += 1
+        self._in_shard = 0
+        self._writer = pq.ParquetWriter(target, self.schema, compression=self.compression)
+        return self._writer
+
+    def write(self, trace: Trace) -> None:
+        """Append a chunk of tokens (same model, same optional fields as the writer)."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        m = trace.meta
+        if (m.num_experts, m.top_k, m.moe_layer_ids) != (
+            self.meta.num_experts, self.meta.top_k, self.meta.moe_layer_ids
+        ):
+            raise InputError(self.path, "meta", "chunk does not match the writer's model shape",
+                             "write chunks of one model only")
+        if ("weights" in self.schema.names) != (trace.weights is not None):
+            raise InputError(self.path, "weights", "chunks must all have or all lack weights",
+                             "record weights for every chunk or none")
+        missing = [n for n in self.schema.names if n in TOKEN_FIELDS and n not in trace.tokens]
+        if missing:
+            raise InputError(self.path, missing[0], "per-token field missing from a chunk",
+                             "give every chunk the same per-token fields")
+        start = 0
+        while start < trace.num_tokens:
+            if self._writer is None or (self.sharded and self._in_shard >= self.shard_tokens):
+                self._open_next()
+            room = self.shard_tokens - self._in_shard if self.sharded else trace.num_tokens
+            stop = min(trace.num_tokens, start + room)
+            part = trace if (start, stop) == (0, trace.num_tokens) else trace.select(
+                slice(start, stop))
+            batch = _to_batch(part, self.schema)
+            assert self._writer is not None
+            self._writer.write_batch(batch, row_group_size=self.row_group_tokens)
+            self._in_shard += stop - start
+            self.num_tokens += stop - start
+            start = stop
+
+    def close(self) -> None:
+        """Finish the file(s) and move them into place atomically."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.num_tokens == 0:
+            self.abort()
+            raise InputError(self.path, "experts", "the trace has no tokens",
+                             "record or import at least one token")
+        assert self._writer is not None
+        self._writer.close()
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Discard everything written so far."""
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        try:
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        except RuntimeError:
+            pass
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_trace(trace: Trace, path: str | os.PathLike[str], **kw: Any) -> Path:
+    """Write a whole in-memory trace to ``path`` (see ``TraceWriter``)."""
+    with TraceWriter(path, trace.meta, with_weights=trace.weights is not None,
+                     token_fields=list(trace.tokens), **kw) as w:
+        w.write(trace)
+    return Path(path)
+
+
+def _parse_header(schema: pa.Schema, source: object) -> tuple[dict[str, Any], TraceMeta]:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise InputError(source, "schema metadata", "not a moeplace trace (no 'moeplace' header)",
+                         "import it with 'moeplace convert SRC DST.parquet'")
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise InputError(source, "schema metadata", "header is not valid JSON",
+                         "re-create the file with moeplace convert") from None
+    if header.get("format") != FORMAT:
+        raise InputError(source, "format", f"{header.get('format')!r} is not {FORMAT!r}",
+                         "import it with moeplace convert")
+    if int(header.get("version", 0)) > VERSION:
+        raise InputError(source, "version", f"format version {header.get('version')} is newer "
+                         f"than this moeplace understands ({VERSION})", "upgrade moeplace")
+    meta = TraceMeta.from_dict(header.get("meta", {}), source)
+    return header, meta
+
+
+class TraceReader:
+    """Open a Parquet trace (file or shard directory) and read it as a stream of ``Trace`` chunks."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(self.path, "path", "no such file or directory", "check the path")
+        if self.path.is_dir():
+            self.files = sorted(self.path.glob("*.parquet"))
+            if not self.files:
+                raise InputError(self.path, "path", "directory holds no .parquet shards",
+                                 "point at a trace file or a directory of part-*.parquet")
+        else:
+            self.files = [self.path]
+        self._pfs: list[pq.ParquetFile] = []
+        self.header: dict[str, Any] = {}
+        for f in self.files:
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+                raise InputError(f, "file", f"not a readable Parquet file ({_first_line(exc)})",
+                                 "the file may be truncated; re-create it") from None
+            header, meta = _parse_header(pf.schema_arrow, f)
+            if self._pfs and meta.to_dict() != self.meta.to_dict():
+                raise InputError(f, "meta", "shard metadata differs from the first shard",
+                                 "keep shards of one trace in one directory")
+            self.header, self.meta = header, meta
+            self._pfs.append(pf)
+        self.meta = self.meta.with_updates(source=str(self.path))
+        names = self._pfs[0].schema_arrow.names
+        self.has_weights = "weights" in names
+        self.token_fields = [n for n in names if n in TOKEN_FIELDS]
+        self.dtype = np.dtype(self.header["experts_dtype"]).newbyteorder("<")
+        self.num_tokens = sum(pf.metadata.num_rows for pf in self._pfs)
+
+    def iter_chunks(self, chunk_tokens: int = DEFAULT_CHUNK, *, weights: bool = True,
+                    token_fields: bool = True) -> Iterator[Trace]:
+        """Yield consecutive chunks of at most ``chunk_tokens`` tokens, in file order."""
+        cols = ["experts"]
+        if weights and self.has_weights:
+            cols.append("weights")
+        if token_fields:
+            cols += self.token_fields
+        L, k = self.meta.num_layers, self.meta.top_k
+        for f, pf in zip(self.files, self._pfs, strict=True):
+            try:
+                for batch in pf.iter_batches(batch_size=chunk_tokens, columns=cols):
+                    yield self._decode(batch, L, k, f)
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+                raise InputError(f, "file", f"corrupt Parquet data ({_first_line(exc)})",
+                                 "the file may be truncated; re-create it") from None
+
+    def _decode(self, batch: pa.RecordBatch, L: int, k: int, source: Path) -> Trace:
+        n = batch.num_rows
+        e_col = batch.column("experts")
+        width = L * k * self.dtype.itemsize
+        if e_col.type != pa.binary(width):
+            raise InputError(source, "experts", f"column type {e_col.type} does not match "
+                             f"[{L}, {k}] of {self.dtype}", "re-create the file")
+        experts = _binary_to_numpy(e_col, self.dtype, n, L, k)
+        weights = None
+        if "weights" in batch.schema.names:
+            weights = _binary_to_numpy(batch.column("weights"), np.dtype("<f4"), n, L, k)
+        tokens = {name: batch.column(name).to_numpy() for name in batch.schema.names
+                  if name in TOKEN_FIELDS}
+        meta = self.meta.with_updates(source=str(source))
+        return Trace(experts=experts, meta=meta, weights=weights, tokens=tokens)
+
+    def read(self) -> Trace:
+        """Load the whole trace into memory."""
+        return Trace.concat(list(self.iter_chunks(chunk_tokens=1 << 20)))
+
+
+def _binary_to_numpy(col: pa.Array, dtype: np.dtype, n: int, L: int, k: int) -> np.ndarray:
+    buf = col.buffers()[1]
+    width = L * k * dtype.itemsize
+    start = col.offset * width
+    raw = np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=start)
+    return raw.view(dtype).reshape(n, L, k)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_trace(path: str | os.PathLike[str]) -> Trace:
+    """Load a Parquet trace fully into memory."""
+    return TraceReader(path).read()
+
+
+def open_trace(path: str | os.PathLike[str]) -> TraceReader:
+    """Open a Parquet trace for streaming."""
+    return TraceReader(path)
