@@ -268,5 +268,36 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
         click.echo(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
 
 
+# ---- demo ---------------------------------------------------------------------------------
+@main.command()
+@click.option("--gpus", type=int, default=8, show_default=True)
+def demo(gpus: int) -> None:
+    """Analyse the bundled FLAME-MoE-290M trace and score the baseline placements on it."""
+    from moeplace.placement import contiguous, random_placement, round_robin
+    from moeplace.solvers import evaluate as run_eval
+    from moeplace.traces import analysis, compute_stats, read_trace
+    from moeplace.traces.demo import demo_trace_path
+
+    tr = read_trace(demo_trace_path())
+    st = compute_stats(tr)
+    summ = analysis.summary(st)
+    L, N = st.num_layers, st.num_experts
+    click.echo(f"{tr.meta.model}: {tr.num_tokens:,} tokens x {L} MoE layers x top-{tr.top_k} of "
+               f"{N} experts (bundled sample)")
+    click.echo(f"expert load imbalance (max/mean) {summ['load_imbalance_mean']:.2f} mean, "
+               f"{summ['load_imbalance_max']:.2f} max; cross-layer mutual information "
+               f"{summ['mi_next_bits_median']:.2f} bits (median)")
+    rows = []
+    cands = {"contiguous": contiguous(L, N, gpus), "round_robin": round_robin(L, N, gpus),
+             "random": random_placement(L, N, gpus, seed=0)}
+    for name, plc in cands.items():
+        s = run_eval(tr, plc, window=512).summary
+        rows.append({"placement": name, "load_imbalance": s["load_imbalance_mean"],
+                     "cross_gpu_pairs": s["cross_layer_pair_fraction"],
+                     "traffic_follow": s["traffic_follow"]})
+    click.echo(f"\nplacements on {gpus} GPUs (lower is better):")
+    _print_table(pd.DataFrame(rows))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -276,9 +276,9 @@ def from_gpu_lists(layers: list[list[list[int]]], num_nodes: int = 1, num_expert
 
 def contiguous(num_layers: int, num_experts: int, num_gpus: int, num_nodes: int = 1,
                replicas: int = 0, **kw: Any) -> Placement:
-    """vLLM ``linear`` / SGLang ``trivial``: ``phy2log[l] = [0..N-1, 0..R-1]``."""
+    """vLLM ``linear`` / SGLang ``trivial``: ``phy2log[l] = [0..N-1, 0..R-1]`` (cyclic if R > N)."""
     _check_cluster(num_experts, num_gpus, num_nodes, replicas)
-    row = np.concatenate([np.arange(num_experts), np.arange(replicas)])
+    row = np.arange(num_experts + replicas) % num_experts
     return Placement(np.tile(row, (num_layers, 1)), num_gpus, num_nodes, num_experts, **kw)
 
 

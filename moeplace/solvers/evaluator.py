@@ -44,7 +44,7 @@ def check_compatible(placement: Placement, num_layers: int, num_experts: int, so
 def colocation(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     """``[L-1, N, N]`` booleans: experts (a at l, b at l+1) share a GPU / share a node."""
     inc = placement.incidence()  # [L, N, G]
-    L, N, G = inc.shape
+    L, N, _G = inc.shape
     node_inc = inc.reshape(L, N, placement.num_nodes, placement.gpus_per_node).any(axis=3)
     f = inc.astype(np.float32)
     fn = node_inc.astype(np.float32)
@@ -72,7 +72,7 @@ def pair_fractions(transitions: np.ndarray, placement: Placement) -> pd.DataFram
 def gpu_loads_from_stats(load: np.ndarray, placement: Placement) -> np.ndarray:
     """``[L, G]`` expected GPU loads, an expert's load split evenly over its copies."""
     cnt = placement.logcnt().astype(np.float64)
-    L, P = placement.phy2log.shape
+    L, _P = placement.phy2log.shape
     share = np.take_along_axis(load / cnt, placement.phy2log, axis=1)  # [L, P]
     return share.reshape(L, placement.num_gpus, placement.slots_per_gpu).sum(axis=2)
 

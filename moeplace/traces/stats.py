@@ -109,7 +109,8 @@ class RoutingStats:
             raise InputError(path, "format", f"{header.get('format')!r} is not {STATS_FORMAT!r}",
                              "create it with RoutingStats.save")
         meta = TraceMeta.from_dict(header["meta"], path)
-        get = (lambda k: z[k].astype(np.int64) if k in z.files else None)
+        def get(k):
+            return (z[k].astype(np.int64) if k in z.files else None)
         stats = cls(meta, int(z["num_tokens"]), get("load"), get("transitions"),
                     get("coactivation"))
         if stats.load is None or stats.load.shape != (meta.num_layers, meta.num_experts):

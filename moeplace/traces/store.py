@@ -59,7 +59,7 @@ def _fixed_binary(arr: np.ndarray, width: int) -> pa.Array:
 
 
 def _to_batch(trace: Trace, schema: pa.Schema) -> pa.RecordBatch:
-    T, L, k = trace.experts.shape
+    _T, L, k = trace.experts.shape
     e = trace.experts.astype(trace.experts.dtype.newbyteorder("<"), copy=False)
     cols: list[pa.Array] = [_fixed_binary(e, L * k * e.dtype.itemsize)]
     names = schema.names
@@ -220,7 +220,9 @@ class TraceReader:
         self.header: dict[str, Any] = {}
         for f in self.files:
             try:
-                pf = pq.ParquetFile(f)
+                # A buffered stream without pre-buffering keeps memory at about one chunk;
+                # the defaults read whole column chunks ahead and grew to the file's size.
+                pf = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
                 raise InputError(f, "file", f"not a readable Parquet file ({_first_line(exc)})",
                                  "the file may be truncated; re-create it") from None

@@ -106,7 +106,7 @@ def check_experts(experts: Any, num_experts: int | None, source: object,
     if arr.shape[1] == 0 or arr.shape[2] == 0:
         raise InputError(source, field_name, f"shape {arr.shape} has no layers or no experts per token",
                          "check the layer axis and top-k")
-    lo = int(arr.min())
+    lo = int(arr.min()) if arr.dtype.kind == "i" else 0
     if lo < 0:
         raise InputError(source, field_name, f"negative expert id {lo}",
                          "ids must lie in 0..num_experts-1")

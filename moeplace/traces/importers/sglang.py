@@ -153,12 +153,15 @@ def _per_token_dump(p: Path, obj: dict[str, Any], num_experts: int | None,
             ids.shape[1], 1), np.clip(ids, 0, None), axis=2), -1)
         parts.append(logical.transpose(1, 0, 2))
         n = ids.shape[1]
-        seg = to_numpy(rec.get("extend_seq_lens", [n])).astype(np.int64).reshape(-1)
-        if seg.sum() != n:
+        raw_seg = rec.get("extend_seq_lens")
+        seg = to_numpy(raw_seg if raw_seg is not None else [n]).astype(np.int64).reshape(-1)
+        if _phase_of(rec.get("forward_mode")) == PHASE_DECODE or seg.sum() != n:
             seg = np.ones(n, np.int64)  # decode passes: one token per request
         reqs.append(np.repeat(np.arange(next_req, next_req + len(seg)), seg))
         next_req += len(seg)
-        poss.append(to_numpy(rec.get("positions", np.arange(n))).astype(np.int32).reshape(-1))
+        raw_pos = rec.get("positions")
+        poss.append(to_numpy(raw_pos if raw_pos is not None else np.arange(n))
+                    .astype(np.int32).reshape(-1))
         phases.append(np.full(n, _phase_of(rec.get("forward_mode")), np.int8))
     if not parts:
         raise InputError(p, "records", "no tokens recorded", "record while serving traffic")
