@@ -268,6 +268,138 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
         click.echo(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
 
 
+# ---- solve ----------------------------------------------------------------------------------
+def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int) -> pd.DataFrame:
+    """Evaluator metrics per placement: per-token when a trace is at hand, else from stats."""
+    from moeplace.solvers import evaluate as run_eval
+    from moeplace.solvers import evaluate_stats
+
+    rows = []
+    for name, plc in plcs.items():
+        if trace is not None:
+            s = run_eval(trace, plc, window=window, show_progress=False).summary
+        else:
+            s = evaluate_stats(stats, plc)
+        row = {"placement": name, "load_imbalance": s["load_imbalance_mean"],
+               "load_imbalance_max": s["load_imbalance_max"],
+               "cross_gpu_pairs": s.get("cross_layer_pair_fraction", float("nan")),
+               "cross_node_pairs": s.get("cross_node_pair_fraction", float("nan"))}
+        if trace is not None:
+            row["traffic_static"] = s["traffic_static"]
+            row["traffic_follow"] = s["traffic_follow"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--gpus", type=int, required=True, help="GPUs (expert-parallel ranks).")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes the GPUs span.")
+@click.option("--replicas", type=int, default=0, show_default=True,
+              help="Redundant expert copies per layer (slots beyond one per expert).")
+@click.option("--method", type=click.Choice(["auto", "search", "dp", "cpsat", "ilp-cbc",
+                                             "ilp-highs", "eplb", "contiguous", "round_robin",
+                                             "random"]), default="auto", show_default=True)
+@click.option("--weights", "weights_text", help="Objective weights, e.g. load=1,traffic=1,node=1,"
+              "migration=0.1.")
+@click.option("--balance-slack", type=float, default=0.0, show_default=True,
+              help="search: max GPU load per layer may exceed EPLB's by this fraction.")
+@click.option("--time-limit", type=float, default=60.0, show_default=True, help="Seconds.")
+@click.option("--holdout", type=float, help="Fit on a request split, report on the held-out "
+              "FRACTION of requests as well.")
+@click.option("--current", type=click.Path(dir_okay=False), help="Placement serving now "
+              "(reports migration; with a migration weight, penalises moves).")
+@click.option("--groups", "num_groups", type=int, help="Expert groups for hierarchical EPLB.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--window", type=int, default=4096, show_default=True)
+@click.option("--pareto", "show_pareto", is_flag=True,
+              help="Print the traffic-versus-balance frontier of the search.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the placement JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@import_options
+def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
+          weights_text: str | None, balance_slack: float, time_limit: float,
+          holdout: float | None, current: str | None, num_groups: int | None, seed: int,
+          window: int, show_pareto: bool, out: str | None, as_json: bool, **kw: Any) -> None:
+    """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
+    from moeplace.placement import Placement
+    from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
+    from moeplace.solvers.solve import check_request
+    from moeplace.traces import RoutingStats, compute_stats, detect_format, read_trace
+
+    weights = Weights.parse(weights_text)
+    cluster = Cluster(gpus, nodes, replicas)
+    cur = Placement.load(current) if current else None
+    fmt = kw.get("fmt", "auto")
+    if fmt == "parquet" or (fmt == "auto" and detect_format(source) == "parquet"):
+        obj: Any = read_trace(source)
+    else:
+        obj = _load(source, **kw)
+    trace = None if isinstance(obj, RoutingStats) else obj
+    held = None
+    if holdout is not None:
+        if trace is None:
+            raise InputError(source, "format", "--holdout needs per-token routing",
+                             "give a trace, not statistics")
+        trace, held = trace.split_requests(holdout, seed=seed)
+    stats = obj if trace is None else compute_stats(trace, coactivation=False)
+    check_request(stats, cluster, time_limit, cur)
+    plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
+                                 time_limit=time_limit, balance_slack=balance_slack,
+                                 current=cur, seed=seed, num_groups=num_groups)
+    plc.moe_layer_ids = tuple(stats.meta.moe_layer_ids)
+    plc.info["report"] = rep.as_dict()
+    base = {}
+    for name in ("contiguous", "eplb"):
+        if name != rep.method:
+            base[name], _ = solve_with_report(stats, cluster, method=name, weights=weights,
+                                              time_limit=time_limit, num_groups=num_groups)
+    plcs = {rep.method: plc, **base}
+    fit_rows = _metric_rows(plcs, trace, stats, window)
+    hold_rows = _metric_rows(plcs, held, None, window) if held is not None else None
+    front = pareto(stats, cluster, weights=weights, time_limit=time_limit / 4, seed=seed,
+                   num_groups=num_groups) if show_pareto else None
+    if out:
+        plc.save(out)
+    if as_json:
+        res: dict[str, Any] = {"report": rep.as_dict(), "fit": fit_rows.to_dict("records"),
+                               "cluster": {"num_gpus": gpus, "num_nodes": nodes,
+                                           "replicas": replicas}, "out": out}
+        if hold_rows is not None:
+            res["holdout"] = hold_rows.to_dict("records")
+        if front is not None:
+            res["pareto"] = [{k: v for k, v in r.items() if k != "placement"} for r in front]
+        if cur is not None:
+            from moeplace.solvers import migration
+
+            res["migration"] = migration(plc, cur)
+        _echo_json(res)
+        return
+    b = rep.bound
+    click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
+               f"{f' in {nodes} nodes' if nodes > 1 else ''}"
+               f"{f' with {replicas} replicas per layer' if replicas else ''}")
+    click.echo(f"objective {rep.objective['total']:.4f}, lower bound {b['total']:.4f}, "
+               f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance']:.3f}, cross-GPU "
+               f">= {b['cross_gpu_fraction']:.3f}, cross-node >= {b['cross_node_fraction']:.3f})")
+    label = "fitted trace" if held is not None else "trace"
+    click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}):")
+    _print_table(fit_rows)
+    if hold_rows is not None:
+        click.echo(f"\nheld-out requests ({held.num_tokens:,} tokens):")
+        _print_table(hold_rows)
+    if front is not None:
+        click.echo("\ntraffic-versus-balance frontier (search):")
+        _print_table(pd.DataFrame([{k: v for k, v in r.items() if k != "placement"}
+                                   for r in front]))
+    if cur is not None:
+        from moeplace.solvers import migration
+
+        click.echo(f"\nmigration from {current}: {migration(plc, cur)}")
+    if out:
+        click.echo(f"\nwrote {out}")
+
+
 # ---- demo ---------------------------------------------------------------------------------
 @main.command()
 @click.option("--gpus", type=int, default=8, show_default=True)

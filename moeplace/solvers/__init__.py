@@ -10,3 +10,11 @@ from moeplace.solvers.evaluator import (
 )
 
 __all__ = ["EvalResult", "Evaluator", "evaluate", "evaluate_stats", "migration", "pair_fractions"]
+
+from moeplace.solvers.baselines import eplb  # noqa: E402
+from moeplace.solvers.bounds import lower_bound  # noqa: E402
+from moeplace.solvers.objective import Weights, score  # noqa: E402
+from moeplace.solvers.solve import Cluster, SolveReport, pareto, solve, solve_with_report  # noqa: E402
+
+__all__ += ["Cluster", "SolveReport", "Weights", "eplb", "lower_bound", "pareto", "score", "solve",
+            "solve_with_report"]

@@ -189,7 +189,8 @@ def _swap_pass(st: _Layers, l: int, gain: np.ndarray, cap: float, w: Weights,
         # No GPU may hold two copies of one expert after the swap.
         inc = np.zeros((st.N, G), bool)
         inc[e, slot_gpu] = True
-        ok &= ~inc[e][:, slot_gpu] | (e[:, None] == e[None, :])
+        clash = inc[e][:, slot_gpu]  # clash[p, q]: p's expert already on q's GPU
+        ok &= ~clash & ~clash.T
         ok &= e[:, None] != e[None, :]
         # Load term: penalise raising the layer's max GPU load.
         cur_max = gl.max()

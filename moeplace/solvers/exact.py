@@ -1,0 +1,283 @@
+"""Exact placement models for small instances: the weighted objective as a MILP (PuLP: CBC, HiGHS)
+and as a CP-SAT model, warm-started, with status, incumbent, bound and gap reported.
+
+Variables: x[l,e,g] (expert e of layer l on GPU g), M_l (max GPU load of layer l), z[l,a,b,g]
+(a at l and b at l+1 both on g) and zn[l,a,b,m] (both on node m), only for pairs that occur.
+Objective: ``load/L * sum_l M_l/mean_l + traffic * (1 - sum T z / T_tot) + node * (1 - sum T zn
+/ T_tot)``, the same as ``objective.score`` for placements without replicas.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeplace.errors import InputError
+from moeplace.placement import Placement
+from moeplace.solvers.objective import Weights
+from moeplace.traces import RoutingStats
+
+BACKENDS = ("cpsat", "cbc", "highs")
+
+
+@dataclass
+class ExactResult:
+    """Solver outcome: placement, status, objective (incumbent), bound, gap, seconds."""
+
+    placement: Placement | None
+    status: str
+    objective: float | None
+    bound: float | None
+    seconds: float
+
+    @property
+    def gap(self) -> float | None:
+        if self.objective is None or self.bound is None:
+            return None
+        return max(0.0, (self.objective - self.bound) / max(abs(self.objective), 1e-12))
+
+
+def _pairs(stats: RoutingStats) -> list[tuple[int, int, int, float]]:
+    if stats.transitions is None:
+        return []
+    l, a, b = np.nonzero(stats.transitions)
+    return [(int(x), int(y), int(z), float(stats.transitions[x, y, z])) for x, y, z in zip(l, a, b)]
+
+
+def _check(stats: RoutingStats, G: int, M: int) -> None:
+    N = stats.num_experts
+    if N % G:
+        raise InputError("solve", "--gpus", f"{N} experts do not split evenly over {G} GPUs",
+                         "exact models place each expert once; use --replicas with --method search")
+    if G % M:
+        raise InputError("solve", "--nodes", f"{G} GPUs do not split into {M} nodes",
+                         "use a node count that divides the GPU count")
+
+
+def _placement_from(x: np.ndarray, G: int, M: int, method: str) -> Placement:
+    """``x [L, N, G]`` 0/1 to a Placement with each GPU's experts in ascending order."""
+    L, N, _ = x.shape
+    gpu = x.argmax(axis=2)
+    rows = [np.concatenate([np.flatnonzero(gpu[l] == g) for g in range(G)]) for l in range(L)]
+    return Placement(np.array(rows), G, M, N, info={"method": method})
+
+
+def canonical_gpu(placement: Placement) -> np.ndarray:
+    """``[L, N]`` GPU of each expert after the relabelling the models' symmetry cuts assume:
+    one node: GPUs ordered by their smallest layer-0 expert; several: expert 0 of layer 0 on
+    GPU 0 (its node swapped to node 0 and its GPU to the node's first)."""
+    gpu = placement.expert_gpu()
+    G, M = placement.num_gpus, placement.num_nodes
+    n = G // M
+    if M == 1:
+        first = np.full(G, np.iinfo(np.int64).max)
+        np.minimum.at(first, gpu[0], np.arange(gpu.shape[1]))
+        rank = np.empty(G, np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(G)
+        return rank[gpu]
+    g0 = int(gpu[0, 0])
+    perm = np.arange(G)
+    node0, pos0 = divmod(g0, n)
+    blocks = perm.reshape(M, n).copy()
+    blocks[[0, node0]] = blocks[[node0, 0]]
+    perm = blocks.reshape(-1)  # perm[new] = old
+    inv = np.empty(G, np.int64)
+    inv[perm] = np.arange(G)
+    gpu = inv[gpu]
+    within = np.arange(G)
+    within[[0, pos0]] = within[[pos0, 0]]
+    return within[gpu]
+
+
+def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
+                weights: Weights = Weights(), time_limit: float = 60.0,
+                hint: Placement | None = None, workers: int = 2,
+                scale: float = 1e9) -> ExactResult:
+    """Solve with OR-Tools CP-SAT (integer-scaled objective; reported values are exact)."""
+    from ortools.sat.python import cp_model
+
+    _check(stats, num_gpus, num_nodes)
+    t0 = time.perf_counter()
+    L, N = stats.load.shape
+    G, M = num_gpus, num_nodes
+    n, S = G // M, N // G
+    m = cp_model.CpModel()
+    x = {(l, e, g): m.new_bool_var(f"x{l}_{e}_{g}") for l in range(L) for e in range(N)
+         for g in range(G)}
+    for l in range(L):
+        for e in range(N):
+            m.add_exactly_one(x[l, e, g] for g in range(G))
+        for g in range(G):
+            m.add(sum(x[l, e, g] for e in range(N)) == S)
+    if M == 1:
+        # Relabel GPUs by their smallest layer-0 expert: expert e then sits on a GPU <= e.
+        for e in range(N):
+            for g in range(e + 1, G):
+                m.add(x[0, e, g] == 0)
+    else:
+        m.add(x[0, 0, 0] == 1)  # node-preserving relabels can still bring any GPU to 0
+    load = stats.load.astype(np.int64)
+    mean = load.sum(axis=1) / G
+    obj_terms = []
+    const = 0.0
+    Ms = []
+    for l in range(L):
+        Ml = m.new_int_var(0, int(load[l].sum()), f"M{l}")
+        Ms.append(Ml)
+        for g in range(G):
+            m.add(Ml >= sum(int(load[l, e]) * x[l, e, g] for e in range(N)))
+        if mean[l] > 0 and weights.load:
+            obj_terms.append((Ml, weights.load / (L * mean[l])))
+    pairs = _pairs(stats)
+    tot = sum(p[3] for p in pairs)
+    if tot > 0 and (weights.traffic or (weights.node and M > 1)):
+        zs: dict[tuple[int, int, int, int], object] = {}
+        for l, a, b, c in pairs:
+            if weights.traffic:
+                const += weights.traffic * c / tot
+                for g in range(G):
+                    z = m.new_bool_var("")
+                    m.add_implication(z, x[l, a, g])
+                    m.add_implication(z, x[l + 1, b, g])
+                    zs[l, a, b, g] = z
+                    obj_terms.append((z, -weights.traffic * c / tot))
+        # Valid cuts that tighten the relaxation: a GPU holds S experts of the next layer, so
+        # one expert co-locates with at most S successors there (and symmetrically).
+        succ: dict[tuple[int, int, int], list] = {}
+        pred: dict[tuple[int, int, int], list] = {}
+        for (l, a, b, g), z in zs.items():
+            succ.setdefault((l, a, g), []).append(z)
+            pred.setdefault((l, b, g), []).append(z)
+        for (l, a, g), zl in succ.items():
+            if len(zl) > S:
+                m.add(sum(zl) <= S * x[l, a, g])
+        for (l, b, g), zl in pred.items():
+            if len(zl) > S:
+                m.add(sum(zl) <= S * x[l + 1, b, g])
+        for l, a, b, c in pairs:
+            if weights.node and M > 1:
+                const += weights.node * c / tot
+                for node in range(M):
+                    zn = m.new_bool_var("")
+                    m.add(zn <= sum(x[l, a, g] for g in range(node * n, (node + 1) * n)))
+                    m.add(zn <= sum(x[l + 1, b, g] for g in range(node * n, (node + 1) * n)))
+                    obj_terms.append((zn, -weights.node * c / tot))
+    m.minimize(sum(int(round(coef * scale)) * v for v, coef in obj_terms))
+    if hint is not None:
+        gpu = canonical_gpu(hint)
+        for (l, e, g), v in x.items():
+            m.add_hint(v, int(gpu[l, e] == g))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = float(time_limit)
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = 0
+    status = solver.solve(m)
+    name = solver.status_name(status).lower()
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return ExactResult(None, name, None, None, time.perf_counter() - t0)
+    xv = np.zeros((L, N, G))
+    for (l, e, g), v in x.items():
+        xv[l, e, g] = solver.value(v)
+    plc = _placement_from(xv, G, M, "cpsat")
+    from moeplace.solvers.objective import score
+
+    true_obj = score(stats, plc, weights).total
+    # Rounding each coefficient moves the scaled objective by at most 0.5/scale per term.
+    slack = 0.5 * len(obj_terms) / scale
+    bound = min(solver.best_objective_bound / scale + const - slack, true_obj)
+    return ExactResult(plc, name, true_obj, bound, time.perf_counter() - t0)
+
+
+def solve_pulp(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *, backend: str = "cbc",
+               weights: Weights = Weights(), time_limit: float = 60.0,
+               hint: Placement | None = None) -> ExactResult:
+    """Solve the MILP with PuLP (CBC or HiGHS)."""
+    import pulp
+
+    _check(stats, num_gpus, num_nodes)
+    t0 = time.perf_counter()
+    L, N = stats.load.shape
+    G, M = num_gpus, num_nodes
+    n, S = G // M, N // G
+    prob = pulp.LpProblem("moeplace", pulp.LpMinimize)
+    x = pulp.LpVariable.dicts("x", (range(L), range(N), range(G)), cat="Binary")
+    for l in range(L):
+        for e in range(N):
+            prob += pulp.lpSum(x[l][e][g] for g in range(G)) == 1
+        for g in range(G):
+            prob += pulp.lpSum(x[l][e][g] for e in range(N)) == S
+    if M == 1:
+        for e in range(N):
+            for g in range(e + 1, G):
+                prob += x[0][e][g] == 0
+    else:
+        prob += x[0][0][0] == 1
+    load = stats.load.astype(np.float64)
+    mean = load.sum(axis=1) / G
+    terms = []
+    const = 0.0
+    for l in range(L):
+        Ml = pulp.LpVariable(f"M{l}", lowBound=0)
+        for g in range(G):
+            prob += Ml >= pulp.lpSum(float(load[l, e]) * x[l][e][g] for e in range(N))
+        if mean[l] > 0 and weights.load:
+            terms.append(weights.load / (L * mean[l]) * Ml)
+    pairs = _pairs(stats)
+    tot = sum(p[3] for p in pairs)
+    k = 0
+    if tot > 0:
+        for l, a, b, c in pairs:
+            if weights.traffic:
+                const += weights.traffic * c / tot
+                for g in range(G):
+                    z = pulp.LpVariable(f"z{k}", 0, 1)
+                    k += 1
+                    prob += z <= x[l][a][g]
+                    prob += z <= x[l + 1][b][g]
+                    terms.append(-weights.traffic * c / tot * z)
+            if weights.node and M > 1:
+                const += weights.node * c / tot
+                for node in range(M):
+                    zn = pulp.LpVariable(f"z{k}", 0, 1)
+                    k += 1
+                    rng_g = range(node * n, (node + 1) * n)
+                    prob += zn <= pulp.lpSum(x[l][a][g] for g in rng_g)
+                    prob += zn <= pulp.lpSum(x[l + 1][b][g] for g in rng_g)
+                    terms.append(-weights.node * c / tot * zn)
+    prob += pulp.lpSum(terms)
+    if hint is not None:
+        gpu = canonical_gpu(hint)
+        for l in range(L):
+            for e in range(N):
+                for g in range(G):
+                    x[l][e][g].setInitialValue(int(gpu[l, e] == g))
+    if backend == "cbc":
+        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=hint is not None,
+                                   threads=2)
+    elif backend == "highs":
+        solver = pulp.HiGHS(msg=False, timeLimit=time_limit)
+    else:
+        raise InputError("solve", "--method", f"unknown PuLP backend {backend!r}",
+                         "use ilp-cbc or ilp-highs")
+    prob.solve(solver)
+    status = pulp.LpStatus[prob.status].lower()
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return ExactResult(None, status, None, None, time.perf_counter() - t0)
+    xv = np.array([[[round(x[l][e][g].value() or 0) for g in range(G)] for e in range(N)]
+                   for l in range(L)])
+    plc = _placement_from(xv, G, M, f"ilp-{backend}")
+    from moeplace.solvers.objective import score
+
+    obj = score(stats, plc, weights).total
+    bound = None
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        bound = obj
+    elif backend == "highs":
+        try:
+            bound = float(solver.solverModel.getInfo().mip_dual_bound) + const
+        except Exception:  # bound unavailable from this highspy version
+            bound = None
+    return ExactResult(plc, "optimal" if bound == obj else status, obj, bound,
+                       time.perf_counter() - t0)

@@ -1,0 +1,194 @@
+"""The solver front door: pick a method for a cluster, run it, and report objective, bound and gap."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeplace.errors import InfeasibleError, InputError
+from moeplace.placement import Placement, contiguous, random_placement, round_robin
+from moeplace.solvers.baselines import eplb
+from moeplace.solvers.bounds import lower_bound
+from moeplace.solvers.dp import MAX_STATES, num_states, solve_dp
+from moeplace.solvers.exact import solve_cpsat, solve_pulp
+from moeplace.solvers.objective import Weights, score
+from moeplace.solvers.search import search
+from moeplace.traces import RoutingStats
+
+METHODS = ("auto", "search", "dp", "cpsat", "ilp-cbc", "ilp-highs", "eplb", "contiguous",
+           "round_robin", "random")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """GPUs, nodes, and redundant expert copies per layer."""
+
+    num_gpus: int
+    num_nodes: int = 1
+    replicas: int = 0
+
+
+@dataclass
+class SolveReport:
+    """How a placement was found and how good it provably is."""
+
+    method: str
+    status: str
+    objective: dict[str, float]
+    bound: dict[str, float]
+    gap: float | None
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "status": self.status, "objective": self.objective,
+                "bound": self.bound, "gap": self.gap, "seconds": self.seconds,
+                "details": self.details}
+
+
+def check_request(stats: RoutingStats, cluster: Cluster, time_limit: float,
+                  current: Placement | None = None) -> None:
+    """One-line errors for requests no placement can satisfy."""
+    N, G, M, R = stats.num_experts, cluster.num_gpus, cluster.num_nodes, cluster.replicas
+    if G < 1 or M < 1:
+        raise InputError("solve", "--gpus", f"{G} GPUs in {M} nodes", "give positive counts")
+    if G % M:
+        raise InfeasibleError(f"{G} GPUs do not split evenly into {M} nodes (use --nodes dividing "
+                              "--gpus)")
+    if R < 0:
+        raise InputError("solve", "--replicas", f"{R} < 0", "give a count >= 0")
+    if G > N + R:
+        raise InfeasibleError(f"{G} GPUs but only {N + R} expert slots per layer: some GPU would "
+                              "be empty (add --replicas or use fewer GPUs)")
+    if (N + R) % G:
+        raise InfeasibleError(f"{N} experts + {R} replicas = {N + R} slots do not split evenly "
+                              f"over {G} GPUs (choose --replicas so (N + R) % G == 0)")
+    if R and (N + R) // G > N:
+        raise InfeasibleError("more slots per GPU than distinct experts")
+    if not time_limit > 0:
+        raise InputError("solve", "--time-limit", f"{time_limit} is not positive",
+                         "give a time limit in seconds > 0")
+    if current is not None and (current.num_layers, current.num_experts) != (
+            stats.num_layers, stats.num_experts):
+        raise InputError(current.source, "phy2log", f"current placement is {current.num_layers} "
+                         f"layers x {current.num_experts} experts, statistics are "
+                         f"{stats.num_layers} x {stats.num_experts}",
+                         "pass the placement that serves this model now")
+    if current is not None and current.num_gpus != G:
+        raise InputError(current.source, "num_gpus", f"{current.num_gpus} GPUs, asked for {G}",
+                         "compare placements on one cluster")
+
+
+def _baseline(method: str, stats: RoutingStats, c: Cluster, seed: int,
+              num_groups: int | None) -> Placement:
+    L, N = stats.load.shape
+    if method == "contiguous":
+        return contiguous(L, N, c.num_gpus, c.num_nodes, replicas=c.replicas)
+    if method == "round_robin":
+        if c.replicas:
+            raise InputError("solve", "--method", "round_robin has no replica rule",
+                             "use contiguous, eplb or search with --replicas")
+        return round_robin(L, N, c.num_gpus, c.num_nodes)
+    if method == "random":
+        return random_placement(L, N, c.num_gpus, c.num_nodes, c.replicas, seed=seed)
+    return eplb(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups)
+
+
+def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: str = "auto",
+                      weights: Weights = Weights(), time_limit: float = 60.0,
+                      balance_slack: float = 0.0, current: Placement | None = None,
+                      seed: int = 0, num_groups: int | None = None) -> tuple[Placement, SolveReport]:
+    """Solve and return the placement with its report (objective, bound, gap, time)."""
+    c = Cluster(cluster) if isinstance(cluster, int) else cluster
+    if method not in METHODS:
+        raise InputError("solve", "--method", f"unknown method {method!r}", f"use one of {METHODS}")
+    check_request(stats, c, time_limit, current)
+    t0 = time.perf_counter()
+    L, N = stats.load.shape
+    if method == "auto":
+        small = c.replicas == 0 and num_states(N, c.num_gpus) <= MAX_STATES
+        method = "dp" if small else "search"
+    details: dict[str, Any] = {}
+    status = "heuristic"
+    bound_total: float | None = None
+    if method in ("contiguous", "round_robin", "random", "eplb"):
+        plc = _baseline(method, stats, c, seed, num_groups)
+        status = "baseline"
+    elif method == "search":
+        start = _baseline("eplb", stats, c, seed, num_groups)
+        plc, rep = search(stats, start, weights=weights, balance_slack=balance_slack,
+                          time_limit=time_limit, current=current, seed=seed)
+        details.update(sweeps=rep.sweeps, swaps=rep.swaps, relabels=rep.relabels,
+                       assignments=rep.assignments, stopped=rep.stopped, start="eplb")
+        status = "time limit" if rep.stopped == "time limit" else "local optimum"
+    else:
+        if c.replicas:
+            raise InputError("solve", "--replicas", f"--method {method} places each expert once",
+                             "use --method search (or auto) with replicas")
+        if current is not None and weights.migration:
+            raise InputError("solve", "--current", f"--method {method} has no migration term",
+                             "use --method search with --current")
+        if method == "dp":
+            res = solve_dp(stats, c.num_gpus, c.num_nodes, weights=weights)
+        else:
+            hint, _ = search(stats, _baseline("eplb", stats, c, seed, num_groups),
+                             weights=weights, balance_slack=1.0, time_limit=min(10, time_limit))
+            if method == "cpsat":
+                res = solve_cpsat(stats, c.num_gpus, c.num_nodes, weights=weights,
+                                  time_limit=time_limit, hint=hint)
+            else:
+                res = solve_pulp(stats, c.num_gpus, c.num_nodes, backend=method[4:],
+                                 weights=weights, time_limit=time_limit, hint=hint)
+        if res.placement is None:
+            raise InfeasibleError(f"{method} found no placement within {time_limit:g} s "
+                                  f"(status {res.status}); raise --time-limit or use search")
+        plc, status, bound_total = res.placement, res.status, res.bound
+    obj = score(stats, plc, weights, current)
+    lb = lower_bound(stats, c.num_gpus, c.num_nodes, c.replicas, weights)
+    bound = lb.as_dict()
+    if bound_total is not None and bound_total > lb.total:
+        bound["total"] = bound_total
+    gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
+    plc.info = {**plc.info, "method": method, "status": status}
+    report = SolveReport(method, status, obj.as_dict(), bound, gap, time.perf_counter() - t0,
+                         details)
+    return plc, report
+
+
+def solve(stats: RoutingStats, cluster: Cluster | int, **kw: Any) -> Placement:
+    """Best placement found for ``stats`` on ``cluster`` (see ``solve_with_report``).
+
+    Serving stacks call this with statistics they collected; the report is attached as
+    ``placement.info["report"]``.
+    """
+    plc, rep = solve_with_report(stats, cluster, **kw)
+    plc.info["report"] = rep.as_dict()
+    return plc
+
+
+def pareto(stats: RoutingStats, cluster: Cluster, slacks: tuple[float, ...] = (
+        0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5), **kw: Any) -> list[dict[str, float]]:
+    """Traffic-versus-balance frontier: search under increasingly loose balance caps."""
+    rows = []
+    for s in slacks:
+        plc, rep = solve_with_report(stats, cluster, method="search", balance_slack=s, **kw)
+        rows.append({"balance_slack": s, "load_imbalance": rep.objective["load_imbalance"],
+                     "cross_gpu_fraction": rep.objective["cross_gpu_fraction"],
+                     "cross_node_fraction": rep.objective["cross_node_fraction"],
+                     "seconds": rep.seconds, "placement": plc})
+    # Keep only non-dominated points.
+    keep = []
+    for r in rows:
+        dominated = any(o["load_imbalance"] <= r["load_imbalance"] and
+                        o["cross_gpu_fraction"] + o["cross_node_fraction"] <
+                        r["cross_gpu_fraction"] + r["cross_node_fraction"] - 1e-12
+                        and o is not r and o["load_imbalance"] < r["load_imbalance"] + 1e-12
+                        for o in rows)
+        if not dominated:
+            keep.append(r)
+    return keep
+
+
+__all__ = ["METHODS", "Cluster", "SolveReport", "check_request", "pareto", "solve",
+           "solve_with_report"]
