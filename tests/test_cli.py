@@ -114,3 +114,43 @@ def test_real_subprocess_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "moeplace.cli", "analyze", str(tmp_path / "x.parquet")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "x.parquet" in r.stderr
+
+
+def test_solve_cli_json_and_out(tmp_path, rng):
+    tr = random_trace(rng, 400, 3, 8, 2, requests=20)
+    write_trace(tr, tmp_path / "t.parquet")
+    out = tmp_path / "p.json"
+    r = run("solve", str(tmp_path / "t.parquet"), "--gpus", "4", "--holdout", "0.3", "--json",
+            "--out", str(out))
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["report"]["method"] == "dp" and d["report"]["status"] == "optimal"
+    names = [row["placement"] for row in d["fit"]]
+    assert names == ["dp", "contiguous", "eplb"] and len(d["holdout"]) == 3
+    from moeplace.placement import Placement
+
+    assert Placement.load(out).num_gpus == 4
+    r = run("solve", str(tmp_path / "t.parquet"), "--gpus", "4", "--nodes", "2", "--replicas",
+            "4", "--pareto")
+    assert r.exit_code == 0 and "frontier" in r.output and "lower bound" in r.output
+    r = run("evaluate", str(tmp_path / "t.parquet"), str(out), "--json")
+    assert r.exit_code == 0
+
+
+def test_solve_bad_requests_exit_2(tmp_path, rng):
+    tr = random_trace(rng, 100, 3, 8, 2)
+    write_trace(tr, tmp_path / "t.parquet")
+    contiguous(2, 8, 4).save(tmp_path / "other.json")
+    t = str(tmp_path / "t.parquet")
+    out = tmp_path / "p.json"
+    for args, needle in [
+        (["--gpus", "16"], "only 8 expert slots"),
+        (["--gpus", "4", "--replicas", "3"], "do not split evenly"),
+        (["--gpus", "4", "--time-limit", "0"], "time-limit"),
+        (["--gpus", "4", "--current", str(tmp_path / "other.json")], "current placement is 2"),
+        (["--gpus", "4", "--weights", "speed=1"], "unknown term"),
+    ]:
+        r = CliRunner().invoke(main, ["solve", t, *args, "--out", str(out)])
+        lines = [x for x in r.output.splitlines() if x.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, r.output)
+        assert not out.exists()

@@ -11,10 +11,10 @@ from moeplace.solvers.evaluator import (
 
 __all__ = ["EvalResult", "Evaluator", "evaluate", "evaluate_stats", "migration", "pair_fractions"]
 
-from moeplace.solvers.baselines import eplb  # noqa: E402
-from moeplace.solvers.bounds import lower_bound  # noqa: E402
-from moeplace.solvers.objective import Weights, score  # noqa: E402
-from moeplace.solvers.solve import Cluster, SolveReport, pareto, solve, solve_with_report  # noqa: E402
+from moeplace.solvers.baselines import eplb
+from moeplace.solvers.bounds import lower_bound
+from moeplace.solvers.objective import Weights, score
+from moeplace.solvers.solve import Cluster, SolveReport, pareto, solve, solve_with_report
 
 __all__ += ["Cluster", "SolveReport", "Weights", "eplb", "lower_bound", "pareto", "score", "solve",
             "solve_with_report"]

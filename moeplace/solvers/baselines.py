@@ -17,13 +17,18 @@ from moeplace.placement import Placement, contiguous, random_placement, round_ro
 __all__ = ["contiguous", "eplb", "random_placement", "replica_counts", "round_robin"]
 
 
-def replica_counts(load: np.ndarray, num_slots: int) -> np.ndarray:
-    """``[N]`` copies per expert: each extra slot to the largest load per copy (EPLB step 2)."""
+def replica_counts(load: np.ndarray, num_slots: int, max_copies: int | None = None) -> np.ndarray:
+    """``[N]`` copies per expert: each extra slot to the largest load per copy (EPLB step 2),
+    never more than ``max_copies`` (the GPUs available) copies of one expert."""
     N = load.shape[0]
     cnt = np.ones(N, np.int64)
     w = load.astype(np.float64)
+    cap = max_copies or num_slots
     for _ in range(num_slots - N):
-        cnt[np.argmax(w / cnt)] += 1
+        per = np.where(cnt < cap, w / cnt, -np.inf)
+        if not np.isfinite(per).any():
+            raise InfeasibleError(f"{num_slots} slots exceed {N} experts x {cap} GPUs")
+        cnt[np.argmax(per)] += 1
     return cnt
 
 
@@ -36,18 +41,42 @@ def _pack_copies(items: np.ndarray, weights: np.ndarray, num_bins: int, cap: int
         e = int(items[i])
         ok = [b for b in range(num_bins) if len(bins[b]) < cap and e not in bins[b]]
         if not ok:
-            raise InfeasibleError("copies of one expert cannot all go to distinct GPUs")
-        b = min(ok, key=lambda b: (load[b], b))
+            b = _make_room(bins, e, cap, load, weights, items)
+        else:
+            b = min(ok, key=lambda b: (load[b], b))
         bins[b].append(e)
         load[b] += weights[i]
     return bins
+
+
+def _make_room(bins: list[list[int]], e: int, cap: int, load: np.ndarray, weights: np.ndarray,
+               items: np.ndarray) -> int:
+    """Greedy got stuck (every bin with room already holds e): move some expert x from a bin
+    without e into a bin with room that lacks x, freeing a place for e."""
+    wmap = {int(it): float(w) for it, w in zip(items, weights, strict=False)}
+    roomy = [b for b in range(len(bins)) if len(bins[b]) < cap]
+    for b2 in sorted(range(len(bins)), key=lambda b: load[b]):
+        if e in bins[b2]:
+            continue
+        for x in bins[b2]:
+            for b in roomy:
+                if x not in bins[b]:
+                    bins[b2].remove(x)
+                    bins[b].append(x)
+                    load[b2] -= wmap.get(x, 0.0)
+                    load[b] += wmap.get(x, 0.0)
+                    return b2
+    raise InfeasibleError("copies of one expert cannot all go to distinct GPUs")
 
 
 def _eplb_layer(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: int,
                 num_groups: int) -> list[list[int]]:
     N = load.shape[0]
     S = num_slots // num_gpus
-    hierarchical = num_groups > 0 and num_groups % num_nodes == 0 and N % num_groups == 0
+    # Hierarchical only when each node's experts can fill its GPUs without two copies of one
+    # expert on a GPU (N / nodes >= slots per GPU).
+    hierarchical = (num_groups > 0 and num_groups % num_nodes == 0 and N % num_groups == 0
+                    and N // num_nodes >= S)
     if not hierarchical:
         num_nodes_eff, groups = 1, [np.arange(N)]
     else:
@@ -68,7 +97,7 @@ def _eplb_layer(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: int,
     slots_node = num_slots // num_nodes_eff
     layout: list[list[int]] = []
     for experts in groups:
-        cnt = replica_counts(load[experts], slots_node)
+        cnt = replica_counts(load[experts], slots_node, max_copies=gpn)
         items = np.repeat(experts, cnt)
         w = np.repeat(load[experts] / cnt, cnt)
         layout += _pack_copies(items, w, gpn, S)

@@ -42,7 +42,7 @@ def _top_sum(rows: np.ndarray, width: np.ndarray) -> float:
 
 def load_bound(load: np.ndarray, num_gpus: int, slots_per_gpu: int, replicas: int) -> np.ndarray:
     """``[L]`` lower bound on max GPU load / mean GPU load."""
-    L, N = load.shape
+    L, _N = load.shape
     w = load.astype(np.float64)
     mean = w.sum(axis=1) / num_gpus
     max_copies = min(num_gpus, replicas + 1)

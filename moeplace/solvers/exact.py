@@ -43,7 +43,8 @@ def _pairs(stats: RoutingStats) -> list[tuple[int, int, int, float]]:
     if stats.transitions is None:
         return []
     l, a, b = np.nonzero(stats.transitions)
-    return [(int(x), int(y), int(z), float(stats.transitions[x, y, z])) for x, y, z in zip(l, a, b)]
+    t = stats.transitions
+    return [(int(x), int(y), int(z), float(t[x, y, z])) for x, y, z in zip(l, a, b, strict=True)]
 
 
 def _check(stats: RoutingStats, G: int, M: int) -> None:
@@ -164,7 +165,7 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
                     m.add(zn <= sum(x[l, a, g] for g in range(node * n, (node + 1) * n)))
                     m.add(zn <= sum(x[l + 1, b, g] for g in range(node * n, (node + 1) * n)))
                     obj_terms.append((zn, -weights.node * c / tot))
-    m.minimize(sum(int(round(coef * scale)) * v for v, coef in obj_terms))
+    m.minimize(sum(round(coef * scale) * v for v, coef in obj_terms))
     if hint is not None:
         gpu = canonical_gpu(hint)
         for (l, e, g), v in x.items():

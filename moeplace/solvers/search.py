@@ -108,7 +108,7 @@ def _relabel(st: _Layers, l: int, gain: np.ndarray) -> bool:
 def _assign_exact(st: _Layers, l: int, gain: np.ndarray, cap: float) -> bool:
     """Re-place all copies of layer l by an exact slot assignment maximising co-location, then
     repair any GPU over the load cap; keep the result only if it is feasible and better."""
-    G, S, P = st.G, st.S, st.P
+    S, P = st.S, st.P
     slot_gpu = np.arange(P) // S
     e = st.phy[l]
     if st.P != st.N:  # copies of one expert must land on distinct GPUs: not a plain assignment

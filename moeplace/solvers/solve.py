@@ -105,7 +105,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         raise InputError("solve", "--method", f"unknown method {method!r}", f"use one of {METHODS}")
     check_request(stats, c, time_limit, current)
     t0 = time.perf_counter()
-    L, N = stats.load.shape
+    N = stats.num_experts
     if method == "auto":
         small = c.replicas == 0 and num_states(N, c.num_gpus) <= MAX_STATES
         method = "dp" if small else "search"

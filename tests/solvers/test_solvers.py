@@ -1,0 +1,150 @@
+"""Solvers against brute force on tiny instances, bounds below every answer, and the acceptance
+checks on the real DeepSeek-V2-Lite trace."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeplace.errors import InfeasibleError, InputError
+from moeplace.placement import contiguous
+from moeplace.solvers import Cluster, Weights, evaluate, lower_bound, score, solve_with_report
+from moeplace.solvers.baselines import eplb, replica_counts
+from moeplace.solvers.evaluator import gpu_loads_from_stats
+from moeplace.traces import compute_stats, import_trace
+from tests.conftest import DEEPSEEK, random_trace, shared_file
+
+
+def brute_force(stats, G: int, w: Weights) -> float:
+    """Minimum objective over every balanced placement, written from the objective's prose."""
+    L, N = stats.load.shape
+    S = N // G
+    states = []
+    for perm in itertools.permutations(range(N)):
+        gpu = np.empty(N, int)
+        for g in range(G):
+            gpu[list(perm[g * S:(g + 1) * S])] = g
+        states.append(tuple(gpu))
+    states = np.array(sorted(set(states)))
+    K = len(states)
+    cost = np.zeros((L, K))
+    for l in range(L):
+        for i, s in enumerate(states):
+            loads = [stats.load[l][s == g].sum() for g in range(G)]
+            mean = sum(loads) / G
+            cost[l, i] = w.load / L * (max(loads) / mean if mean else 1.0)
+    tot = stats.transitions.sum()
+    total = cost[0]
+    for l in range(L - 1):
+        T = stats.transitions[l]
+        cross = np.array([[sum(T[a, b] for a in range(N) for b in range(N) if s[a] != u[b])
+                           for u in states] for s in states])
+        total = total[:, None] + w.traffic * cross / tot + cost[l + 1][None, :]
+        total = total.min(axis=0) if l < L - 2 else total
+    return float(np.min(total))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tr = random_trace(np.random.default_rng(7), 60, 3, 6, 2)
+    return compute_stats(tr)
+
+
+@pytest.mark.parametrize("method", ["dp", "cpsat", "ilp-highs", "ilp-cbc"])
+def test_exact_backends_match_brute_force(tiny, method):
+    best = brute_force(tiny, 3, Weights())
+    plc, rep = solve_with_report(tiny, 3, method=method, time_limit=60)
+    assert rep.status == "optimal"
+    assert rep.objective["total"] == pytest.approx(best, abs=1e-6)
+    assert score(tiny, plc).total == pytest.approx(best, abs=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10**6), L=st.integers(1, 3), N=st.sampled_from([4, 6]),
+       traffic=st.sampled_from([0.0, 1.0, 5.0]))
+def test_dp_and_cpsat_equal_brute_force(seed, L, N, traffic):
+    G = 2 if N == 4 else 3
+    s = compute_stats(random_trace(np.random.default_rng(seed), 40, L, N, 2))
+    w = Weights(load=1.0, traffic=traffic)
+    best = brute_force(s, G, w) if L > 1 else None
+    for method in ("dp", "cpsat"):
+        _, rep = solve_with_report(s, G, method=method, weights=w, time_limit=30)
+        if best is not None:
+            assert rep.objective["total"] == pytest.approx(best, abs=1e-6), method
+        assert rep.bound["total"] <= rep.objective["total"] + 1e-9
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), G=st.sampled_from([2, 4]), M=st.sampled_from([1, 2]),
+       R=st.sampled_from([0, 2, 4]), method=st.sampled_from(
+           ["search", "eplb", "contiguous", "random"]))
+def test_heuristics_never_beat_their_lower_bound(seed, G, M, R, method):
+    if (8 + R) % G:
+        R = 0
+    s = compute_stats(random_trace(np.random.default_rng(seed), 80, 3, 8, 2))
+    plc, rep = solve_with_report(s, Cluster(G, M, R), method=method, time_limit=5, seed=seed)
+    assert rep.objective["total"] >= rep.bound["total"] - 1e-9
+    lb = lower_bound(s, G, M, R)
+    assert rep.objective["load_imbalance"] >= lb.load_imbalance - 1e-9
+    assert rep.objective["cross_gpu_fraction"] >= lb.cross_gpu_fraction - 1e-9
+    assert rep.objective["cross_node_fraction"] >= lb.cross_node_fraction - 1e-9
+    assert plc.num_replicas == R and plc.num_gpus == G  # valid by construction (validated)
+    if method == "search":
+        base = eplb(s.load, G, M, R)
+        # never less balanced than the EPLB start, layer by layer
+        assert (gpu_loads_from_stats(s.load, plc).max(1)
+                <= gpu_loads_from_stats(s.load, base).max(1) + 1e-9).all()
+
+
+def test_eplb_replica_rule_and_distinct_gpus():
+    load = np.array([[100, 10, 10, 10, 5, 5]])
+    cnt = replica_counts(load[0], 9)
+    assert cnt.tolist() == [4, 1, 1, 1, 1, 1]  # the hot expert takes every extra slot
+    p = eplb(load, 3, replicas=3)
+    for g in p.gpu_experts(0):
+        assert len(set(g)) == len(g)
+    assert p.logcnt()[0].tolist() == [3, 2, 1, 1, 1, 1]  # capped at one copy per GPU
+
+
+def test_bad_requests():
+    s = compute_stats(random_trace(np.random.default_rng(0), 20, 2, 8, 2))
+    with pytest.raises(InfeasibleError, match="only 8 expert slots"):
+        solve_with_report(s, 16)
+    with pytest.raises(InfeasibleError, match="do not split evenly"):
+        solve_with_report(s, Cluster(4, 1, 3))
+    with pytest.raises(InputError, match="time-limit"):
+        solve_with_report(s, 4, time_limit=0)
+    with pytest.raises(InputError, match="current placement is 3 layers"):
+        solve_with_report(s, 4, current=contiguous(3, 8, 4))
+
+
+@pytest.fixture(scope="module")
+def deepseek():
+    tr = import_trace(shared_file(DEEPSEEK))
+    return tr, compute_stats(tr, coactivation=False)
+
+
+def test_deepseek_holdout_beats_contiguous_on_both_axes(deepseek):
+    tr, _ = deepseek
+    fit, hold = tr.split_requests(0.5, seed=0)
+    plc, _ = solve_with_report(compute_stats(fit, coactivation=False), 8, time_limit=30)
+    ours = evaluate(hold, plc).summary
+    base = evaluate(hold, contiguous(26, 64, 8)).summary
+    assert ours["cross_layer_pair_fraction"] <= 0.85 * base["cross_layer_pair_fraction"]
+    assert ours["load_imbalance_mean"] <= base["load_imbalance_mean"]
+
+
+def test_deepseek_replicas_vs_eplb(deepseek):
+    tr, s = deepseek
+    c = Cluster(8, 1, 8)
+    ours, _ = solve_with_report(s, c, method="search", time_limit=30)
+    base, _ = solve_with_report(s, c, method="eplb")
+    assert (gpu_loads_from_stats(s.load, ours).max(1)
+            <= gpu_loads_from_stats(s.load, base).max(1) + 1e-9).all()
+    a, b = evaluate(tr, ours).summary, evaluate(tr, base).summary
+    assert a["cross_layer_pair_fraction"] < b["cross_layer_pair_fraction"]
+    assert a["traffic_static"] < b["traffic_static"] and a["traffic_follow"] < b["traffic_follow"]
