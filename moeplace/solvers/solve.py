@@ -117,10 +117,16 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         status = "baseline"
     elif method == "search":
         start = _baseline("eplb", stats, c, seed, num_groups)
+        if (current is not None and weights.migration > 0 and current.num_replicas == c.replicas
+                and current.num_nodes == c.num_nodes):
+            start = current  # moving away from what serves now must pay for itself
+        # Keep a tenth of the budget (at most 5 s) for scoring and bounds after the search.
+        budget = time_limit - (time.perf_counter() - t0) - min(5.0, 0.1 * time_limit)
         plc, rep = search(stats, start, weights=weights, balance_slack=balance_slack,
-                          time_limit=time_limit, current=current, seed=seed)
+                          time_limit=max(budget, 0.05 * time_limit), current=current, seed=seed)
         details.update(sweeps=rep.sweeps, swaps=rep.swaps, relabels=rep.relabels,
-                       assignments=rep.assignments, stopped=rep.stopped, start="eplb")
+                       assignments=rep.assignments, stopped=rep.stopped,
+                       start="current" if start is current else "eplb")
         status = "time limit" if rep.stopped == "time limit" else "local optimum"
     else:
         if c.replicas:

@@ -148,3 +148,15 @@ def test_deepseek_replicas_vs_eplb(deepseek):
     a, b = evaluate(tr, ours).summary, evaluate(tr, base).summary
     assert a["cross_layer_pair_fraction"] < b["cross_layer_pair_fraction"]
     assert a["traffic_static"] < b["traffic_static"] and a["traffic_follow"] < b["traffic_follow"]
+
+
+def test_migration_weight_keeps_current_placement():
+    s = compute_stats(random_trace(np.random.default_rng(3), 200, 3, 8, 2))
+    cur = contiguous(3, 8, 4)
+    free, _ = solve_with_report(s, 4, method="search")
+    held, rep = solve_with_report(s, 4, method="search", current=cur,
+                                  weights=Weights(migration=100.0), balance_slack=1.0)
+    from moeplace.solvers import migration
+
+    assert migration(held, cur)["copies_transferred"] == 0 < migration(free, cur)["copies_transferred"]
+    assert rep.objective["migration_fraction"] * 24 == migration(held, cur)["copies_transferred"]
