@@ -320,8 +320,9 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
 @click.option("--replicas", type=int, default=0, show_default=True,
               help="Redundant expert copies per layer (slots beyond one per expert).")
 @click.option("--method", type=click.Choice(["auto", "search", "dp", "cpsat", "ilp-cbc",
-                                             "ilp-highs", "eplb", "contiguous", "round_robin",
-                                             "random"]), default="auto", show_default=True)
+                                             "ilp-highs", "moetuner", "eplb", "contiguous",
+                                             "round_robin", "random"]), default="auto",
+              show_default=True)
 @click.option("--weights", "weights_text", help="Objective weights, e.g. load=1,traffic=1,node=1,"
               "migration=0.1.")
 @click.option("--balance-slack", type=float, default=0.0, show_default=True,

@@ -16,8 +16,8 @@ from moeplace.solvers.objective import Weights, score
 from moeplace.solvers.search import search
 from moeplace.traces import RoutingStats
 
-METHODS = ("auto", "search", "dp", "cpsat", "ilp-cbc", "ilp-highs", "eplb", "contiguous",
-           "round_robin", "random")
+METHODS = ("auto", "search", "dp", "cpsat", "ilp-cbc", "ilp-highs", "moetuner", "eplb",
+           "contiguous", "round_robin", "random")
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,14 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         if current is not None and weights.migration:
             raise InputError("solve", "--current", f"--method {method} has no migration term",
                              "use --method search with --current")
-        if method == "dp":
+        if method == "moetuner":
+            from moeplace.solvers.exact import ExactResult
+            from moeplace.solvers.moetuner import solve_moetuner
+
+            plc_mt, st_mt = solve_moetuner(stats, c.num_gpus, c.num_nodes, weights=weights,
+                                           time_limit=time_limit)
+            res = ExactResult(plc_mt, st_mt, None, None, time.perf_counter() - t0)
+        elif method == "dp":
             res = solve_dp(stats, c.num_gpus, c.num_nodes, weights=weights)
         else:
             hint, _ = search(stats, _baseline("eplb", stats, c, seed, num_groups),

@@ -160,3 +160,13 @@ def test_migration_weight_keeps_current_placement():
 
     assert migration(held, cur)["copies_transferred"] == 0 < migration(free, cur)["copies_transferred"]
     assert rep.objective["migration_fraction"] * 24 == migration(held, cur)["copies_transferred"]
+
+
+def test_moetuner_two_stage_balances_like_its_ilp1():
+    s = compute_stats(random_trace(np.random.default_rng(5), 300, 3, 8, 2))
+    plc, rep = solve_with_report(s, Cluster(4, 2), method="moetuner", time_limit=10)
+    base = eplb(s.load, 4, 2)
+    # ILP1 is solved to optimality from EPLB-like greedy hints, so it is never less balanced.
+    assert (gpu_loads_from_stats(s.load, plc).max(1)
+            <= gpu_loads_from_stats(s.load, base).max(1) + 1e-9).all()
+    assert rep.objective["total"] >= rep.bound["total"] - 1e-9
