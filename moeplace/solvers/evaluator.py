@@ -26,6 +26,7 @@ from moeplace.errors import InputError
 from moeplace.placement import Placement
 from moeplace.traces import RoutingStats, Trace, TraceReader
 from moeplace.traces._kernels import count_into
+from moeplace.traces.store import as_chunks
 
 HOME_MODELS = ("static", "follow")
 DEFAULT_WINDOW = 4096
@@ -337,20 +338,9 @@ def evaluate(trace: Trace | TraceReader | str | os.PathLike[str] | Iterable[Trac
              current: Placement | None = None, expert_bytes: int = 0,
              chunk_tokens: int = 1 << 16, show_progress: bool | None = None) -> EvalResult:
     """Score ``placement`` on a per-token trace (in memory, a Parquet path, or chunks)."""
-    if isinstance(trace, (str, os.PathLike)):
-        trace = TraceReader(trace)
-    if isinstance(trace, Trace):
-        chunks: Iterable[Trace] = [trace]
-        meta, total = trace.meta, trace.num_tokens
-    elif isinstance(trace, TraceReader):
-        # Chunks are multiples of the window so windows never straddle a chunk unevenly.
-        step = max(window, (chunk_tokens // window) * window)
-        chunks, meta, total = trace.iter_chunks(step), trace.meta, trace.num_tokens
-    else:
-        chunks = list(trace)
-        if not chunks:
-            raise InputError("evaluate", "trace", "no tokens", "evaluate a non-empty trace")
-        meta, total = chunks[0].meta, None
+    # Reader chunks are multiples of the window so windows never straddle chunks unevenly.
+    step = max(window, (chunk_tokens // window) * window) if window > 0 else chunk_tokens
+    chunks, meta, total = as_chunks(trace, step)
     ev = Evaluator(placement, meta.num_layers, meta.num_experts, window=window, home=home,
                    source=meta.source or "trace")
     bar = Progress(total, "evaluate", "tokens", enabled=show_progress)

@@ -14,7 +14,7 @@ from moeplace._fileio import atomic_path
 from moeplace._progress import Progress
 from moeplace.errors import InputError
 from moeplace.traces._kernels import count_into
-from moeplace.traces.store import TraceReader
+from moeplace.traces.store import TraceReader, as_chunks
 from moeplace.traces.trace import Trace, TraceMeta
 
 STATS_FORMAT = "moeplace.stats"
@@ -123,27 +123,7 @@ def compute_stats(source: Trace | TraceReader | str | os.PathLike[str] | Iterabl
                   chunk_tokens: int = 1 << 16, backend: str = "auto",
                   show_progress: bool | None = None) -> RoutingStats:
     """One streaming pass over a trace (in memory, a Parquet path, or chunks) to statistics."""
-    if isinstance(source, (str, os.PathLike)):
-        source = TraceReader(source)
-    if isinstance(source, Trace):
-        chunks: Iterable[Trace] = [source]
-        meta, total = source.meta, source.num_tokens
-    elif isinstance(source, TraceReader):
-        chunks = source.iter_chunks(chunk_tokens, weights=False, token_fields=False)
-        meta, total = source.meta, source.num_tokens
-    else:
-        it = iter(source)
-        first = next(it, None)
-        if first is None:
-            raise InputError("trace", "experts", "the trace has no tokens",
-                             "record or import at least one token")
-        meta, total = first.meta, None
-
-        def _chain(f: Trace = first) -> Iterable[Trace]:
-            yield f
-            yield from it
-
-        chunks = _chain()
+    chunks, meta, total = as_chunks(source, chunk_tokens, weights=False, token_fields=False)
     stats = RoutingStats.zeros(meta, transitions, coactivation)
     bar = Progress(total, "statistics", "tokens", enabled=show_progress)
     for chunk in chunks:

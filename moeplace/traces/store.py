@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +298,28 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
 def open_trace(path: str | os.PathLike[str]) -> TraceReader:
     """Open a Parquet trace for streaming."""
     return TraceReader(path)
+
+
+def as_chunks(source: Trace | TraceReader | str | os.PathLike[str] | Iterable[Trace],
+              chunk_tokens: int = DEFAULT_CHUNK, *, weights: bool = True,
+              token_fields: bool = True) -> tuple[Iterator[Trace], TraceMeta, int | None]:
+    """Any trace source (in memory, Parquet path or reader, iterable of chunks) as
+    ``(chunks, meta, total tokens or None)``, streaming wherever the source allows."""
+    if isinstance(source, (str, os.PathLike)):
+        source = TraceReader(source)
+    if isinstance(source, Trace):
+        return iter([source]), source.meta, source.num_tokens
+    if isinstance(source, TraceReader):
+        return (source.iter_chunks(chunk_tokens, weights=weights, token_fields=token_fields),
+                source.meta, source.num_tokens)
+    it = iter(source)
+    first = next(it, None)
+    if first is None:
+        raise InputError("trace", "experts", "the trace has no tokens",
+                         "record or import at least one token")
+
+    def chain() -> Iterator[Trace]:
+        yield first
+        yield from it
+
+    return chain(), first.meta, None
