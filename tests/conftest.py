@@ -7,8 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from moeplace.traces import Trace, TraceMeta
+
+# CI runs a fixed set of examples so a green or red result reproduces; locally they vary.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SHARED = Path(os.environ.get("MOEPLACE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 TRACES = SHARED / "traces"

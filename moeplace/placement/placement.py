@@ -298,7 +298,9 @@ def random_placement(num_layers: int, num_experts: int, num_gpus: int, num_nodes
     rows = []
     for _ in range(num_layers):
         perm = rng.permutation(num_experts)
-        extra = rng.choice(num_experts, size=replicas, replace=replicas > num_experts)
+        # At most one copy of an expert per GPU: draw extras from G-1 spare copies per expert.
+        pool = np.repeat(np.arange(num_experts), num_gpus - 1)
+        extra = rng.choice(pool, size=replicas, replace=False)
         rows.append(_fill_distinct(np.concatenate([perm, extra]), num_gpus, S, rng))
     return Placement(np.array(rows), num_gpus, num_nodes, num_experts, **kw)
 
@@ -312,6 +314,8 @@ def _fill_distinct(items: np.ndarray, G: int, S: int, rng: np.random.Generator) 
         c = int(cnt[vals == e][0])
         free = np.array([S - len(g) for g in gpus], dtype=float) + rng.random(G) * 0.5
         choice = np.argsort(-free)[:c]
+        if len(choice) < c:
+            raise InfeasibleError(f"{c} copies of expert {e} exceed {G} GPUs")
         for g in choice:
             if len(gpus[g]) >= S or e in gpus[g]:
                 raise InfeasibleError("cannot place replicas on distinct GPUs")

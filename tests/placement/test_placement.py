@@ -88,3 +88,11 @@ def test_infeasible_cluster():
         contiguous(1, 10, 4)
     with pytest.raises(InfeasibleError):
         contiguous(1, 8, 4, num_nodes=3)
+
+
+def test_random_placement_with_many_replicas_of_few_experts():
+    # regression: 3 experts + 5 replicas on 4 GPUs once drew 5 copies of one expert
+    for seed in range(100):
+        p = random_placement(2, 3, 4, 1, 5, seed=seed)
+        assert_valid(p)
+        assert p.logcnt().max() <= 4
