@@ -190,16 +190,13 @@ def pareto(stats: RoutingStats, cluster: Cluster, slacks: tuple[float, ...] = (
                      "cross_gpu_fraction": rep.objective["cross_gpu_fraction"],
                      "cross_node_fraction": rep.objective["cross_node_fraction"],
                      "seconds": rep.seconds, "placement": plc})
-    # Keep only non-dominated points.
-    keep = []
-    for r in rows:
-        dominated = any(o["load_imbalance"] <= r["load_imbalance"] and
-                        o["cross_gpu_fraction"] + o["cross_node_fraction"] <
-                        r["cross_gpu_fraction"] + r["cross_node_fraction"] - 1e-12
-                        and o is not r and o["load_imbalance"] < r["load_imbalance"] + 1e-12
-                        for o in rows)
-        if not dominated:
-            keep.append(r)
+    # Keep only non-dominated points (no other point is at least as good on both axes).
+    def axes(r: dict[str, Any]) -> tuple[float, float]:
+        return r["load_imbalance"], r["cross_gpu_fraction"] + r["cross_node_fraction"]
+
+    keep = [r for r in rows if not any(
+        o is not r and all(a <= b + 1e-12 for a, b in zip(axes(o), axes(r), strict=True))
+        and axes(o) != axes(r) for o in rows)]
     return keep
 
 
