@@ -324,7 +324,7 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
                                              "round_robin", "random"]), default="auto",
               show_default=True)
 @click.option("--weights", "weights_text", help="Objective weights, e.g. load=1,traffic=1,node=1,"
-              "migration=0.1.")
+              "coact=0.5,migration=0.1 (coact: within-layer co-activation, for the static model).")
 @click.option("--balance-slack", type=float, default=0.0, show_default=True,
               help="search: max GPU load per layer may exceed EPLB's by this fraction.")
 @click.option("--time-limit", type=float, default=60.0, show_default=True, help="Seconds.")
@@ -372,7 +372,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             raise InputError(source, "format", "--holdout needs per-token routing",
                              "give a trace, not statistics")
         trace, held = trace.split_requests(holdout, seed=seed)
-    stats = obj if trace is None else compute_stats(trace, coactivation=False)
+    stats = obj if trace is None else compute_stats(trace, coactivation=weights.coact > 0)
     check_request(stats, cluster, time_limit, cur)
     plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
                                  time_limit=time_limit, balance_slack=balance_slack,

@@ -7,6 +7,8 @@
   most a's ``c_a * S`` heaviest successors can be co-located with it (``c_a`` copies,
   at most R + 1); the same holds column-wise; the smaller total bounds co-located pairs.
   At node level the window is ``c_a * S * n`` (n GPUs per node).
+- Co-activation: an expert copy shares its GPU with S-1 others, so at most its ``c_a * (S-1)``
+  heaviest within-layer partners are co-located.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Bound:
     load_imbalance: float
     cross_gpu_fraction: float
     cross_node_fraction: float
+    coactivation_spread: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -78,5 +81,16 @@ def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas
         cg = traffic_bound(stats.transitions, S, copies)
         if num_nodes > 1:
             cn = traffic_bound(stats.transitions, S * (num_gpus // num_nodes), copies)
-    total = weights.load * imb + weights.traffic * cg + weights.node * cn
-    return Bound(total, imb, cg, cn)
+    co = 0.0
+    if stats.coactivation is not None:
+        # An expert copy shares its GPU with S-1 others, so at most its S-1 heaviest partners.
+        c = stats.coactivation.astype(np.float64).copy()
+        idx = np.arange(N)
+        c[:, idx, idx] = 0.0
+        tot = c.sum()
+        if tot > 0:
+            width = np.full(N, (S - 1) * min(num_gpus, replicas + 1))
+            same = sum(_top_sum(cl, width) for cl in c)
+            co = max(0.0, 1.0 - same / tot)
+    total = weights.load * imb + weights.traffic * cg + weights.node * cn + weights.coact * co
+    return Bound(total, imb, cg, cn, co)

@@ -71,6 +71,14 @@ def solve_dp(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
     with np.errstate(invalid="ignore", divide="ignore"):
         imb = np.where(mean[:, None] > 0, gl.max(axis=2) / np.where(mean > 0, mean, 1)[:, None], 1.0)
     cost = weights.load / L * imb  # [L, K]
+    if weights.coact and stats.coactivation is not None:
+        c = stats.coactivation.astype(np.float64).copy()
+        c[:, np.arange(N), np.arange(N)] = 0.0
+        tot_c = c.sum()
+        if tot_c > 0:
+            # per state: pairs whose experts sit on different GPUs
+            same = np.einsum("kag,lab,kbg->lk", onehot, c, onehot)
+            cost = cost + weights.coact * (c.sum(axis=(1, 2))[:, None] - same) / tot_c
     trans = stats.transitions
     tot = float(trans.sum()) if trans is not None else 0.0
     V = cost[0].copy()

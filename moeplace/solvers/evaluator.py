@@ -96,6 +96,10 @@ def evaluate_stats(stats: RoutingStats, placement: Placement) -> dict[str, Any]:
         tot = pf["pairs"].sum()
         out["cross_layer_pair_fraction"] = float(pf["cross_gpu_pairs"].sum() / tot) if tot else 0.0
         out["cross_node_pair_fraction"] = float(pf["cross_node_pairs"].sum() / tot) if tot else 0.0
+    if stats.coactivation is not None:
+        from moeplace.solvers.objective import coactivation_spread
+
+        out["coactivation_spread"] = coactivation_spread(stats.coactivation, placement)
     return out
 
 

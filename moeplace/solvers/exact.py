@@ -111,6 +111,33 @@ def canonical_gpu(placement: Placement) -> np.ndarray:
     return within[gpu]
 
 
+def _min_max_load(load: np.ndarray, G: int, time_limit: float) -> int:
+    """Proven minimum over balanced partitions of one layer of its heaviest GPU load (0 when
+    not proven in time): a valid floor for that layer's max-load variable."""
+    from ortools.sat.python import cp_model
+
+    N = load.shape[0]
+    S = N // G
+    m = cp_model.CpModel()
+    x = [[m.new_bool_var("") for _ in range(G)] for _ in range(N)]
+    for e in range(N):
+        m.add_exactly_one(x[e])
+        for c in range(e + 1, G):
+            m.add(x[e][c] == 0)
+    for c in range(G):
+        m.add(sum(x[e][c] for e in range(N)) == S)
+    top = m.new_int_var(0, int(load.sum()), "")
+    for c in range(G):
+        m.add(top >= sum(int(load[e]) * x[e][c] for e in range(N)))
+    m.minimize(top)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit, 0.05)
+    solver.parameters.num_workers = 1
+    if solver.solve(m) != cp_model.OPTIMAL:
+        return 0
+    return int(solver.objective_value)
+
+
 def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
                 weights: Weights = Weights(), time_limit: float = 60.0,
                 hint: Placement | None = None, workers: int = 2,
@@ -144,7 +171,10 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
     const = 0.0
     Ms = []
     for l in range(L):
-        Ml = m.new_int_var(0, int(load[l].sum()), f"M{l}")
+        # Valid floor: some GPU holds the heaviest expert plus S-1 others, none is below mean.
+        floor = max(int(np.ceil(mean[l])), int(load[l].max() + np.sort(load[l])[: S - 1].sum()),
+                    _min_max_load(load[l], G, min(2.0, time_limit / (4 * L))))
+        Ml = m.new_int_var(min(floor, int(load[l].sum())), int(load[l].sum()), f"M{l}")
         Ms.append(Ml)
         for g in range(G):
             m.add(Ml >= sum(int(load[l, e]) * x[l, e, g] for e in range(N)))

@@ -1,8 +1,9 @@
 """The objective every solver optimises, scored from statistics: weighted load, traffic and migration.
 
 ``total = load * mean_l(max GPU load / mean GPU load) + traffic * cross-GPU pair fraction
-+ node * cross-node pair fraction + migration * (expert copies moved / slots)``; each term
-is also reported alone, so lexicographic users can compare terms one at a time.
++ node * cross-node pair fraction + coact * co-activation spread + migration * (expert copies
+moved / slots)``. The co-activation spread is the share of a token's within-layer expert pairs
+on different GPUs (what the ``static`` home model pays for). Each term is also reported alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Weights:
     traffic: float = 1.0
     node: float = 1.0
     migration: float = 0.0
+    coact: float = 0.0
 
     @classmethod
     def parse(cls, text: str | None) -> Weights:
@@ -38,7 +40,7 @@ class Weights:
             key = key.strip()
             if key not in cls.__dataclass_fields__:
                 raise InputError("--weights", key or part, "unknown term",
-                                 "use load=,traffic=,node=,migration=")
+                                 "use load=,traffic=,node=,coact=,migration=")
             try:
                 vals[key] = float(val)
             except ValueError:
@@ -58,6 +60,7 @@ class ObjectiveValue:
     cross_gpu_fraction: float
     cross_node_fraction: float
     migration_fraction: float
+    coactivation_spread: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -74,11 +77,26 @@ def score(stats: RoutingStats, placement: Placement, weights: Weights = Weights(
         if tot:
             cg = float(pf["cross_gpu_pairs"].sum()) / tot
             cn = float(pf["cross_node_pairs"].sum()) / tot
+    co = coactivation_spread(stats.coactivation, placement) if stats.coactivation is not None else 0.0
     mig = 0.0
     if current is not None:
         mig = migration(placement, current)["copies_transferred"] / placement.phy2log.size
-    total = weights.load * imb + weights.traffic * cg + weights.node * cn + weights.migration * mig
-    return ObjectiveValue(total, imb, cg, cn, mig)
+    total = (weights.load * imb + weights.traffic * cg + weights.node * cn
+             + weights.migration * mig + weights.coact * co)
+    return ObjectiveValue(total, imb, cg, cn, mig, co)
+
+
+def coactivation_spread(coactivation: np.ndarray, placement: Placement) -> float:
+    """Share of within-layer expert pairs of a token (a != b) with no GPU in common."""
+    c = coactivation.astype(np.float64).copy()
+    idx = np.arange(c.shape[1])
+    c[:, idx, idx] = 0.0
+    tot = c.sum()
+    if tot == 0:
+        return 0.0
+    f = placement.incidence().astype(np.float32)
+    shared = np.einsum("lag,lbg->lab", f, f) > 0
+    return float((c * ~shared).sum() / tot)
 
 
 def layer_pair_totals(stats: RoutingStats) -> np.ndarray:

@@ -105,7 +105,8 @@ def _relabel(st: _Layers, l: int, gain: np.ndarray) -> bool:
     return True
 
 
-def _assign_exact(st: _Layers, l: int, gain: np.ndarray, cap: float) -> bool:
+def _assign_exact(st: _Layers, l: int, gain: np.ndarray, cap: float,
+                  cz: np.ndarray | None = None) -> bool:
     """Re-place all copies of layer l by an exact slot assignment maximising co-location, then
     repair any GPU over the load cap; keep the result only if it is feasible and better."""
     S, P = st.S, st.P
@@ -114,7 +115,7 @@ def _assign_exact(st: _Layers, l: int, gain: np.ndarray, cap: float) -> bool:
     if st.P != st.N:  # copies of one expert must land on distinct GPUs: not a plain assignment
         return False
     value = gain[e][:, slot_gpu]  # [copy, slot]
-    before = value[np.arange(P), np.arange(P)].sum()
+    before = value[np.arange(P), np.arange(P)].sum() + _coact_value(st, l, cz)
     scale = 1e9 / max(float(np.abs(value).max()), 1e-30)
     cost = np.round(-value * scale).astype(np.int64)
     lsa = linear_sum_assignment.SimpleLinearSumAssignment()
@@ -132,7 +133,7 @@ def _assign_exact(st: _Layers, l: int, gain: np.ndarray, cap: float) -> bool:
         st.phy[l] = old
         return False
     e2 = st.phy[l]
-    after = gain[e2, slot_gpu].sum()
+    after = gain[e2, slot_gpu].sum() + _coact_value(st, l, cz)
     if after <= before + 1e-12:
         st.phy[l] = old
         return False
@@ -167,8 +168,16 @@ def _repair(st: _Layers, l: int, gain: np.ndarray, cap: float, max_steps: int = 
     return False
 
 
+def _coact_value(st: _Layers, l: int, cz: np.ndarray | None) -> float:
+    """Weighted co-located co-activation pairs at layer l (0 without a co-activation term)."""
+    if cz is None:
+        return 0.0
+    sh = st.share(l)
+    return float(np.einsum("ag,ab,bg->", sh, cz, sh) / 2)
+
+
 def _swap_pass(st: _Layers, l: int, gain: np.ndarray, cap: float, w: Weights,
-               mean_load: float, max_rounds: int = 200) -> int:
+               mean_load: float, cz: np.ndarray | None = None, max_rounds: int = 200) -> int:
     """Batches of improving slot swaps at layer l; returns the number applied."""
     G, S, P = st.G, st.S, st.P
     slot_gpu = np.arange(P) // S
@@ -182,6 +191,13 @@ def _swap_pass(st: _Layers, l: int, gain: np.ndarray, cap: float, w: Weights,
         own = c[np.arange(P), slot_gpu]
         cg = c[:, slot_gpu]  # cg[p, q] = value of copy p on q's GPU
         delta = cg + cg.T - own[:, None] - own[None, :]  # gain of swapping p and q
+        if cz is not None:
+            # Within-layer pairs: K[p, g] = co-activation of p's expert with what GPU g holds.
+            K = (cz[e] @ st.share(l)) / st.cnt[l][e][:, None]
+            Kg = K[:, slot_gpu]
+            Kown = K[np.arange(P), slot_gpu]
+            delta = delta + Kg + Kg.T - Kown[:, None] - Kown[None, :] - 2 * cz[e][:, e] / (
+                st.cnt[l][e][:, None] * st.cnt[l][e][None, :])
         diff = wcopy[None, :] - wcopy[:, None]  # load change on p's GPU when p<->q
         new_p = gl[slot_gpu][:, None] + diff
         new_q = gl[slot_gpu][None, :] - diff
@@ -231,6 +247,13 @@ def search(stats: RoutingStats, start: Placement, *, weights: Weights = Weights(
     if cap is None:
         cap = np.array([st.gpu_load(l).max() for l in range(st.L)]) * (1 + balance_slack)
     mean = st.load.sum(axis=1) / st.G
+    cz_all = None
+    if weights.coact and stats.coactivation is not None:
+        c = stats.coactivation.astype(np.float64).copy()
+        idx = np.arange(st.N)
+        c[:, idx, idx] = 0.0
+        # Objective units: a co-located pair counts twice in c (a,b and b,a).
+        cz_all = c * (weights.coact / max(c.sum(), 1e-30)) * 2
     cur_inc = current.incidence().astype(np.float64) if current is not None else None
     mig_unit = weights.migration / st.phy.size
     rng = np.random.default_rng(seed)
@@ -248,10 +271,11 @@ def search(stats: RoutingStats, start: Placement, *, weights: Weights = Weights(
             if trans is not None and _relabel(st, int(l), g):
                 rep.relabels += 1
                 changed += 1
-            if trans is not None and _assign_exact(st, int(l), g, float(cap[l])):
+            cz = None if cz_all is None else cz_all[l]
+            if trans is not None and _assign_exact(st, int(l), g, float(cap[l]), cz):
                 rep.assignments += 1
                 changed += 1
-            n = _swap_pass(st, int(l), g, float(cap[l]), weights, float(mean[l]))
+            n = _swap_pass(st, int(l), g, float(cap[l]), weights, float(mean[l]), cz)
             rep.swaps += n
             changed += n
         rep.sweeps = sweep + 1

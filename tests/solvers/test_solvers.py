@@ -37,6 +37,12 @@ def brute_force(stats, G: int, w: Weights) -> float:
             loads = [stats.load[l][s == g].sum() for g in range(G)]
             mean = sum(loads) / G
             cost[l, i] = w.load / L * (max(loads) / mean if mean else 1.0)
+            if w.coact:
+                c = stats.coactivation
+                off = sum(c[t, a, b] for t in range(L) for a in range(N) for b in range(N)
+                          if a != b)  # the spread is one fraction over all layers
+                apart = sum(c[l, a, b] for a in range(N) for b in range(N) if s[a] != s[b])
+                cost[l, i] += w.coact * apart / off
     tot = stats.transitions.sum()
     total = cost[0]
     for l in range(L - 1):
@@ -65,13 +71,13 @@ def test_exact_backends_match_brute_force(tiny, method):
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10**6), L=st.integers(1, 3), N=st.sampled_from([4, 6]),
-       traffic=st.sampled_from([0.0, 1.0, 5.0]))
-def test_dp_and_cpsat_equal_brute_force(seed, L, N, traffic):
+       traffic=st.sampled_from([0.0, 1.0, 5.0]), coact=st.sampled_from([0.0, 2.0]))
+def test_dp_and_cpsat_equal_brute_force(seed, L, N, traffic, coact):
     G = 2 if N == 4 else 3
     s = compute_stats(random_trace(np.random.default_rng(seed), 40, L, N, 2))
-    w = Weights(load=1.0, traffic=traffic)
+    w = Weights(load=1.0, traffic=traffic, coact=coact)
     best = brute_force(s, G, w) if L > 1 else None
-    for method in ("dp", "cpsat"):
+    for method in ("dp", "cpsat") if not coact else ("dp",):
         _, rep = solve_with_report(s, G, method=method, weights=w, time_limit=30)
         if best is not None:
             assert rep.objective["total"] == pytest.approx(best, abs=1e-6), method
@@ -86,9 +92,12 @@ def test_heuristics_never_beat_their_lower_bound(seed, G, M, R, method):
     if (8 + R) % G:
         R = 0
     s = compute_stats(random_trace(np.random.default_rng(seed), 80, 3, 8, 2))
-    plc, rep = solve_with_report(s, Cluster(G, M, R), method=method, time_limit=5, seed=seed)
+    w = Weights(coact=1.0) if method == "search" and seed % 2 else Weights()
+    plc, rep = solve_with_report(s, Cluster(G, M, R), method=method, time_limit=5, seed=seed,
+                                 weights=w)
     assert rep.objective["total"] >= rep.bound["total"] - 1e-9
-    lb = lower_bound(s, G, M, R)
+    assert rep.objective["coactivation_spread"] >= rep.bound["coactivation_spread"] - 1e-9
+    lb = lower_bound(s, G, M, R, w)
     assert rep.objective["load_imbalance"] >= lb.load_imbalance - 1e-9
     assert rep.objective["cross_gpu_fraction"] >= lb.cross_gpu_fraction - 1e-9
     assert rep.objective["cross_node_fraction"] >= lb.cross_node_fraction - 1e-9
