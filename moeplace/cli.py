@@ -334,6 +334,8 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
               "(reports migration; with a migration weight, penalises moves).")
 @click.option("--groups", "num_groups", type=int, help="Expert groups for hierarchical EPLB.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--restarts", type=int, default=1, show_default=True,
+              help="search: parallel restarts from seeds SEED, SEED+1, ... (one process each).")
 @click.option("--window", type=int, default=4096, show_default=True)
 @click.option("--pareto", "show_pareto", is_flag=True,
               help="Print the traffic-versus-balance frontier of the search.")
@@ -349,7 +351,7 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None, seed: int,
-          window: int, show_pareto: bool, hardware: str, model_shape: str | None,
+          restarts: int, window: int, show_pareto: bool, hardware: str, model_shape: str | None,
           tokens_per_step: int, out: str | None, as_json: bool, **kw: Any) -> None:
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
     from moeplace.placement import Placement
@@ -376,7 +378,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     check_request(stats, cluster, time_limit, cur)
     plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
                                  time_limit=time_limit, balance_slack=balance_slack,
-                                 current=cur, seed=seed, num_groups=num_groups)
+                                 current=cur, seed=seed, num_groups=num_groups,
+                                 restarts=restarts)
     plc.moe_layer_ids = tuple(stats.meta.moe_layer_ids)
     plc.info["report"] = rep.as_dict()
     base = {}

@@ -31,6 +31,7 @@ class SearchReport:
     swaps: int = 0
     relabels: int = 0
     assignments: int = 0
+    restarts: int = 1
     seconds: float = 0.0
     stopped: str = "converged"
     history: list[float] = field(default_factory=list)
