@@ -435,6 +435,37 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         click.echo(f"\nwrote {out}")
 
 
+# ---- export ---------------------------------------------------------------------------------
+@main.command()
+@click.argument("placement")
+@click.option("--format", "fmt", required=True, type=click.Choice(
+    ["sglang", "sglang-logical-count", "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb"]))
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--num-hidden-layers", type=int, help="SGLang: all hidden layers, dense included "
+              "(default: last MoE layer + 1).")
+@click.option("--moe-layers", help="Hidden-layer ids of the MoE layers (default: from the "
+              "placement).")
+@click.option("--stats", "stats_source", help="sglang-logical-count: the trace or statistics "
+              "whose counts to write.")
+def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
+           moe_layers: str | None, stats_source: str | None) -> None:
+    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print its launch flags."""
+    from moeplace.placement import Placement, export_placement
+
+    plc = Placement.load(placement)
+    load = None
+    if stats_source:
+        st, _ = _stats_of(stats_source)
+        load = st.load
+        if load.shape != (plc.num_layers, plc.num_experts):
+            raise InputError(stats_source, "load", f"shape {load.shape} differs from the "
+                             f"placement's {(plc.num_layers, plc.num_experts)}",
+                             "pass statistics of the placed model")
+    flags = export_placement(plc, fmt, out, num_hidden_layers=num_hidden_layers,
+                             moe_layer_ids=_layer_ids(moe_layers), load=load)
+    click.echo(f"wrote {out}\n{flags}")
+
+
 # ---- demo ---------------------------------------------------------------------------------
 @main.command()
 @click.option("--gpus", type=int, default=8, show_default=True)

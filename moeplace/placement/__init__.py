@@ -1,5 +1,15 @@
 """Placement: the expert-to-GPU layout type, its constructors, and its appliers."""
 
+from moeplace.placement.exports import (
+    FORMATS,
+    export_placement,
+    launch_flags,
+    read_placement,
+    to_eplb,
+    to_sglang,
+    to_sglang_logical_count,
+    to_vllm_ascend,
+)
 from moeplace.placement.placement import (
     Placement,
     contiguous,
@@ -8,4 +18,18 @@ from moeplace.placement.placement import (
     round_robin,
 )
 
-__all__ = ["Placement", "contiguous", "from_gpu_lists", "random_placement", "round_robin"]
+__all__ = [
+    "FORMATS",
+    "Placement",
+    "contiguous",
+    "export_placement",
+    "from_gpu_lists",
+    "launch_flags",
+    "random_placement",
+    "read_placement",
+    "round_robin",
+    "to_eplb",
+    "to_sglang",
+    "to_sglang_logical_count",
+    "to_vllm_ascend",
+]
