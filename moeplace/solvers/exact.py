@@ -277,16 +277,25 @@ def solve_pulp(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *, backen
     pairs = _pairs(stats)
     tot = sum(p[3] for p in pairs)
     k = 0
+    if tot > 0 and weights.traffic:
+        # Same reformulation-linearisation as the CP-SAT model (see solve_cpsat).
+        for l in range(L - 1):
+            z = {(a, b, g): pulp.LpVariable(f"y{l}_{a}_{b}_{g}", 0, 1) for a in range(N)
+                 for b in range(N) for g in range(G)}
+            for (a, b, g), v in z.items():
+                prob += v <= x[l][a][g]
+                prob += v <= x[l + 1][b][g]
+            for g in range(G):
+                for a in range(N):
+                    prob += pulp.lpSum(z[a, b, g] for b in range(N)) == S * x[l][a][g]
+                for b in range(N):
+                    prob += pulp.lpSum(z[a, b, g] for a in range(N)) == S * x[l + 1][b][g]
+            T = stats.transitions[l]
+            for a, b in zip(*np.nonzero(T), strict=True):
+                const += weights.traffic * T[a, b] / tot
+                terms += [-weights.traffic * float(T[a, b]) / tot * z[a, b, g] for g in range(G)]
     if tot > 0:
         for l, a, b, c in pairs:
-            if weights.traffic:
-                const += weights.traffic * c / tot
-                for g in range(G):
-                    z = pulp.LpVariable(f"z{k}", 0, 1)
-                    k += 1
-                    prob += z <= x[l][a][g]
-                    prob += z <= x[l + 1][b][g]
-                    terms.append(-weights.traffic * c / tot * z)
             if weights.node and M > 1:
                 const += weights.node * c / tot
                 for node in range(M):
