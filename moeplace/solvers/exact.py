@@ -111,19 +111,34 @@ def canonical_gpu(placement: Placement) -> np.ndarray:
     return within[gpu]
 
 
-def _min_max_load(load: np.ndarray, G: int, time_limit: float) -> int:
-    """Proven minimum over balanced partitions of one layer of its heaviest GPU load (0 when
-    not proven in time): a valid floor for that layer's max-load variable."""
+def min_max_partition(load: np.ndarray, G: int, time_limit: float, workers: int = 1
+                      ) -> tuple[np.ndarray, int, bool]:
+    """Split one layer's experts into G groups of N/G minimising the heaviest group's load.
+
+    Returns (group of each expert, that load, proven optimal). Groups are numbered by their
+    smallest expert (symmetry cut); the greedy heaviest-to-lightest split is the warm start.
+    """
     from ortools.sat.python import cp_model
 
     N = load.shape[0]
     S = N // G
+    hint = np.zeros(N, np.int64)
+    cl = np.zeros(G)
+    room = np.full(G, S)
+    for e in np.argsort(-load, kind="stable"):
+        c = min((c for c in range(G) if room[c]), key=lambda c: cl[c])
+        hint[e], cl[c], room[c] = c, cl[c] + load[e], room[c] - 1
+    relabel = np.empty(G, np.int64)
+    relabel[np.argsort([np.flatnonzero(hint == c).min() for c in range(G)])] = np.arange(G)
+    hint = relabel[hint]
     m = cp_model.CpModel()
     x = [[m.new_bool_var("") for _ in range(G)] for _ in range(N)]
     for e in range(N):
         m.add_exactly_one(x[e])
         for c in range(e + 1, G):
             m.add(x[e][c] == 0)
+        for c in range(G):
+            m.add_hint(x[e][c], int(hint[e] == c))
     for c in range(G):
         m.add(sum(x[e][c] for e in range(N)) == S)
     top = m.new_int_var(0, int(load.sum()), "")
@@ -132,10 +147,20 @@ def _min_max_load(load: np.ndarray, G: int, time_limit: float) -> int:
     m.minimize(top)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(time_limit, 0.05)
-    solver.parameters.num_workers = 1
-    if solver.solve(m) != cp_model.OPTIMAL:
-        return 0
-    return int(solver.objective_value)
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = 0
+    st = solver.solve(m)
+    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return hint, int(max(load[hint == c].sum() for c in range(G))), False
+    groups = np.array([next(c for c in range(G) if solver.value(x[e][c])) for e in range(N)])
+    return groups, int(solver.objective_value), st == cp_model.OPTIMAL
+
+
+def _min_max_load(load: np.ndarray, G: int, time_limit: float) -> int:
+    """Proven per-layer minimum of the heaviest GPU's load (0 when not proven in time): a valid
+    floor for that layer's max-load variable."""
+    _, value, proven = min_max_partition(load, G, time_limit)
+    return value if proven else 0
 
 
 def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,

@@ -18,48 +18,14 @@ from ortools.graph.python import linear_sum_assignment
 from ortools.sat.python import cp_model
 
 from moeplace.placement import Placement
+from moeplace.solvers.exact import min_max_partition
 from moeplace.solvers.objective import Weights
 from moeplace.traces import RoutingStats
 
 
 def _cluster_layer(load: np.ndarray, G: int, time_limit: float) -> np.ndarray:
     """ILP1: ``[N]`` cluster of each expert, equal-size clusters, min max cluster load."""
-    N = load.shape[0]
-    S = N // G
-    m = cp_model.CpModel()
-    x = [[m.new_bool_var("") for _ in range(G)] for _ in range(N)]
-    for e in range(N):
-        m.add_exactly_one(x[e])
-        for c in range(e + 1, G):  # clusters ordered by their smallest expert
-            m.add(x[e][c] == 0)
-    for c in range(G):
-        m.add(sum(x[e][c] for e in range(N)) == S)
-    top = m.new_int_var(0, int(load.sum()), "max")
-    for c in range(G):
-        m.add(top >= sum(int(load[e]) * x[e][c] for e in range(N)))
-    m.minimize(top)
-    # Hint: heaviest expert to the lightest cluster with room.
-    hint = np.zeros(N, np.int64)
-    cl = np.zeros(G)
-    room = np.full(G, S)
-    for e in np.argsort(-load, kind="stable"):
-        c = min((c for c in range(G) if room[c]), key=lambda c: cl[c])
-        hint[e], cl[c], room[c] = c, cl[c] + load[e], room[c] - 1
-    order = np.argsort([np.flatnonzero(hint == c).min() for c in range(G)])
-    relabel = np.empty(G, np.int64)
-    relabel[order] = np.arange(G)
-    hint = relabel[hint]
-    for e in range(N):
-        for c in range(G):
-            m.add_hint(x[e][c], int(hint[e] == c))
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit, 0.1)
-    solver.parameters.num_workers = 2
-    solver.parameters.random_seed = 0
-    st = solver.solve(m)
-    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return hint
-    return np.array([next(c for c in range(G) if solver.value(x[e][c])) for e in range(N)])
+    return min_max_partition(load, G, time_limit, workers=2)[0]
 
 
 def _link_cost(G: int, M: int, w: Weights) -> np.ndarray:
