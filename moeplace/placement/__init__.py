@@ -10,6 +10,7 @@ from moeplace.placement.exports import (
     to_sglang_logical_count,
     to_vllm_ascend,
 )
+from moeplace.placement.permute import layer_permutations, permute_state_dict
 from moeplace.placement.placement import (
     Placement,
     contiguous,
@@ -25,6 +26,8 @@ __all__ = [
     "export_placement",
     "from_gpu_lists",
     "launch_flags",
+    "layer_permutations",
+    "permute_state_dict",
     "random_placement",
     "read_placement",
     "round_robin",
