@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import numpy as np
@@ -9,34 +11,36 @@ import numpy as np
 # Below this many token-layer records the numpy path wins (no JIT compile on first use).
 NUMBA_MIN_RECORDS = 200_000
 
-try:  # pragma: no cover - exercised when the 'fast' extra is installed
-    if os.environ.get("MOEPLACE_KERNEL", "") == "numpy":
-        raise ImportError
+# numba costs about 0.4 s to import, so it is found here but imported and compiled on first use.
+HAVE_NUMBA = (os.environ.get("MOEPLACE_KERNEL", "") != "numpy"
+              and importlib.util.find_spec("numba") is not None)
+
+
+def _kernel_source(e, load, trans, coact, do_trans, do_coact):  # type: ignore[no-untyped-def]
+    # Layer-outer order keeps one layer's [N, N] slices hot in L1 (about 1.4x faster).
+    T, L, k = e.shape
+    for l in range(L):
+        ld = load[l]
+        cl = coact[l if do_coact else 0]
+        has_next = do_trans and l + 1 < L
+        tl = trans[l if has_next else 0]
+        for t in range(T):
+            for i in range(k):
+                a = e[t, l, i]
+                ld[a] += 1
+                if do_coact:
+                    for j in range(k):
+                        cl[a, e[t, l, j]] += 1
+                if has_next:
+                    for j in range(k):
+                        tl[a, e[t, l + 1, j]] += 1
+
+
+@functools.cache
+def _numba_kernel():  # type: ignore[no-untyped-def]
     import numba
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def _count_numba(e, load, trans, coact, do_trans, do_coact):  # type: ignore[no-untyped-def]
-        # Layer-outer order keeps one layer's [N, N] slices hot in L1 (about 1.4x faster).
-        T, L, k = e.shape
-        for l in range(L):
-            ld = load[l]
-            cl = coact[l if do_coact else 0]
-            has_next = do_trans and l + 1 < L
-            tl = trans[l if has_next else 0]
-            for t in range(T):
-                for i in range(k):
-                    a = e[t, l, i]
-                    ld[a] += 1
-                    if do_coact:
-                        for j in range(k):
-                            cl[a, e[t, l, j]] += 1
-                    if has_next:
-                        for j in range(k):
-                            tl[a, e[t, l + 1, j]] += 1
-
-    HAVE_NUMBA = True
-except ImportError:
-    HAVE_NUMBA = False
+    return numba.njit(cache=True, nogil=True, boundscheck=False)(_kernel_source)
 
 
 def _count_numpy(e: np.ndarray, load: np.ndarray, trans: np.ndarray | None,
@@ -74,7 +78,7 @@ def count_into(experts: np.ndarray, load: np.ndarray, trans: np.ndarray | None,
         raise RuntimeError("numba backend requested but numba is not installed")
     if use_numba:
         dummy = np.zeros((1, 1, 1), dtype=np.int64)
-        _count_numba(experts, load, dummy if trans is None else trans,
+        _numba_kernel()(experts, load, dummy if trans is None else trans,
                      dummy if coact is None else coact, trans is not None, coact is not None)
     else:
         _count_numpy(experts, load, trans, coact)
