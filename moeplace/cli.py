@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -73,18 +72,28 @@ def _load(path: str, fmt: str = "auto", num_experts: int | None = None,
                         top_k=top_k, num_hidden_layers=num_hidden_layers)
 
 
-def _stats_of(path: str, **kw: Any) -> tuple[Any, Any]:
-    """(RoutingStats, Trace or None) for any trace or statistics source."""
-    from moeplace.traces import RoutingStats, compute_stats, detect_format, open_trace
+def _open(path: str, kw: dict[str, Any], in_memory_max: int | None = None) -> Any:
+    """Trace, TraceReader (Parquet over ``in_memory_max`` tokens, streamed) or RoutingStats."""
+    from moeplace.traces import detect_format, open_trace
 
     fmt = kw.get("fmt", "auto")
     if fmt == "parquet" or (fmt == "auto" and detect_format(path) == "parquet"):
         reader = open_trace(path)
-        return compute_stats(reader), None
-    obj = _load(path, **kw)
+        if in_memory_max is not None and reader.num_tokens > in_memory_max:
+            return reader
+        return reader.read()
+    return _load(path, **kw)
+
+
+def _stats_of(path: str, **kw: Any) -> tuple[Any, Any]:
+    """(RoutingStats, Trace or None) for any trace or statistics source; large Parquet traces
+    are streamed and come back without the trace."""
+    from moeplace.traces import RoutingStats, Trace, compute_stats
+
+    obj = _open(path, kw, in_memory_max=2_000_000)
     if isinstance(obj, RoutingStats):
         return obj, None
-    return compute_stats(obj), obj
+    return compute_stats(obj), obj if isinstance(obj, Trace) else None
 
 
 def _print_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> None:
@@ -146,10 +155,6 @@ def analyze(trace: str | None, demo: bool, as_json: bool, plot_path: str | None,
     if stats.transitions is not None and stats.num_layers > 1:
         click.echo(f"\ntop {top} transitions (expert at layer -> expert at next layer):")
         _print_table(analysis.top_transitions(stats, top))
-    if tr is None and drift_windows > 1 and Path(trace).suffix == ".parquet":
-        from moeplace.traces import read_trace
-
-        tr = read_trace(trace) if stats.num_tokens <= 2_000_000 else None
     if tr is not None and drift_windows > 1 and tr.num_tokens >= drift_windows:
         click.echo(f"\nload drift over {drift_windows} windows (JS divergence from the whole, bits):")
         _print_table(analysis.drift(tr, drift_windows), "{:.4f}")
@@ -242,18 +247,14 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
     """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md."""
     from moeplace.placement import Placement
     from moeplace.solvers import evaluate as run_eval
-    from moeplace.traces import RoutingStats, detect_format, open_trace
+    from moeplace.traces import RoutingStats
 
     plc = Placement.load(placement)
     cur = Placement.load(current) if current else None
-    fmt = kw.get("fmt", "auto")
-    if fmt == "parquet" or (fmt == "auto" and detect_format(trace) == "parquet"):
-        src: Any = open_trace(trace)
-    else:
-        src = _load(trace, **kw)
-        if isinstance(src, RoutingStats):
-            raise InputError(trace, "format", "aggregated counts cannot be scored per token",
-                             "give a per-token trace")
+    src = _open(trace, kw, in_memory_max=0)  # Parquet is streamed
+    if isinstance(src, RoutingStats):
+        raise InputError(trace, "format", "aggregated counts cannot be scored per token",
+                         "give a per-token trace")
     res = run_eval(src, plc, window=window, home=home, current=cur, expert_bytes=expert_bytes)
     if as_json:
         out = dict(res.summary)
@@ -356,17 +357,13 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
     from moeplace.placement import Placement
     from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
-    from moeplace.solvers.solve import check_request
-    from moeplace.traces import RoutingStats, compute_stats, detect_format, read_trace
+    from moeplace.solvers.solve import baseline, check_request
+    from moeplace.traces import RoutingStats, compute_stats
 
     weights = Weights.parse(weights_text)
     cluster = Cluster(gpus, nodes, replicas)
     cur = Placement.load(current) if current else None
-    fmt = kw.get("fmt", "auto")
-    if fmt == "parquet" or (fmt == "auto" and detect_format(source) == "parquet"):
-        obj: Any = read_trace(source)
-    else:
-        obj = _load(source, **kw)
+    obj = _open(source, kw)  # in memory: the holdout split and per-token scoring need it
     trace = None if isinstance(obj, RoutingStats) else obj
     held = None
     if holdout is not None:
@@ -382,12 +379,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                  restarts=restarts)
     plc.moe_layer_ids = tuple(stats.meta.moe_layer_ids)
     plc.info["report"] = rep.as_dict()
-    base = {}
-    for name in ("contiguous", "eplb"):
-        if name != rep.method:
-            base[name], _ = solve_with_report(stats, cluster, method=name, weights=weights,
-                                              time_limit=time_limit, num_groups=num_groups)
-    plcs = {rep.method: plc, **base}
+    plcs = {rep.method: plc, **{name: baseline(name, stats, cluster, num_groups=num_groups)
+                                for name in ("contiguous", "eplb") if name != rep.method}}
     sim = _simulation(model_shape, hardware, trace)
     fit_rows = _metric_rows(plcs, trace, stats, window, sim, tokens_per_step)
     hold_rows = (_metric_rows(plcs, held, None, window, sim, tokens_per_step)
@@ -472,7 +465,8 @@ def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the placement JSON.")
 def demo(gpus: int, out: str | None) -> None:
     """Analyse the bundled FLAME-MoE-290M trace, solve a placement, and show its gain."""
-    from moeplace.solvers import solve_with_report
+    from moeplace.solvers import Cluster, solve_with_report
+    from moeplace.solvers.solve import baseline
     from moeplace.traces import analysis, compute_stats, read_trace
     from moeplace.traces.demo import demo_trace_path
 
@@ -488,7 +482,7 @@ def demo(gpus: int, out: str | None) -> None:
     plc, rep = solve_with_report(st, gpus, time_limit=20)
     plcs = {"moeplace": plc}
     for name in ("contiguous", "round_robin", "eplb"):
-        plcs[name], _ = solve_with_report(st, gpus, method=name)
+        plcs[name] = baseline(name, st, Cluster(gpus))
     sim = _simulation("flame-moe-290m", "h100-nvlink", tr)
     df = _metric_rows(plcs, tr, st, 512, sim, 512)
     click.echo(f"\nplacements on {gpus} GPUs, scored per token (lower is better; speedup is the "

@@ -123,8 +123,9 @@ def _multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
     return plc, rep
 
 
-def _baseline(method: str, stats: RoutingStats, c: Cluster, seed: int,
-              num_groups: int | None) -> Placement:
+def baseline(method: str, stats: RoutingStats, c: Cluster, seed: int = 0,
+             num_groups: int | None = None) -> Placement:
+    """A baseline placement (contiguous, round_robin, random, eplb) without solving or bounds."""
     L, N = stats.load.shape
     if method == "contiguous":
         return contiguous(L, N, c.num_gpus, c.num_nodes, replicas=c.replicas)
@@ -157,10 +158,10 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     status = "heuristic"
     bound_total: float | None = None
     if method in ("contiguous", "round_robin", "random", "eplb"):
-        plc = _baseline(method, stats, c, seed, num_groups)
+        plc = baseline(method, stats, c, seed, num_groups)
         status = "baseline"
     elif method == "search":
-        start = _baseline("eplb", stats, c, seed, num_groups)
+        start = baseline("eplb", stats, c, seed, num_groups)
         if (current is not None and weights.migration > 0 and current.num_replicas == c.replicas
                 and current.num_nodes == c.num_nodes):
             start = current  # moving away from what serves now must pay for itself
@@ -194,7 +195,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         elif method == "dp":
             res = solve_dp(stats, c.num_gpus, c.num_nodes, weights=weights)
         else:
-            hint, _ = search(stats, _baseline("eplb", stats, c, seed, num_groups),
+            hint, _ = search(stats, baseline("eplb", stats, c, seed, num_groups),
                              weights=weights, balance_slack=1.0, time_limit=min(10, time_limit))
             if method == "cpsat":
                 res = solve_cpsat(stats, c.num_gpus, c.num_nodes, weights=weights,
@@ -249,5 +250,5 @@ def pareto(stats: RoutingStats, cluster: Cluster, slacks: tuple[float, ...] = (
     return keep
 
 
-__all__ = ["METHODS", "Cluster", "SolveReport", "check_request", "pareto", "solve",
+__all__ = ["METHODS", "Cluster", "SolveReport", "baseline", "check_request", "pareto", "solve",
            "solve_with_report"]
