@@ -13,26 +13,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
-from moeplace.solvers.objective import Weights
+from moeplace.solvers.objective import ObjectiveValue, Weights
 from moeplace.traces import RoutingStats
-
-
-@dataclass
-class Bound:
-    """Lower bounds on each objective term and on the weighted total."""
-
-    total: float
-    load_imbalance: float
-    cross_gpu_fraction: float
-    cross_node_fraction: float
-    coactivation_spread: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def _top_sum(rows: np.ndarray, width: np.ndarray) -> float:
@@ -70,8 +54,9 @@ def traffic_bound(transitions: np.ndarray, window: int, max_copies: int) -> floa
 
 
 def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas: int = 0,
-                weights: Weights = Weights()) -> Bound:
-    """Lower bounds for placements of ``stats`` on this cluster (any placement, any method)."""
+                weights: Weights = Weights()) -> ObjectiveValue:
+    """Lower bounds on each objective term and the weighted total, for any placement of
+    ``stats`` on this cluster (migration is bounded by 0: staying put is always allowed)."""
     N = stats.num_experts
     S = (N + replicas) // num_gpus
     imb = float(load_bound(stats.load, num_gpus, S, replicas).mean())
@@ -93,4 +78,4 @@ def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas
             same = sum(_top_sum(cl, width) for cl in c)
             co = max(0.0, 1.0 - same / tot)
     total = weights.load * imb + weights.traffic * cg + weights.node * cn + weights.coact * co
-    return Bound(total, imb, cg, cn, co)
+    return ObjectiveValue(total, imb, cg, cn, 0.0, co)
