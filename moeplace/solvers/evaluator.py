@@ -141,6 +141,24 @@ def _distinct_remote(g: np.ndarray, cur: np.ndarray) -> np.ndarray:
     return distinct - (g == cur[:, None]).any(axis=1)
 
 
+def home_gpus(requests: np.ndarray, num_gpus: int, known: dict[int, int] | None = None
+              ) -> np.ndarray:
+    """Static-model home GPU of each token: requests, in order of first appearance, go
+    round-robin over GPUs (attention data-parallel ranks). ``known`` carries the assignment
+    across chunks of one trace."""
+    known = {} if known is None else known
+    uniq, inv = np.unique(requests, return_inverse=True)
+    first = np.full(len(uniq), len(requests))
+    np.minimum.at(first, inv, np.arange(len(requests)))
+    homes = np.empty(len(uniq), np.int64)
+    for i in np.argsort(first, kind="stable"):
+        r = int(uniq[i])
+        if r not in known:
+            known[r] = len(known) % num_gpus
+        homes[i] = known[r]
+    return homes[inv]
+
+
 class _Resolver:
     """Maps (token, layer, expert) to the GPU that serves it, keeping round-robin state."""
 
@@ -216,18 +234,7 @@ class Evaluator:
         self._res = {m: _Resolver(placement) for m in HOME_MODELS}
 
     def _home_of(self, trace: Trace) -> np.ndarray:
-        req = trace.request_ids()
-        uniq, inv = np.unique(req, return_inverse=True)
-        # Requests in order of first appearance go round-robin over GPUs (attention DP ranks).
-        first = np.full(len(uniq), len(req))
-        np.minimum.at(first, inv, np.arange(len(req)))
-        homes = np.empty(len(uniq), np.int64)
-        for i in np.argsort(first, kind="stable"):
-            r = int(uniq[i])
-            if r not in self._homes:
-                self._homes[r] = len(self._homes) % self.G
-            homes[i] = self._homes[r]
-        return homes[inv]
+        return home_gpus(trace.request_ids(), self.G, self._homes)
 
     def _count_traffic(self, prefix: str, l: int, g: np.ndarray, cur: np.ndarray) -> None:
         node = g // self.n_per_node

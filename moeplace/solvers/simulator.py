@@ -99,7 +99,7 @@ def guess_shape(model: str) -> str | None:
 def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShape,
               tokens_per_step: int = 4096) -> dict[str, Any]:
     """Mean estimated step time (s) over windows, with its compute and communication parts."""
-    from moeplace.solvers.evaluator import _Resolver, check_compatible
+    from moeplace.solvers.evaluator import _Resolver, check_compatible, home_gpus
 
     check_compatible(placement, trace.num_layers, trace.num_experts, trace.meta.source or "trace")
     if tokens_per_step < 1:
@@ -109,10 +109,7 @@ def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShap
     w_time = shape.expert_params * shape.bytes_per_param / (hw.hbm_bytes_per_s * hw.memory_efficiency)
     flop_rate = hw.bf16_flops * hw.matmul_efficiency
     tok_bytes = shape.hidden_size * shape.activation_bytes
-    homes = np.arange(trace.num_tokens) % G  # requests round-robin; per token when none given
-    if "request" in trace.tokens:
-        _, inv = np.unique(trace.request_ids(), return_inverse=True)
-        homes = inv % G
+    homes = home_gpus(trace.request_ids(), G)  # the evaluator's static-model homes
     res = _Resolver(placement)
     totals = {"step_s": 0.0, "compute_s": 0.0, "comm_s": 0.0}
     steps = 0
