@@ -139,27 +139,68 @@ def analyze(trace: str | None, demo: bool, as_json: bool, plot_path: str | None,
     if not trace:
         raise InputError("analyze", "TRACE", "no trace given", "pass a trace path or --demo")
     stats, tr = _stats_of(trace, **kw)
-    table = analysis.layer_table(stats)
     if plot_path:
         analysis.plot(stats, plot_path)
     if as_json:
-        out = analysis.summary(stats, table)
+        out = analysis.summary(stats, analysis.layer_table(stats))
         if stats.transitions is not None and stats.num_layers > 1:
             out["top_transitions"] = analysis.top_transitions(stats, top).to_dict("records")
         _echo_json(out)
         return
+    _print_analysis(stats, tr, trace, top, drift_windows)
+    if plot_path:
+        click.echo(f"\nwrote {plot_path}")
+
+
+def _print_analysis(stats: Any, tr: Any, name: str, top: int, drift_windows: int) -> None:
+    """The human-readable analysis: per-layer table, top transitions, load drift."""
+    from moeplace.traces import analysis
+
     m = stats.meta
-    click.echo(f"{m.model or trace}: {stats.num_tokens:,} tokens, {stats.num_layers} MoE layers, "
+    click.echo(f"{m.model or name}: {stats.num_tokens:,} tokens, {stats.num_layers} MoE layers, "
                f"{stats.num_experts} experts, top-{m.top_k}")
-    _print_table(table)
-    if stats.transitions is not None and stats.num_layers > 1:
+    _print_table(analysis.layer_table(stats))
+    if stats.transitions is not None and stats.num_layers > 1 and top > 0:
         click.echo(f"\ntop {top} transitions (expert at layer -> expert at next layer):")
         _print_table(analysis.top_transitions(stats, top))
     if tr is not None and drift_windows > 1 and tr.num_tokens >= drift_windows:
         click.echo(f"\nload drift over {drift_windows} windows (JS divergence from the whole, bits):")
         _print_table(analysis.drift(tr, drift_windows), "{:.4f}")
-    if plot_path:
-        click.echo(f"\nwrote {plot_path}")
+
+
+# ---- profile -------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Local model directory (save_pretrained layout; never downloaded).")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+              help="Prompts: .txt (one per line) or .jsonl ({\"prompt\": ...} per line).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Trace to write: FILE.parquet, or a directory of Parquet shards.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True,
+              help="Greedy tokens generated per prompt (0: prefill only).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--weights", is_flag=True, help="Record gate weights too.")
+def profile(model_dir: str, prompts: str, out: str, max_new_tokens: int, batch_size: int,
+            dtype: str, device: str, weights: bool) -> None:
+    """Run a local transformers MoE model over PROMPTS and record its routing trace."""
+    from pathlib import Path
+
+    from moeplace.profiling.run import profile as run_profile
+    from moeplace.profiling.run import read_prompts
+    from moeplace.traces import compute_stats, read_trace
+
+    if Path(out).exists():
+        raise InputError(out, "--out", "already exists", "choose a new path or remove it first")
+    texts = read_prompts(prompts)
+    rec = run_profile(model_dir, texts, out, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size, dtype=dtype, device=device, weights=weights)
+    tr = read_trace(out)
+    click.echo(f"wrote {out}: {tr.num_tokens:,} tokens from {len(texts)} prompts, "
+               f"{tr.num_layers} MoE layers (routers {rec.routers[0].name}, ...)\n")
+    _print_analysis(compute_stats(tr), tr, out, top=5, drift_windows=0)
 
 
 # ---- stats / convert / synth ----------------------------------------------------------------

@@ -15,6 +15,7 @@ from moeplace.placement import contiguous
 from moeplace.solvers import Cluster, Weights, evaluate, lower_bound, score, solve_with_report
 from moeplace.solvers.baselines import eplb, replica_counts
 from moeplace.solvers.evaluator import gpu_loads_from_stats
+from moeplace.solvers.exact import solve_cpsat
 from moeplace.traces import compute_stats, import_trace
 from tests.conftest import DEEPSEEK, random_trace, shared_file
 
@@ -69,6 +70,22 @@ def test_exact_backends_match_brute_force(tiny, method):
     assert score(tiny, plc).total == pytest.approx(best, abs=1e-6)
 
 
+@pytest.mark.parametrize("formulation", ["chain", "experts"])
+def test_both_cpsat_formulations_prove_the_brute_force_optimum(tiny, formulation):
+    best = brute_force(tiny, 3, Weights())
+    res = solve_cpsat(tiny, 3, time_limit=60, formulation=formulation)
+    assert res.status == "optimal"
+    assert res.objective == pytest.approx(best, abs=1e-6)
+    assert best - 1e-6 <= res.bound <= res.objective + 1e-12
+    assert score(tiny, res.placement).total == pytest.approx(best, abs=1e-6)
+
+
+def test_chain_formulation_refuses_what_it_cannot_model(tiny):
+    with pytest.raises(InputError, match="partition-chain"):
+        solve_cpsat(compute_stats(random_trace(np.random.default_rng(1), 40, 2, 4, 2)), 2, 2,
+                    formulation="chain")
+
+
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10**6), L=st.integers(1, 3), N=st.sampled_from([4, 6]),
        traffic=st.sampled_from([0.0, 1.0, 5.0]), coact=st.sampled_from([0.0, 2.0]))
@@ -82,6 +99,9 @@ def test_dp_and_cpsat_equal_brute_force(seed, L, N, traffic, coact):
         if best is not None:
             assert rep.objective["total"] == pytest.approx(best, abs=1e-6), method
         assert rep.bound["total"] <= rep.objective["total"] + 1e-9
+    if not coact and best is not None:
+        res = solve_cpsat(s, G, weights=w, time_limit=30, formulation="experts")
+        assert res.objective == pytest.approx(best, abs=1e-6)
 
 
 @settings(max_examples=20, deadline=None)

@@ -1,0 +1,114 @@
+"""Run a local transformers model over a prompt file (prefill and greedy generation) while
+recording its routing to a trace: what ``moeplace profile`` does."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from moeplace._progress import Progress
+from moeplace.errors import InputError, MissingDependencyError
+from moeplace.profiling.recorder import Recorder, record
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from ``.txt`` (one per non-empty line) or ``.jsonl`` (a string, or an object with
+    ``prompt`` or ``text``, per line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "prompts", "file not found", "pass a .txt or .jsonl prompt file")
+    prompts: list[str] = []
+    with open(p, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if p.suffix != ".jsonl":
+                prompts.append(line.rstrip("\n"))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(p, f"line {i}", f"not JSON ({exc.msg})",
+                                 "one JSON value per line") from None
+            text = obj if isinstance(obj, str) else (
+                obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None)
+            if not isinstance(text, str):
+                raise InputError(p, f"line {i}", "no 'prompt' or 'text' string",
+                                 'write {"prompt": "..."} or a JSON string per line')
+            prompts.append(text)
+    if not prompts:
+        raise InputError(p, "prompts", "the file holds no prompt", "add one prompt per line")
+    return prompts
+
+
+def load_local_model(model_dir: str | os.PathLike[str], dtype: str = "auto",
+                     device: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) from a local directory; never downloads (offline mode is forced)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise MissingDependencyError("torch and transformers", "moeplace profile", "torch") from None
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise InputError(d, "config.json", "not a model directory",
+                         "pass a local directory written by save_pretrained (no Hub ids)")
+    if dtype not in DTYPES:
+        raise InputError("--dtype", dtype, "unknown dtype", f"use one of {DTYPES}")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(d, "tokenizer", f"cannot load ({str(exc).splitlines()[0][:120]})",
+                         "the directory needs its tokenizer files") from None
+    kw: dict[str, Any] = {"local_files_only": True}
+    if dtype != "auto":
+        kw["dtype"] = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, **kw).to(dev).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(d, "model", f"cannot load ({str(exc).splitlines()[0][:120]})",
+                         "check the directory's weights and config") from None
+    tok.padding_side = "left"  # generate() needs prompts aligned on the right
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise InputError(d, "tokenizer", "has neither a pad nor an eos token",
+                             "set pad_token in tokenizer_config.json")
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def profile(model_dir: str | os.PathLike[str], prompts: list[str], out: str | os.PathLike[str],
+            *, max_new_tokens: int = 32, batch_size: int = 8, dtype: str = "auto",
+            device: str = "auto", weights: bool = False,
+            show_progress: bool | None = None) -> Recorder:
+    """Prefill and greedily continue every prompt (request id = its index), streaming the
+    routing to ``out``; returns the finished recorder."""
+    import torch
+
+    if max_new_tokens < 0 or batch_size < 1:
+        raise InputError("profile", "--max-new-tokens" if max_new_tokens < 0 else "--batch-size",
+                         "must be >= 0 (tokens) and >= 1 (batch)", "give a valid count")
+    model, tok = load_local_model(model_dir, dtype, device)
+    dev = next(model.parameters()).device
+    bar = Progress(len(prompts), "profiling", "prompts", enabled=show_progress)
+    try:
+        with torch.no_grad(), record(model, out=out, weights=weights) as rec:
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start:start + batch_size]
+                enc = tok(batch, return_tensors="pt", padding=True).to(dev)
+                rec.set_request_ids(range(start, start + len(batch)))
+                if max_new_tokens == 0:
+                    model(**enc)
+                else:
+                    model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+    return rec
