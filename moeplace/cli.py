@@ -375,6 +375,9 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
 @click.option("--current", type=click.Path(dir_okay=False), help="Placement serving now "
               "(reports migration; with a migration weight, penalises moves).")
 @click.option("--groups", "num_groups", type=int, help="Expert groups for hierarchical EPLB.")
+@click.option("--respect-groups", "respect_groups", type=int, metavar="N_GROUP",
+              help="Move only whole routing groups (the model's n_group, DeepSeek-V3: 8), so "
+              "'moeplace apply' keeps group-limited routing unchanged.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--restarts", type=int, default=1, show_default=True,
               help="search: parallel restarts from seeds SEED, SEED+1, ... (one process each).")
@@ -392,7 +395,8 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
 @import_options
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           weights_text: str | None, balance_slack: float, time_limit: float,
-          holdout: float | None, current: str | None, num_groups: int | None, seed: int,
+          holdout: float | None, current: str | None, num_groups: int | None,
+          respect_groups: int | None, seed: int,
           restarts: int, window: int, show_pareto: bool, hardware: str, model_shape: str | None,
           tokens_per_step: int, out: str | None, as_json: bool, **kw: Any) -> None:
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
@@ -417,7 +421,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
                                  time_limit=time_limit, balance_slack=balance_slack,
                                  current=cur, seed=seed, num_groups=num_groups,
-                                 restarts=restarts)
+                                 restarts=restarts, respect_groups=respect_groups)
     plc.moe_layer_ids = tuple(stats.meta.moe_layer_ids)
     plc.info["report"] = rep.as_dict()
     plcs = {rep.method: plc, **{name: baseline(name, stats, cluster, num_groups=num_groups)
@@ -498,6 +502,40 @@ def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
     flags = export_placement(plc, fmt, out, num_hidden_layers=num_hidden_layers,
                              moe_layer_ids=_layer_ids(moe_layers), load=load)
     click.echo(f"wrote {out}\n{flags}")
+
+
+# ---- apply --------------------------------------------------------------------------------
+@main.command()
+@click.argument("placement", required=False)
+@click.option("--checkpoint", required=True, type=click.Path(file_okay=False),
+              help="Safetensors checkpoint directory (save_pretrained layout).")
+@click.option("--out", required=True, type=click.Path(), help="New directory to write.")
+@click.option("--invert", is_flag=True, help="Undo an earlier apply (reads its sidecar).")
+@click.option("--moe-layers", help="Hidden-layer ids of the placement's layers (default: the "
+              "placement's, else the checkpoint's MoE layers).")
+def apply(placement: str | None, checkpoint: str, out: str, invert: bool,
+          moe_layers: str | None) -> None:
+    """Rewrite a checkpoint so contiguous expert parallelism realises PLACEMENT.
+
+    Serving the result with the default expert-parallel layout (vLLM linear, SGLang trivial,
+    transformers EP, Megatron) puts exactly the planned experts on each GPU; the model's
+    outputs do not change.
+    """
+    from moeplace.placement import Placement
+    from moeplace.placement.checkpoint import rewrite_checkpoint
+
+    if invert and placement:
+        raise InputError("apply", "PLACEMENT", "--invert takes no placement",
+                         "the checkpoint's sidecar says what to undo")
+    plc = Placement.load(placement) if placement else None
+    rewrite_checkpoint(checkpoint, out, plc, invert=invert, moe_layer_ids=_layer_ids(moe_layers))
+    if invert:
+        click.echo(f"wrote {out}: the original expert order restored")
+    else:
+        assert plc is not None
+        click.echo(f"wrote {out}: {plc.num_layers} MoE layers permuted for {plc.num_gpus} GPUs; "
+                   f"serve it with contiguous expert parallelism over {plc.num_gpus} ranks "
+                   "(vLLM --enable-expert-parallel, SGLang --ep-size, no placement file)")
 
 
 # ---- demo ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from moeplace.solvers.baselines import eplb
 from moeplace.solvers.bounds import lower_bound
 from moeplace.solvers.dp import MAX_STATES, num_states, solve_dp
 from moeplace.solvers.exact import solve_cpsat, solve_pulp
+from moeplace.solvers.groups import expand_groups, group_span, group_stats
 from moeplace.solvers.objective import Weights, score
 from moeplace.solvers.search import search
 from moeplace.traces import RoutingStats
@@ -143,12 +144,21 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                       weights: Weights = Weights(), time_limit: float = 60.0,
                       balance_slack: float = 0.0, current: Placement | None = None,
                       seed: int = 0, num_groups: int | None = None,
-                      restarts: int | None = None) -> tuple[Placement, SolveReport]:
-    """Solve and return the placement with its report (objective, bound, gap, time)."""
+                      restarts: int | None = None,
+                      respect_groups: int | None = None) -> tuple[Placement, SolveReport]:
+    """Solve and return the placement with its report (objective, bound, gap, time).
+
+    ``respect_groups=n_group`` only moves whole routing groups (DeepSeek's group-limited
+    routing), so the placement can be applied to a checkpoint; see ``solvers.groups``.
+    """
     c = Cluster(cluster) if isinstance(cluster, int) else cluster
     if method not in METHODS:
         raise InputError("solve", "--method", f"unknown method {method!r}", f"use one of {METHODS}")
     check_request(stats, c, time_limit, current)
+    if respect_groups:
+        return _solve_groups(stats, c, respect_groups, method=method, weights=weights,
+                             time_limit=time_limit, balance_slack=balance_slack,
+                             current=current, seed=seed, restarts=restarts)
     t0 = time.perf_counter()
     N = stats.num_experts
     if method == "auto":
@@ -217,6 +227,33 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     report = SolveReport(method, status, obj.as_dict(), bound, gap, time.perf_counter() - t0,
                          details)
     return plc, report
+
+
+def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, *, current: Placement | None,
+                  weights: Weights, **kw: Any) -> tuple[Placement, SolveReport]:
+    """Solve over groups as super-experts, expand, and report at expert level."""
+    t0 = time.perf_counter()
+    span = group_span(stats.num_experts, c.num_gpus, c.num_nodes, n_group, c.replicas)
+    if current is not None and weights.migration:
+        raise InputError("solve", "--current", "group-respecting solves have no migration term",
+                         "drop migration= from --weights")
+    gplc, grep = solve_with_report(group_stats(stats, n_group),
+                                   Cluster(c.num_gpus // span, c.num_nodes), weights=weights, **kw)
+    plc = expand_groups(gplc, n_group, stats.num_experts, c.num_gpus, c.num_nodes)
+    obj = score(stats, plc, weights, current)
+    bound = lower_bound(stats, c.num_gpus, c.num_nodes, 0, weights).as_dict()
+    details = {**grep.details, "respect_groups": n_group, "group_span_gpus": span,
+               "group_status": grep.status, "group_bound": grep.bound["total"]}
+    if span == 1 and grep.bound["total"] > bound["total"]:
+        # With whole groups per GPU the expert-level objective equals the group-level one, so
+        # the group problem's bound holds for every group-respecting placement.
+        details["note"] = "bound is over group-respecting placements"
+        bound["total"] = grep.bound["total"]
+    gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
+    plc.info = {**plc.info, "method": grep.method, "status": grep.status,
+                "respect_groups": n_group}
+    return plc, SolveReport(grep.method, grep.status, obj.as_dict(), bound, gap,
+                            time.perf_counter() - t0, details)
 
 
 def solve(stats: RoutingStats, cluster: Cluster | int, **kw: Any) -> Placement:
