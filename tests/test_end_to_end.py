@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from moeplace.placement.checkpoint import rewrite_checkpoint
 from moeplace.placement import contiguous
+from moeplace.placement.checkpoint import rewrite_checkpoint
 from moeplace.solvers import score, solve_with_report
 from moeplace.traces import compute_stats
 from tests.tiny_models import VOCAB, build

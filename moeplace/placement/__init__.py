@@ -1,5 +1,6 @@
 """Placement: the expert-to-GPU layout type, its constructors, and its appliers."""
 
+from moeplace.placement.checkpoint import rewrite_checkpoint
 from moeplace.placement.exports import (
     FORMATS,
     export_placement,
@@ -10,6 +11,7 @@ from moeplace.placement.exports import (
     to_sglang_logical_count,
     to_vllm_ascend,
 )
+from moeplace.placement.in_memory import apply_to_model
 from moeplace.placement.permute import layer_permutations, permute_state_dict
 from moeplace.placement.placement import (
     Placement,
@@ -22,6 +24,7 @@ from moeplace.placement.placement import (
 __all__ = [
     "FORMATS",
     "Placement",
+    "apply_to_model",
     "contiguous",
     "export_placement",
     "from_gpu_lists",
@@ -30,6 +33,7 @@ __all__ = [
     "permute_state_dict",
     "random_placement",
     "read_placement",
+    "rewrite_checkpoint",
     "round_robin",
     "to_eplb",
     "to_sglang",
