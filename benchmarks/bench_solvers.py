@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     ap.add_argument("--quick", action="store_true", help="real traces only")
     ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--only", help="run only the cases whose title contains this text")
     args = ap.parse_args()
     tr_dir = Path(args.shared) / "traces"
     hw = Hardware.load("h100-nvlink")
@@ -98,6 +99,8 @@ def main() -> None:
          ["contiguous", "round_robin", "random", "eplb", "search"], None),
     ]
     for title, rel, cluster, methods, shape in cases:
+        if args.only and args.only not in title:
+            continue
         path = tr_dir / rel
         if not path.exists():
             print(f"## {title}\n\nskipped: {path} not found\n")
