@@ -197,6 +197,7 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
     New expert index i of layer l holds old expert ``phy2log[l][i]``, so the contiguous split
     over G ranks gives rank g exactly the placement's experts for GPU g. A checkpoint that
     was already rewritten is re-permuted from its original order (the sidecar says which).
+    MoE layers the placement does not name keep their expert order.
     ``invert=True`` (no placement) restores the original checkpoint from its sidecar.
     """
     ckpt, dst = Path(checkpoint), Path(out)
@@ -225,7 +226,10 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
             raise InputError("apply", "PLACEMENT", "no placement given", "pass PLACEMENT.json")
         ids = moe_layer_ids or (list(placement.moe_layer_ids) if placement.moe_layer_ids
                                 else sorted(layers))
-        if sorted(ids) != sorted(layers) or placement.num_experts != layers[min(layers)]:
+        # A placement may leave MoE layers out (DeepSeek-V3's multi-token-prediction layer is
+        # never traced); those keep their order. Every layer it names must be a MoE layer.
+        if (not set(ids) <= set(layers) or len(ids) != placement.num_layers
+                or placement.num_experts != layers[min(layers)]):
             raise InputError(placement.source, "shape", f"placement is {placement.num_layers} "
                              f"layers x {placement.num_experts} experts (layers {ids}); the "
                              f"checkpoint has {len(layers)} MoE layers {sorted(layers)} x "
@@ -235,7 +239,10 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
         if n_group > 1 and topk_group < n_group:
             check_groups(target, n_group, placement.source)
         # Express the target relative to the layout the checkpoint has now.
-        perms = {h: (np.argsort(current[h])[p] if current else p) for h, p in target.items()}
+        for h in current or {}:  # a layer permuted before but not named now: back to original
+            target.setdefault(h, np.arange(len(current[h])))
+        perms = {h: (np.argsort(current[h])[p] if current and h in current else p)
+                 for h, p in target.items()}
         record = {"format": "moeplace.checkpoint-permutation", "version": 1,
                   "moe_layer_ids": sorted(target), "num_gpus": placement.num_gpus,
                   "perm": {str(h): target[h].tolist() for h in sorted(target)},

@@ -263,9 +263,12 @@ class Recorder:
             return
         cap = max(n, 2 * (self._dev_experts.shape[0] if self._dev_experts is not None else 0))
         L, k = len(self.routers), self.routers[0].top_k
-        self._dev_experts = torch.zeros((cap, L, k), dtype=self._idx_dtype, device=dev)
-        if self.with_weights:
-            self._dev_weights = torch.zeros((cap, L, k), dtype=torch.float32, device=dev)
+        # Normal tensors even when the first forward runs under inference_mode: a buffer made
+        # there could not be written by a later forward outside it.
+        with torch.inference_mode(False):
+            self._dev_experts = torch.zeros((cap, L, k), dtype=self._idx_dtype, device=dev)
+            if self.with_weights:
+                self._dev_weights = torch.zeros((cap, L, k), dtype=torch.float32, device=dev)
 
     def _device(self) -> Any:
         r = self.routers[0].module
@@ -296,11 +299,12 @@ class Recorder:
         cap = max(n, buf.capacity if buf is not None else 0)
         bcap = max(batch, buf.last.shape[0] if buf is not None else 0)
         kw = {"pin_memory": cuda}
-        return _HostBuffers(
-            torch.empty((cap, L, k), dtype=self._idx_dtype, **kw),
-            torch.empty((cap, L, k), dtype=torch.float32, **kw) if self.with_weights else None,
-            torch.empty(cap, dtype=torch.bool, **kw), torch.empty(cap, dtype=torch.int32, **kw),
-            torch.empty(bcap, dtype=torch.int64, **kw), cap)
+        with torch.inference_mode(False):
+            return _HostBuffers(
+                torch.empty((cap, L, k), dtype=self._idx_dtype, **kw),
+                torch.empty((cap, L, k), dtype=torch.float32, **kw) if self.with_weights else None,
+                torch.empty(cap, dtype=torch.bool, **kw), torch.empty(cap, dtype=torch.int32, **kw),
+                torch.empty(bcap, dtype=torch.int64, **kw), cap)
 
     def _ship(self, step: Step) -> None:
         torch = _torch()

@@ -165,3 +165,19 @@ def test_bad_inputs_are_one_line_errors_with_nothing_written(deepseek_dir, tmp_p
     # --invert on a checkpoint that was never rewritten
     _one_line_exit_2(["apply", "--invert", "--checkpoint", str(deepseek_dir), "--out", str(out)],
                      SIDECAR, out)
+
+
+def test_a_placement_may_leave_moe_layers_out(tmp_path):
+    model, _ = build("qwen3-moe", seed=3)
+    model.save_pretrained(tmp_path / "src")
+    full = _placement("qwen3-moe", 4)
+    part = Placement(full.phy2log[1:], G, 1, N_EXPERTS, moe_layer_ids=(1, 2))
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "a", full)
+    rewrite_checkpoint(tmp_path / "a", tmp_path / "b", part)  # layer 0 goes back to original
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "c", part)
+    src, b, c = (_tensors(tmp_path / n) for n in ("src", "b", "c"))
+    for k in src:
+        assert torch.equal(b[k], c[k]), k
+        if "layers.0." in k:
+            assert torch.equal(c[k], src[k]), k
+    assert not all(torch.equal(c[k], src[k]) for k in src if "layers.1.mlp.gate" in k)

@@ -234,3 +234,19 @@ def test_gpu_recording_matches_cpu_and_memory_stays_bounded():
         assert torch.cuda.memory_allocated() <= peak + (1 << 20)
     a, b = cpu_rec.trace(), gpu_rec.trace()
     np.testing.assert_array_equal(np.sort(a.experts, 2), np.sort(b.experts[: len(a)], 2))
+
+
+def test_inference_mode_no_grad_and_grad_forwards_mix():
+    model, _ = build("qwen3-moe")
+    ids, mask = _padded_batch(4)
+    with record(model, weights=True) as rec:
+        with torch.inference_mode():  # first forward allocates the buffers
+            model(input_ids=ids, attention_mask=mask)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()  # gate weights need grad
+    tr = rec.trace()
+    n = int(mask.sum())
+    assert len(tr) == 3 * n
+    np.testing.assert_array_equal(tr.experts[:n], tr.experts[n:2 * n])
+    np.testing.assert_array_equal(tr.experts[:n], tr.experts[2 * n:])
