@@ -5,7 +5,7 @@ Works on the safetensors bytes themselves: a tensor whose first axis is the expe
 its rows (equal-sized byte blocks) written in the new order, and a per-expert tensor
 (``experts.{e}.w1``) keeps its bytes where they are under its new expert index, so no tensor
 moves between shard files and any dtype (bf16, fp8, ...) is handled without torch. Peak memory
-is one expert row; the output appears only when complete (temporary directory, then rename).
+is one 64 MiB read; the output appears only when complete (temporary directory, then rename).
 A sidecar, ``moeplace-permutation.json``, records the permutation so ``invert`` restores the
 original bytes exactly.
 """
@@ -13,7 +13,6 @@ original bytes exactly.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import shutil
@@ -167,26 +166,38 @@ def _rewrite_shard(src: Path, dst: Path, perms: dict[int, np.ndarray], N: int) -
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fout.write(struct.pack("<Q", len(text)))
         fout.write(text)
-        size = os.fstat(fin.fileno()).st_size
-        if size == start:
-            return renamed
-        with mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            spans = sorted((e["data_offsets"][0], e["data_offsets"][1], n)
-                           for n, e in header.items() if n != "__metadata__")
-            for begin, end, name in spans:
-                m = _AXIS0.match(name)
-                if m and int(m["layer"]) in perms:
-                    shape = header[name]["shape"]
-                    if shape[0] != N:
-                        raise InputError(src, name, f"expert axis {shape[0]} != {N} experts",
-                                         "the placement is for another model")
-                    row = (end - begin) // N
-                    for old in perms[int(m["layer"])]:
-                        a = start + begin + int(old) * row
-                        fout.write(mm[a:a + row])
-                else:
-                    fout.write(mm[start + begin:start + end])
+        fd = fin.fileno()
+        spans = sorted((e["data_offsets"][0], e["data_offsets"][1], n)
+                       for n, e in header.items() if n != "__metadata__")
+        for begin, end, name in spans:
+            m = _AXIS0.match(name)
+            if m and int(m["layer"]) in perms:
+                shape = header[name]["shape"]
+                if shape[0] != N:
+                    raise InputError(src, name, f"expert axis {shape[0]} != {N} experts",
+                                     "the placement is for another model")
+                row = (end - begin) // N
+                for old in perms[int(m["layer"])]:
+                    _copy_range(fd, fout, start + begin + int(old) * row, row, src)
+            else:
+                _copy_range(fd, fout, start + begin, end - begin, src)
     return renamed
+
+
+_CHUNK = 64 << 20  # bytes copied per read: bounds memory whatever the tensor size
+
+
+def _copy_range(fd: int, fout: Any, offset: int, size: int, src: Path) -> None:
+    """Copy ``size`` bytes at ``offset`` of ``fd`` to ``fout`` in bounded chunks (plain reads,
+    not mmap, so resident memory stays at one chunk rather than growing with the file)."""
+    while size > 0:
+        data = os.pread(fd, min(size, _CHUNK), offset)
+        if not data:
+            raise InputError(src, "data", "shorter than its header says (truncated)",
+                             "re-download or re-save the checkpoint")
+        fout.write(data)
+        offset += len(data)
+        size -= len(data)
 
 
 def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],

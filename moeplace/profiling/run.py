@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,10 @@ def load_local_model(model_dir: str | os.PathLike[str], dtype: str = "auto",
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise MissingDependencyError("torch and transformers", "moeplace profile", "torch") from None
+    if not sys.stderr.isatty():  # progress bars only on a terminal, transformers' too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise InputError(d, "config.json", "not a model directory",
