@@ -252,11 +252,24 @@ def _solve_cpsat_chain(stats: RoutingStats, G: int, *, weights: Weights, time_li
     X = [[m.new_bool_var("") for _ in range(P)] for _ in range(L)]
     obj_terms: list[tuple[object, float]] = []
     const = 0.0
+    coact = None
+    if weights.coact and stats.coactivation is not None:
+        coact = stats.coactivation.astype(np.float64)
+        coact[:, np.arange(N), np.arange(N)] = 0.0
+        tot_c = coact.sum()
+        if tot_c > 0:
+            const += weights.coact  # spread = 1 - (pairs kept on one GPU) / all pairs
+        else:
+            coact = None
     for l in range(L):
         m.add_exactly_one(X[l])
+        cost = np.zeros(P)
         if mean[l] > 0 and weights.load:
-            top = (load[l] @ member.T)[parts].max(axis=1)
-            obj_terms += [(X[l][i], weights.load * top[i] / (L * mean[l])) for i in range(P)]
+            cost += weights.load * (load[l] @ member.T)[parts].max(axis=1) / (L * mean[l])
+        if coact is not None:
+            within = np.einsum("ka,ab,kb->k", member, coact[l], member)  # pairs inside a block
+            cost -= weights.coact * within[parts].sum(axis=1) / tot_c
+        obj_terms += [(X[l][i], cost[i]) for i in np.flatnonzero(cost)]
     trans = stats.transitions
     tot = float(trans.sum()) if trans is not None else 0.0
     Y: list[np.ndarray] = []
@@ -349,6 +362,10 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
             res.placement = Placement(res.placement.phy2log, num_gpus, num_nodes, N,
                                       info=res.placement.info)
         return res
+    if weights.coact:
+        raise InputError("solve", "--weights", "the expert-level CP-SAT model has no "
+                         "co-activation term (the partition-chain model, for small one-node "
+                         "instances, has)", "use --method dp or search with coact=")
     t0 = time.perf_counter()
     L, N = stats.load.shape
     G, M = num_gpus, num_nodes

@@ -189,9 +189,9 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         if c.replicas:
             raise InputError("solve", "--replicas", f"--method {method} places each expert once",
                              "use --method search (or auto) with replicas")
-        if weights.coact and method not in ("dp", "moetuner"):
+        if weights.coact and method not in ("dp", "moetuner", "cpsat"):
             raise InputError("solve", "--weights", f"--method {method} has no co-activation term",
-                             "use --method dp or search with coact=")
+                             "use --method dp, cpsat or search with coact=")
         if current is not None and weights.migration:
             raise InputError("solve", "--current", f"--method {method} has no migration term",
                              "use --method search with --current")
