@@ -108,7 +108,9 @@ def apply_to_model(model: Any, placement: Placement, devices: list[Any], *,
                    main_device: Any = None) -> dict[str, Any]:
     """Put each MoE layer's experts on ``devices[g]`` for the GPU g the placement gives them.
 
-    The rest of the model goes to ``main_device`` (default ``devices[0]``); tokens travel to the
+    The rest of the model goes to ``main_device`` (default ``devices[0]``), except that a model
+    already dispatched by accelerate (``from_pretrained(device_map=...)``, which sets
+    ``hf_device_map``) keeps its layout unless ``main_device`` is given. Tokens travel to the
     experts' devices and back inside each layer, and the outputs equal the original model's up
     to floating-point summation order. Replicas are served too (copies share the tokens).
     Returns an accelerate-style ``device_map`` of where every part now lives.
@@ -127,8 +129,12 @@ def apply_to_model(model: Any, placement: Placement, devices: list[Any], *,
                          f"match the model's experts modules at layers {sorted(found)}",
                          "solve for this model (or set placement.moe_layer_ids)")
     cls = _placed_experts_class()
-    model.to(main)
-    device_map: dict[str, Any] = {"": main}
+    dispatched = getattr(model, "hf_device_map", None)
+    if dispatched and main_device is None:
+        device_map: dict[str, Any] = dict(dispatched)
+    else:
+        model.to(main)
+        device_map = {"": main}
     for j, h in enumerate(ids):
         name = found[h]
         experts = model.get_submodule(name)

@@ -68,3 +68,16 @@ def test_gpu_cpu_mix():
         pytest.skip("no CUDA device")
     plc = random_placement(3, N_EXPERTS, 4, seed=4, moe_layer_ids=(0, 1, 2))
     _check("qwen3-moe", plc, ["cuda:0", "cpu", "cuda:0", "cpu"])
+
+
+def test_a_dispatched_model_keeps_its_layout():
+    model, _ = build("olmoe", seed=6)
+    ref, _ = build("olmoe", seed=6)
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "lm_head": "cpu"}
+    plc = random_placement(3, N_EXPERTS, 2, seed=1, moe_layer_ids=(0, 1, 2))
+    dmap = apply_to_model(model, plc, ["cpu", "cpu"])
+    assert dmap["lm_head"] == "cpu" and "" not in dmap
+    assert dmap["model.layers.0.mlp.experts.parts.1"] == torch.device("cpu")
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
