@@ -422,7 +422,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                  time_limit=time_limit, balance_slack=balance_slack,
                                  current=cur, seed=seed, num_groups=num_groups,
                                  restarts=restarts, respect_groups=respect_groups)
-    plc.moe_layer_ids = tuple(stats.meta.moe_layer_ids)
     plc.info["report"] = rep.as_dict()
     plcs = {rep.method: plc, **{name: baseline(name, stats, cluster, num_groups=num_groups)
                                 for name in ("contiguous", "eplb") if name != rep.method}}
@@ -580,7 +579,6 @@ def demo(gpus: int, out: str | None) -> None:
         click.echo(f"  layer {tr.meta.moe_layer_ids[l]}: " + "  ".join(
             f"{g}:{','.join(map(str, sorted(ex)))}" for g, ex in enumerate(plc.gpu_experts(l))))
     if out:
-        plc.moe_layer_ids = tuple(st.meta.moe_layer_ids)
         plc.save(out)
         click.echo(f"wrote {out}")
 

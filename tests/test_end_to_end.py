@@ -26,7 +26,7 @@ def test_profile_solve_apply_keeps_the_model(tmp_path):
     stats = compute_stats(rec.trace())
     assert stats.meta.moe_layer_ids == (1, 2)
     plc, rep = solve_with_report(stats, 4, respect_groups=model.config.n_group)
-    plc.moe_layer_ids = stats.meta.moe_layer_ids
+    assert plc.moe_layer_ids == (1, 2)  # carried from the trace, as apply needs
     rewrite_checkpoint(tmp_path / "ckpt", tmp_path / "placed", plc)
     placed = type(model).from_pretrained(tmp_path / "placed").eval()
     with torch.no_grad():

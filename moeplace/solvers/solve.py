@@ -224,9 +224,17 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         bound["total"] = bound_total
     gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
     plc.info = {**plc.info, "method": method, "status": status}
+    _label_layers(plc, stats)
     report = SolveReport(method, status, obj.as_dict(), bound, gap, time.perf_counter() - t0,
                          details)
     return plc, report
+
+
+def _label_layers(plc: Placement, stats: RoutingStats) -> None:
+    """Carry the statistics' hidden-layer ids, which appliers and exports need."""
+    ids = tuple(stats.meta.moe_layer_ids)
+    if len(ids) == plc.num_layers:
+        plc.moe_layer_ids = ids
 
 
 def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, *, current: Placement | None,
@@ -252,6 +260,7 @@ def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, *, current: Pla
     gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
     plc.info = {**plc.info, "method": grep.method, "status": grep.status,
                 "respect_groups": n_group}
+    _label_layers(plc, stats)
     return plc, SolveReport(grep.method, grep.status, obj.as_dict(), bound, gap,
                             time.perf_counter() - t0, details)
 
