@@ -155,10 +155,9 @@ def _rewrite_shard(src: Path, dst: Path, perms: dict[int, np.ndarray], N: int) -
             new_header[target] = entry
         else:
             new_header[name] = entry
-    # Keep the original key order (the keys are the same set), so an inverse rewrite gives
-    # back the original header bytes.
-    ordered = {k: new_header[k] for k in header}
-    text = json.dumps(ordered, separators=(",", ":")).encode()
+    # Each entry keeps its position under its new name (a shard's names can change when one
+    # layer's experts span shards), so an inverse rewrite gives back the original header bytes.
+    text = json.dumps(new_header, separators=(",", ":")).encode()
     # Pad with spaces as safetensors does: to the original length when that fits (so the data
     # stays where it was), else to keep the data 8-byte aligned.
     pad_to = start - 8 if len(text) <= start - 8 else -(-len(text) // 8) * 8
