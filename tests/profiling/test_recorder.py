@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moeplace.errors import InputError
 from moeplace.traces import read_trace
@@ -250,3 +252,34 @@ def test_inference_mode_no_grad_and_grad_forwards_mix():
     assert len(tr) == 3 * n
     np.testing.assert_array_equal(tr.experts[:n], tr.experts[n:2 * n])
     np.testing.assert_array_equal(tr.experts[:n], tr.experts[2 * n:])
+
+
+_QWEN = {}
+
+
+def _qwen():
+    if not _QWEN:
+        _QWEN["m"] = build("qwen3-moe", seed=7)
+    return _QWEN["m"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 8), min_size=1, max_size=4), seed=st.integers(0, 1000))
+def test_any_left_padding_records_exactly_the_real_tokens(lengths, seed):
+    model, names = _qwen()
+    T = max(lengths)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), T), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, T - n:] = 1
+    spy = _RouterInputs(model, names)
+    with torch.no_grad(), record(model) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    spy.remove()
+    tr = rec.trace()
+    valid = mask.reshape(-1).bool().numpy()
+    np.testing.assert_array_equal(np.sort(tr.experts, axis=2),
+                                  _expected("qwen3-moe", model.config, spy.calls, [valid]))
+    np.testing.assert_array_equal(tr.tokens["request"], np.repeat(np.arange(len(lengths)), lengths))
+    np.testing.assert_array_equal(tr.tokens["position"], np.concatenate([np.arange(n) for n in lengths]))
