@@ -532,9 +532,13 @@ def apply(placement: str | None, checkpoint: str, out: str, invert: bool,
         click.echo(f"wrote {out}: the original expert order restored")
     else:
         assert plc is not None
-        click.echo(f"wrote {out}: {plc.num_layers} MoE layers permuted for {plc.num_gpus} GPUs; "
-                   f"serve it with contiguous expert parallelism over {plc.num_gpus} ranks "
-                   "(vLLM --enable-expert-parallel, SGLang --ep-size, no placement file)")
+        click.echo(f"wrote {out}: {plc.num_layers} MoE layers permuted for {plc.num_gpus} GPUs\n"
+                   f"serve it with contiguous expert parallelism over {plc.num_gpus} ranks, no "
+                   "placement file and no online rebalancing (it would move experts again):\n"
+                   "  vLLM:   --enable-expert-parallel (--expert-placement-strategy linear, the "
+                   "default)\n"
+                   f"  SGLang: --ep-size {plc.num_gpus} (--init-expert-location trivial, the "
+                   "default)")
 
 
 # ---- demo ---------------------------------------------------------------------------------
