@@ -183,18 +183,25 @@ def _partitions(items: tuple[int, ...], S: int) -> Iterator[tuple[tuple[int, ...
             yield ((first, *others), *tail)
 
 
+def _num_partitions(num_experts: int, num_gpus: int) -> int:
+    S = num_experts // num_gpus
+    return math.factorial(num_experts) // (math.factorial(S) ** num_gpus * math.factorial(num_gpus))
+
+
 def chain_size(num_layers: int, num_experts: int, num_gpus: int) -> int:
     """Arc variables of the partition-chain model: (unordered partitions)^2 per layer pair."""
-    S = num_experts // num_gpus
-    parts = math.factorial(num_experts) // (math.factorial(S) ** num_gpus * math.factorial(num_gpus))
-    return parts * parts * max(num_layers - 1, 1)
+    return _num_partitions(num_experts, num_gpus) ** 2 * max(num_layers - 1, 1)
 
 
 def chain_applies(num_layers: int, num_experts: int, num_gpus: int, num_nodes: int,
                   weights: Weights) -> bool:
-    """Whether the partition-chain model is exact (no node term) and small enough to build."""
-    return ((num_nodes == 1 or not weights.node) and num_gpus <= MAX_CHAIN_GPUS
-            and chain_size(num_layers, num_experts, num_gpus) <= MAX_CHAIN_ARCS)
+    """Whether the partition-chain model is exact (no node term) and small enough to build:
+    its arcs, and the [P, P, G!, G] matching costs of one layer pair (at most 1 GiB)."""
+    if (num_nodes > 1 and weights.node) or num_gpus > MAX_CHAIN_GPUS:
+        return False
+    P = _num_partitions(num_experts, num_gpus)
+    return (chain_size(num_layers, num_experts, num_gpus) <= MAX_CHAIN_ARCS
+            and P * P * math.factorial(num_gpus) * num_gpus * 8 <= 1 << 30)
 
 
 def _finish_cpsat(stats: RoutingStats, solver, status, plc_fn, weights: Weights, const: float,
