@@ -3,8 +3,9 @@ whole groups and a permuted checkpoint keeps group-limited routing unchanged.
 
 Groups are contiguous expert-id ranges of ``N / n_group``. Either every GPU holds whole groups
 (``S`` a multiple of the group size) or every group fills a run of whole GPUs (the group size a
-multiple of ``S``); in both cases the groups are placed as super-experts on super-GPUs, and each
-group's experts keep their order inside it.
+multiple of ``S``); in both cases the groups are placed as super-experts on super-GPUs. When a
+group spans several GPUs, its experts are then spread over them to balance load (any order
+inside a group keeps the routing unchanged).
 """
 
 from __future__ import annotations
@@ -55,9 +56,27 @@ def group_stats(stats: RoutingStats, n_group: int) -> RoutingStats:
 
 
 def expand_groups(groups: Placement, n_group: int, num_experts: int, num_gpus: int,
-                  num_nodes: int) -> Placement:
-    """Expert-level placement from a group-level one: each group slot becomes its experts."""
+                  num_nodes: int, load: np.ndarray | None = None) -> Placement:
+    """Expert-level placement from a group-level one: each group slot becomes its experts.
+
+    With ``load [L, N]`` and groups wider than a GPU, each group's experts are dealt to its
+    GPUs heaviest first, each to the least-loaded GPU with room (greedy balanced partition).
+    """
     size = num_experts // n_group
     phy2log = (groups.phy2log[:, :, None] * size + np.arange(size)).reshape(groups.num_layers, -1)
+    S = num_experts // num_gpus
+    if load is not None and size > S:
+        span = size // S
+        for l in range(groups.num_layers):
+            for start in range(0, num_experts, size):
+                block = phy2log[l, start:start + size]
+                gpu_load, room = np.zeros(span), np.full(span, S)
+                bins: list[list[int]] = [[] for _ in range(span)]
+                for e in block[np.argsort(-load[l, block], kind="stable")]:
+                    g = int(np.argmin(np.where(room > 0, gpu_load, np.inf)))
+                    bins[g].append(int(e))
+                    gpu_load[g] += load[l, e]
+                    room[g] -= 1
+                phy2log[l, start:start + size] = np.concatenate([sorted(b) for b in bins])
     return Placement(phy2log, num_gpus, num_nodes, num_experts,
                      moe_layer_ids=groups.moe_layer_ids, info=dict(groups.info))

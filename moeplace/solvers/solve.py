@@ -245,23 +245,22 @@ def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, *, current: Pla
     if current is not None and weights.migration:
         raise InputError("solve", "--current", "group-respecting solves have no migration term",
                          "drop migration= from --weights")
-    gplc, grep = solve_with_report(group_stats(stats, n_group),
+    gplc, inner = solve_with_report(group_stats(stats, n_group),
                                    Cluster(c.num_gpus // span, c.num_nodes), weights=weights, **kw)
-    plc = expand_groups(gplc, n_group, stats.num_experts, c.num_gpus, c.num_nodes)
+    plc = expand_groups(gplc, n_group, stats.num_experts, c.num_gpus, c.num_nodes, stats.load)
     obj = score(stats, plc, weights, current)
     bound = lower_bound(stats, c.num_gpus, c.num_nodes, 0, weights).as_dict()
-    details = {**grep.details, "respect_groups": n_group, "group_span_gpus": span,
-               "group_status": grep.status, "group_bound": grep.bound["total"]}
-    if span == 1 and grep.bound["total"] > bound["total"]:
+    details = {**inner.details, "respect_groups": n_group, "group_span_gpus": span,
+               "group_status": inner.status, "group_bound": inner.bound["total"]}
+    if span == 1 and inner.bound["total"] > bound["total"]:
         # With whole groups per GPU the expert-level objective equals the group-level one, so
         # the group problem's bound holds for every group-respecting placement.
         details["note"] = "bound is over group-respecting placements"
-        bound["total"] = grep.bound["total"]
+        bound["total"] = inner.bound["total"]
     gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
-    plc.info = {**plc.info, "method": grep.method, "status": grep.status,
+    plc.info = {**plc.info, "method": inner.method, "status": inner.status,
                 "respect_groups": n_group}
-    _label_layers(plc, stats)
-    return plc, SolveReport(grep.method, grep.status, obj.as_dict(), bound, gap,
+    return plc, SolveReport(inner.method, inner.status, obj.as_dict(), bound, gap,
                             time.perf_counter() - t0, details)
 
 

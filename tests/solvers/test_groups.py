@@ -12,7 +12,8 @@ from moeplace.errors import InputError
 from moeplace.placement import Placement
 from moeplace.placement.checkpoint import check_groups
 from moeplace.solvers import Cluster, Weights, score, solve_with_report
-from moeplace.solvers.groups import group_stats
+from moeplace.solvers.evaluator import gpu_loads_from_stats
+from moeplace.solvers.groups import expand_groups, group_stats
 from moeplace.traces import compute_stats
 from tests.conftest import random_trace
 
@@ -73,3 +74,14 @@ def test_respect_groups_bad_requests(rng):
         solve_with_report(s, Cluster(4, 1, 4), respect_groups=8)
     with pytest.raises(InputError, match="groups"):
         solve_with_report(s, 4, respect_groups=5)
+
+
+def test_groups_wider_than_a_gpu_are_balanced_inside(rng):
+    s = compute_stats(random_trace(rng, 400, 3, 16, 2))
+    plc, _ = solve_with_report(s, 8, respect_groups=2)  # groups of 8 experts over 4 GPUs each
+    check_groups({h: plc.phy2log[h] for h in range(3)}, 2, "solved")
+    gplc, _ = solve_with_report(group_stats(s, 2), 2)
+    plain = expand_groups(gplc, 2, 16, 8, 1)  # same groups, experts in id order
+    assert (gpu_loads_from_stats(s.load, plc).max(1)
+            <= gpu_loads_from_stats(s.load, plain).max(1)).all()
+    assert score(s, plc).load_imbalance < score(s, plain).load_imbalance
