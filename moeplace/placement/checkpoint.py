@@ -24,12 +24,12 @@ import numpy as np
 
 from moeplace._fileio import atomic_path
 from moeplace.errors import InputError
-from moeplace.placement.permute import _AXIS0, _PER_EXPERT, layer_permutations
+from moeplace.placement.permute import _AXIS0, _BLOCK, _PER_EXPERT, layer_permutations
 from moeplace.placement.placement import Placement
 
 SIDECAR = "moeplace-permutation.json"
 INDEX = "model.safetensors.index.json"
-_ROUTER = re.compile(r".*?layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.(?:gate|router)\.weight$")
+_ROUTER = re.compile(_BLOCK + r"\.(?:gate|router)\.weight$")
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import InputError, MissingDependencyError
+from moeplace.placement.permute import _BLOCK
 from moeplace.placement.placement import Placement
 
-_EXPERTS = re.compile(r".*?layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts$")
+_EXPERTS = re.compile(_BLOCK + r"\.experts$")
 
 
 def _torch() -> Any:
