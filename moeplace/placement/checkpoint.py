@@ -98,12 +98,12 @@ def check_groups(perms: dict[int, np.ndarray], n_group: int, source: object) -> 
                              "solve with --respect-groups to move whole groups only")
 
 
-def _layout(shards: list[Path]) -> tuple[dict[int, int], dict[str, Path]]:
+def _layout(headers: dict[Path, tuple[dict[str, Any], int]]
+            ) -> tuple[dict[int, int], dict[str, Path]]:
     """({hidden layer: experts} from the router rows, {tensor name: shard})."""
     where: dict[str, Path] = {}
     layers: dict[int, int] = {}
-    for p in shards:
-        header, _ = _read_header(p)
+    for p, (header, _) in headers.items():
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -140,9 +140,10 @@ def _check_experts(where: dict[str, Path], perms: dict[int, np.ndarray], N: int,
                              "the checkpoint is incomplete or of another model")
 
 
-def _rewrite_shard(src: Path, dst: Path, perms: dict[int, np.ndarray], N: int) -> dict[str, str]:
-    """Write one permuted shard; returns {new name: old name} of renamed tensors."""
-    header, start = _read_header(src)
+def _rewrite_shard(src: Path, dst: Path, header: dict[str, Any], start: int,
+                   perms: dict[int, np.ndarray], N: int) -> dict[str, str]:
+    """Write one permuted shard (its parsed header; data from byte ``start``); returns
+    {new name: old name} of renamed tensors."""
     renamed: dict[str, str] = {}
     new_header: dict[str, Any] = {}
     for name, entry in header.items():
@@ -219,7 +220,8 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
     if dst.resolve() == ckpt.resolve():
         raise InputError(dst, "--out", "is the checkpoint itself", "write to a new directory")
     shards = _shards(ckpt)
-    layers, where = _layout(shards)
+    headers = {p: _read_header(p) for p in shards}
+    layers, where = _layout(headers)
     if not layers:
         raise InputError(ckpt, "router", "no MoE router weights (layers.N.mlp.gate.weight or "
                          "...router.weight) found", "is this a MoE checkpoint?")
@@ -263,7 +265,7 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
         tmp.mkdir()
         renamed: dict[str, str] = {}
         for p in shards:
-            renamed.update(_rewrite_shard(p, tmp / p.name, perms, N))
+            renamed.update(_rewrite_shard(p, tmp / p.name, *headers[p], perms, N))
         _copy_others(ckpt, tmp, {p.name for p in shards})
         if (ckpt / INDEX).is_file():
             _rewrite_index(ckpt / INDEX, tmp / INDEX, renamed)
