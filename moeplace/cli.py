@@ -190,17 +190,16 @@ def profile(model_dir: str, prompts: str, out: str, max_new_tokens: int, batch_s
 
     from moeplace.profiling.run import profile as run_profile
     from moeplace.profiling.run import read_prompts
-    from moeplace.traces import compute_stats, read_trace
 
     if Path(out).exists():
         raise InputError(out, "--out", "already exists", "choose a new path or remove it first")
     texts = read_prompts(prompts)
     rec = run_profile(model_dir, texts, out, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, dtype=dtype, device=device, weights=weights)
-    tr = read_trace(out)
-    click.echo(f"wrote {out}: {tr.num_tokens:,} tokens from {len(texts)} prompts, "
-               f"{tr.num_layers} MoE layers (routers {rec.routers[0].name}, ...)\n")
-    _print_analysis(compute_stats(tr), tr, out, top=5, drift_windows=0)
+    stats, tr = _stats_of(out)  # a long profile is summarised by streaming it back
+    click.echo(f"wrote {out}: {stats.num_tokens:,} tokens from {len(texts)} prompts, "
+               f"{stats.num_layers} MoE layers (routers {rec.routers[0].name}, ...)\n")
+    _print_analysis(stats, tr, out, top=5, drift_windows=0)
 
 
 # ---- stats / convert / synth ----------------------------------------------------------------
