@@ -29,7 +29,8 @@ class Step:
     position: Any = None  # device int32 [batch * seqlen], or None: past + 0..seqlen-1
     past: int = 0
     last_ids: Any = None  # device [batch] input id of each row (decode steps), for liveness
-    calls: int = 0
+    calls: int = 0  # routers that ran
+    mismatch: bool = False  # a router saw another row count than the inputs: not recorded
 
     @property
     def num_rows(self) -> int:

@@ -83,6 +83,7 @@ class Recorder:
         self._given: list[int] | None = None
         self._dev_experts: Any = None
         self._dev_weights: Any = None
+        self._device: Any = None  # set on entry: the buffers' device
         self._allocated = 0  # host buffer sets created (at most _POOL)
         self._active = False
         self._done = False
@@ -130,6 +131,7 @@ class Recorder:
                                        token_fields=["request", "position", "phase", "step"],
                                        shard_tokens=self._shard_tokens)
         self._idx_dtype = torch.int16 if r0.num_experts <= 32767 else torch.int32
+        self._device = self._find_device()
         self._liveness = Liveness(self._eos)
         self._thread = threading.Thread(target=self._drain, name="moeplace-recorder", daemon=True)
         self._thread.start()
@@ -158,11 +160,8 @@ class Recorder:
         if self.dropped_steps:
             warnings.warn(f"moeplace: {self.dropped_steps} forward call(s) did not run every "
                           "router once and were not recorded", stacklevel=2)
-        if self._error is not None and exc_type is None:
-            err = self._error
-            if isinstance(err, MoeplaceError):
-                raise err
-            raise RuntimeError(f"moeplace recorder failed: {err}") from err
+        if exc_type is None:
+            self._check_error()
 
     # -- hooks --------------------------------------------------------------------------------
     def _attach(self, torch: Any) -> None:
@@ -172,7 +171,9 @@ class Recorder:
             if r.hook_method:
                 self._wrap_method(r, pos)
             else:
-                self._handles.append(r.module.register_forward_hook(self._router_hook(r, pos)))
+                seen = self._router_seen(r, pos)
+                self._handles.append(r.module.register_forward_hook(
+                    lambda module, args, out, seen=seen: seen(out)))
 
     def _wrap_method(self, r: Router, pos: int) -> None:
         obj, name = r.module, r.hook_method
@@ -212,14 +213,6 @@ class Recorder:
         if step is not None:
             self._ensure_capacity(step.num_rows)
 
-    def _router_hook(self, r: Router, pos: int) -> Any:
-        seen = self._router_seen(r, pos)
-
-        def hook(module: Any, args: tuple, out: Any) -> None:
-            seen(out)
-
-        return hook
-
     def _router_seen(self, r: Router, pos: int) -> Any:
         def seen(out: Any) -> None:
             got = r.extract(out)
@@ -233,7 +226,7 @@ class Recorder:
                 self._steps += 1
                 self._ensure_capacity(n)
             if n != step.num_rows:
-                step.calls = -(1 << 30)  # rows do not match the call's inputs: drop the step
+                step.mismatch = True  # rows do not match the call's inputs: drop the step
                 return
             self._dev_experts[:n, pos].copy_(idx)
             if self.with_weights:
@@ -249,18 +242,17 @@ class Recorder:
         step, self._step = self._step, None
         if step is None or step.calls == 0:
             return  # a forward that ran no MoE layer (or was not recognised)
-        if step.calls != len(self.routers):
+        if step.mismatch or step.calls != len(self.routers):
             self.dropped_steps += 1
             return
         self._ship(step)
 
     # -- device to host -----------------------------------------------------------------------
     def _ensure_capacity(self, n: int) -> None:
-        torch = _torch()
-        dev = self._device()
-        if self._dev_experts is not None and self._dev_experts.shape[0] >= n \
-                and self._dev_experts.device == dev:
+        if self._dev_experts is not None and self._dev_experts.shape[0] >= n:
             return
+        torch = _torch()
+        dev = self._device
         cap = max(n, 2 * (self._dev_experts.shape[0] if self._dev_experts is not None else 0))
         L, k = len(self.routers), self.routers[0].top_k
         # Normal tensors even when the first forward runs under inference_mode: a buffer made
@@ -270,7 +262,9 @@ class Recorder:
             if self.with_weights:
                 self._dev_weights = torch.zeros((cap, L, k), dtype=torch.float32, device=dev)
 
-    def _device(self) -> Any:
+    def _find_device(self) -> Any:
+        """Where the buffers live: the first router's device (the model must stay there while
+        recording)."""
         r = self.routers[0].module
         for p in r.parameters():
             return p.device
