@@ -351,7 +351,8 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
 
     ``formulation``: ``"chain"`` (the partition-chain model: one node or no node term, small
     instances), ``"experts"`` (x[l,e,g] with pair variables), or ``"auto"``: the chain whenever
-    ``chain_applies``.
+    ``chain_applies``. ``workers`` applies to the expert-level model; the chain model runs one
+    worker, which proves its integral LP fastest.
     """
     from ortools.sat.python import cp_model
 
