@@ -1,32 +1,159 @@
-"""Atomic file and directory writes, so a failure never leaves partial output behind."""
+"""Safe outputs: checked targets, atomic writes and cleanup, so a failure or a signal never leaves
+partial output behind and an output never destroys what is already there.
+
+The rules every writer follows (``atomic_path`` enforces them):
+
+- an empty path, a device, FIFO or socket, or a non-empty directory is refused, never replaced;
+- a symlink is written through: its target is replaced, the link itself stays;
+- an output that is (or resolves to) one of the command's inputs is refused;
+- parent directories the write created are removed again if it fails;
+- SIGTERM and SIGHUP unwind like SIGINT (``install_signal_handlers``), so temporaries go too.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
+import signal
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+
+from moeplace.errors import InputError, Interrupted
+
+# Real paths of the current command's inputs; the CLI sets them, library callers may too.
+_INPUTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("moeplace_inputs",
+                                                                          default=())
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+def protected_inputs(*paths: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Within the block, ``atomic_path`` refuses any output that resolves to one of ``paths``."""
+    real = tuple(os.path.realpath(p) for p in paths if p)
+    token = _INPUTS.set(_INPUTS.get() + real)
+    try:
+        yield
+    finally:
+        _INPUTS.reset(token)
 
-    Works for files and directories: the caller creates whatever it likes at the yielded path.
+
+def check_output(path: str | os.PathLike[str], *, directory: bool | None = None) -> Path:
+    """Validate an output path and return the path to write (a symlink's target).
+
+    ``directory``: True for a directory output, False for a file, None when either may come.
+    Raises ``InputError`` naming the path, the problem and the fix.
     """
-    final = Path(path)
-    parent = final.parent if str(final.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
+    raw = os.fspath(path)
+    if not raw.strip():
+        raise InputError("--out", "path", "is empty", "give a file name")
+    final = Path(os.path.realpath(raw))  # through symlinks: the link stays, its target is written
+    if Path(raw).is_symlink() and not final.parent.is_dir():
+        raise InputError(raw, "path", f"is a symlink to {final}, whose directory does not exist",
+                         "fix the link or write elsewhere")
+    real = str(final)
+    for inp in _INPUTS.get():
+        if real == inp:
+            raise InputError(raw, "path", "is one of this command's inputs",
+                             "write the output to a new path; inputs are never overwritten")
+        if inp.startswith(real.rstrip(os.sep) + os.sep):
+            raise InputError(raw, "path", f"contains this command's input {inp}",
+                             "write the output somewhere else")
+    try:
+        st = os.stat(final)
+    except FileNotFoundError:
+        return final
+    except OSError as exc:
+        raise InputError(raw, "path", f"cannot be inspected ({exc.strerror})",
+                         "check the path and its permissions") from None
+    if stat.S_ISDIR(st.st_mode):
+        if directory is False:
+            raise InputError(raw, "path", "is a directory", "give a file name inside it")
+        if any(final.iterdir()):
+            raise InputError(raw, "path", "is a directory that is not empty",
+                             "choose a new path; moeplace never deletes what is there")
+    elif not stat.S_ISREG(st.st_mode):
+        raise InputError(raw, "path", "is not a regular file (a device, FIFO or socket)",
+                         "give a path to a regular file")
+    elif directory is True:
+        raise InputError(raw, "path", "is an existing file, but a directory would be written",
+                         "choose a new path")
+    return final
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create ``parent`` and its missing ancestors; return the ones created, deepest first."""
+    missing: list[Path] = []
+    p = parent
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            _remove_dirs(missing)
+            raise InputError(d, "path", f"cannot create directory ({exc.strerror})",
+                             "check the path and its permissions") from None
+    return missing
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    for d in created:  # deepest first; only ever empty directories this write made
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, directory: bool | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
+
+    The caller creates a file or a directory at the yielded path. ``path`` is checked first
+    (``check_output``); on any failure, including a signal, the temporary and any parent
+    directories created for it are removed and nothing appears at ``path``.
+    """
+    final = check_output(path, directory=directory)
+    created = _make_parents(final.parent)
+    ok = False
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        _remove_dirs(created)
+        raise InputError(path, "path", f"cannot write here ({exc.strerror})",
+                         "check the directory and its permissions") from None
     tmp = tmpdir / final.name
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to {final}")
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
+        # Checked again: something may have appeared at the path while the work ran.
+        check_output(path, directory=tmp.is_dir())
+        if tmp.is_dir() and final.is_dir():
+            final.rmdir()  # empty (just checked); fails rather than deletes if it filled up since
         os.replace(tmp, final)
+        ok = True
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if not ok:
+            _remove_dirs(created)
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM and SIGHUP into ``Interrupted`` (a ``KeyboardInterrupt``), as SIGINT already
+    is, so every ``finally`` runs and temporaries are removed. Main thread only."""
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            with contextlib.suppress(ValueError, OSError):  # not the main thread
+                signal.signal(sig, _raise_interrupted)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from typing import Any
 
@@ -10,22 +12,111 @@ import click
 import numpy as np
 import pandas as pd
 
-from moeplace.errors import InputError, MoeplaceError
+from moeplace.errors import InputError, Interrupted, MoeplaceError
 
 
 class _Group(click.Group):
-    """Turns library errors into one line on stderr and exit code 2, never a traceback."""
+    """Every way a command can fail ends as one line on stderr and a documented exit code.
+
+    - ``MoeplaceError`` (bad input, missing extra, infeasible request) and usage errors: exit 2;
+    - SIGINT, SIGTERM, SIGHUP: temporaries removed, nothing written, exit 128 + signal;
+    - a closed stdout (``| head``): quiet, exit 141 like any tool killed by SIGPIPE.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        from moeplace._fileio import install_signal_handlers
+
+        install_signal_handlers()
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:  # --help, --version
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            _fail(exc.format_message().replace("\n", " "))
+        except click.exceptions.Abort:  # click's own prompt aborts
+            _fail("interrupted; nothing written", 130)
+        except Interrupted as exc:
+            _fail(f"interrupted ({exc.signame}); nothing written", exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted (SIGINT); nothing written", 130)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        except MoeplaceError as exc:
+            _fail(str(exc))
+        except MemoryError:
+            _fail("out of memory (lower the input size, or raise MOEPLACE_MAX_MEMORY only if "
+                  "the machine has the memory)")
+        except OSError as exc:
+            _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+        return rv
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except MoeplaceError as exc:
-            click.echo(f"moeplace: error: {exc}", err=True)
-            sys.exit(2)
-        except OSError as exc:
-            click.echo(f"moeplace: error: {getattr(exc, 'filename', '') or ''}: "
-                       f"{exc.strerror or exc}", err=True)
-            sys.exit(2)
+        except BrokenPipeError:  # before click's own handler, which exits 1
+            _quiet_broken_pipe()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    # One line, whatever the message holds: a caller's script greps it.
+    line = " ".join(str(message).split())
+    try:
+        click.echo(f"moeplace: error: {line}", err=True)
+    except (BrokenPipeError, OSError):
+        pass
+    sys.exit(code)
+
+
+def _quiet_broken_pipe() -> None:
+    # The reader went away (``| head``): say nothing, and keep Python from complaining at exit
+    # when it flushes stdout again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    sys.exit(141)
+
+
+class _Number(click.ParamType):
+    """An int or float flag that must be finite and inside ``[lo, hi]`` (``lo_open``: ``> lo``)."""
+
+    def __init__(self, kind: type, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+        self.kind = kind
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            v = value
+        else:
+            try:
+                v = self.kind(str(value).strip())
+            except (TypeError, ValueError, OverflowError):
+                self.fail(f"{value!r} is not {'an' if self.kind is int else 'a'} {self.name}",
+                          param, ctx)
+        if self.kind is float and not math.isfinite(v):
+            self.fail(f"{value!r} is not finite", param, ctx)
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            self.fail(f"{value!r} must be {'>' if self.lo_open else '>='} {self.lo:g}", param, ctx)
+        if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+            self.fail(f"{value!r} must be {'<' if self.hi_open else '<='} {self.hi:g}", param, ctx)
+        return v
+
+
+# Bounds are the semantic ones; sizes are capped where a huge value would only mean a typo
+# whose cost (memory, time) would land before any other check could see it.
+POS_INT = _Number(int, 1, 1 << 31)
+NONNEG_INT = _Number(int, 0, 1 << 31)
+SEED = _Number(int, 0, 2**32 - 1)
+NONNEG_FLOAT = _Number(float, 0.0)
+UNIT_FLOAT = _Number(float, 0.0, 1.0)
+OPEN_UNIT_FLOAT = _Number(float, 0.0, 1.0, lo_open=True, hi_open=True)
+POS_FLOAT = _Number(float, 0.0, lo_open=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,25 +126,74 @@ def main() -> None:
 
 
 # ---- shared helpers -------------------------------------------------------------------------
+MAX_LAYER_IDS = 100_000  # no model has more layers; a longer list is a typo or an attack
+
+
 def _layer_ids(text: str | None) -> list[int] | None:
-    if not text:
+    if text is None:
         return None
+    parts = text.split(",")
+    if len(parts) > MAX_LAYER_IDS:
+        raise InputError("--moe-layers", "value", f"{len(parts):,} ids, more than any model has",
+                         f"give at most {MAX_LAYER_IDS:,} ids")
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        ids = [int(x) for x in parts if x.strip()]
     except ValueError:
-        raise InputError("--moe-layers", "value", f"{text!r} is not a comma-separated list of "
-                         "integers", "e.g. --moe-layers 1,2,3") from None
+        raise InputError("--moe-layers", "value", f"{text[:40]!r} is not a comma-separated list "
+                         "of integers", "e.g. --moe-layers 1,2,3") from None
+    if not ids:
+        raise InputError("--moe-layers", "value", "is empty", "e.g. --moe-layers 1,2,3")
+    bad = [i for i in ids if not 0 <= i < 1 << 31]
+    if bad:
+        raise InputError("--moe-layers", "value", f"id {bad[0]} is out of range",
+                         "hidden-layer ids are non-negative")
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InputError("--moe-layers", "value", f"id {dup} appears twice",
+                         "give each MoE layer's hidden-layer id once")
+    return ids
+
+
+def _paths(inputs: tuple[str, ...] = (), outputs: dict[str, bool | None] | None = None) -> Any:
+    """Decorator: the named parameters are the command's inputs (never written) and outputs
+    (checked before any work starts, so a bad ``--out`` fails in a second, not after an hour).
+    ``outputs`` maps a parameter to True (directory), False (file) or None (either)."""
+    import functools
+
+    def deco(f: Any) -> Any:
+        @functools.wraps(f)
+        def wrapper(**kw: Any) -> Any:
+            from moeplace._fileio import check_output, protected_inputs
+
+            with protected_inputs(*(kw.get(n) for n in inputs)):
+                for name, directory in (outputs or {}).items():
+                    if kw.get(name) is not None:
+                        check_output(kw[name], directory=directory)
+                return f(**kw)
+        return wrapper
+    return deco
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff",
+                 ".webp")
+
+
+def _plot_path(ctx: Any, param: Any, value: str | None) -> str | None:
+    if value is not None and not value.lower().endswith(PLOT_SUFFIXES):
+        raise click.BadParameter(f"{value!r} has no image suffix; use one of "
+                                 f"{', '.join(PLOT_SUFFIXES)}")
+    return value
 
 
 _import_options = [
     click.option("--format", "fmt", default="auto", show_default=True,
                  type=click.Choice(["auto", "parquet", "npz", "vllm", "sglang", "sglang-dump",
                                     "megatron"]), help="Input format."),
-    click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1)."),
+    click.option("--num-experts", type=POS_INT, help="Experts per layer (default: largest id + 1)."),
     click.option("--moe-layers", help="Hidden-layer ids of the MoE layers, comma separated "
                  "(default: detected)."),
-    click.option("--top-k", type=int, help="Experts per token (SGLang per-request input)."),
-    click.option("--num-hidden-layers", type=int, help="Hidden layers (SGLang per-request input)."),
+    click.option("--top-k", type=POS_INT, help="Experts per token (SGLang per-request input)."),
+    click.option("--num-hidden-layers", type=POS_INT, help="Hidden layers (SGLang per-request input)."),
 ]
 
 
@@ -122,12 +262,13 @@ def _json_default(o: Any) -> Any:
 @click.argument("trace", required=False)
 @click.option("--demo", is_flag=True, help="Analyse the bundled FLAME-MoE-290M sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help="Save load and transition heatmaps to this image file.")
-@click.option("--top", type=int, default=10, show_default=True, help="Top transitions to list.")
-@click.option("--drift-windows", type=int, default=8, show_default=True,
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_plot_path,
+              help="Save load and transition heatmaps to this image file (.png, .pdf, .svg).")
+@click.option("--top", type=NONNEG_INT, default=10, show_default=True, help="Top transitions to list.")
+@click.option("--drift-windows", type=NONNEG_INT, default=8, show_default=True,
               help="Windows for the load-drift table (per-token traces only).")
 @import_options
+@_paths(inputs=("trace",), outputs={"plot_path": False})
 def analyze(trace: str | None, demo: bool, as_json: bool, plot_path: str | None, top: int,
             drift_windows: int, **kw: Any) -> None:
     """Per-layer skew and cross-layer affinity of a routing trace (or statistics file)."""
@@ -176,13 +317,14 @@ def _print_analysis(stats: Any, tr: Any, name: str, top: int, drift_windows: int
               help="Prompts: .txt (one per line) or .jsonl ({\"prompt\": ...} per line).")
 @click.option("--out", required=True, type=click.Path(),
               help="Trace to write: FILE.parquet, or a directory of Parquet shards.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True,
+@click.option("--max-new-tokens", type=NONNEG_INT, default=32, show_default=True,
               help="Greedy tokens generated per prompt (0: prefill only).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=POS_INT, default=8, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--weights", is_flag=True, help="Record gate weights too.")
+@_paths(inputs=("model_dir", "prompts"), outputs={"out": None})
 def profile(model_dir: str, prompts: str, out: str, max_new_tokens: int, batch_size: int,
             dtype: str, device: str, weights: bool) -> None:
     """Run a local transformers MoE model over PROMPTS and record its routing trace."""
@@ -191,8 +333,9 @@ def profile(model_dir: str, prompts: str, out: str, max_new_tokens: int, batch_s
     from moeplace.profiling.run import profile as run_profile
     from moeplace.profiling.run import read_prompts
 
-    if Path(out).exists():
+    if Path(out).exists() or Path(out).is_symlink():
         raise InputError(out, "--out", "already exists", "choose a new path or remove it first")
+    _check_device(device)
     texts = read_prompts(prompts)
     rec = run_profile(model_dir, texts, out, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, dtype=dtype, device=device, weights=weights)
@@ -202,11 +345,36 @@ def profile(model_dir: str, prompts: str, out: str, max_new_tokens: int, batch_s
     _print_analysis(stats, tr, out, top=5, drift_windows=0)
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device this torch build or machine does not have, before the model loads."""
+    if device in ("auto", "cpu"):
+        return
+    try:
+        import torch
+    except ImportError:
+        return  # the profiler itself says how to install torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError("--device", "value", f"{device!r} is not a torch device",
+                         "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    if backend is None or not backend.is_available():
+        raise InputError("--device", "value", f"{dev.type} is not available in this torch build "
+                         "or on this machine", "use --device cpu (or auto)")
+    if dev.index is not None and dev.index >= backend.device_count():
+        raise InputError("--device", "value", f"{device} does not exist (this machine has "
+                         f"{backend.device_count()})", "pick an index that exists")
+
+
 # ---- stats / convert / synth ----------------------------------------------------------------
 @main.command()
 @click.argument("trace")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz.")
 @import_options
+@_paths(inputs=("trace",), outputs={"out": False})
 def stats(trace: str, out: str, **kw: Any) -> None:
     """Aggregate a trace into statistics (.npz) that add up across shards."""
     st, _ = _stats_of(trace, **kw)
@@ -220,6 +388,7 @@ def stats(trace: str, out: str, **kw: Any) -> None:
 @click.argument("dst", type=click.Path())
 @click.option("--model", default="", help="Model name to record in the trace metadata.")
 @import_options
+@_paths(inputs=("src",), outputs={"dst": None})
 def convert(src: str, dst: str, model: str, **kw: Any) -> None:
     """Import SRC (vLLM, SGLang, Megatron, .npz, Parquet) and write DST as a Parquet trace."""
     from moeplace.traces import RoutingStats, write_trace
@@ -241,13 +410,14 @@ def convert(src: str, dst: str, model: str, **kw: Any) -> None:
 @click.option("--preset", default="deepseek-v3", show_default=True,
               help="Model shape: deepseek-v3, kimi-k2, deepseek-v2-lite, qwen3-30b-a3b, mixtral, "
                    "flame-moe-290m.")
-@click.option("--tokens", type=int, default=100_000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--skew", type=float, help="Zipf exponent of per-layer popularity.")
-@click.option("--affinity", type=float, help="Weight of topic-specific routing (0..1).")
-@click.option("--stickiness", type=float, help="Chance a token keeps its topic per layer (0..1).")
+@click.option("--tokens", type=_Number(int, 1, 10**10), default=100_000, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--skew", type=NONNEG_FLOAT, help="Zipf exponent of per-layer popularity.")
+@click.option("--affinity", type=UNIT_FLOAT, help="Weight of topic-specific routing (0..1).")
+@click.option("--stickiness", type=UNIT_FLOAT, help="Chance a token keeps its topic per layer (0..1).")
 @click.option("--weights", is_flag=True, help="Also write gate weights.")
 @click.option("--out", required=True, type=click.Path(), help="Output Parquet trace.")
+@_paths(outputs={"out": None})
 def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: float | None,
           stickiness: float | None, weights: bool, out: str) -> None:
     """Write a seeded synthetic trace with controllable skew and cross-layer affinity."""
@@ -274,14 +444,16 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
 @click.argument("placement")
 @click.option("--home", type=click.Choice(["static", "follow"]), default="static",
               show_default=True, help="Execution model whose replica choices set the GPU loads.")
-@click.option("--window", type=int, default=4096, show_default=True,
+@click.option("--window", type=POS_INT, default=4096, show_default=True,
               help="Tokens per window for windowed load imbalance.")
 @click.option("--current", type=click.Path(dir_okay=False),
               help="Current placement, to report migration cost.")
-@click.option("--expert-bytes", type=int, default=0, help="Bytes of one expert's weights.")
+@click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0,
+              help="Bytes of one expert's weights.")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @import_options
+@_paths(inputs=("trace", "placement", "current"))
 def evaluate(trace: str, placement: str, home: str, window: int, current: str | None,
              expert_bytes: int, per_layer: bool, as_json: bool, **kw: Any) -> None:
     """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md."""
@@ -356,9 +528,9 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
 
 @main.command()
 @click.argument("source")
-@click.option("--gpus", type=int, required=True, help="GPUs (expert-parallel ranks).")
-@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes the GPUs span.")
-@click.option("--replicas", type=int, default=0, show_default=True,
+@click.option("--gpus", type=POS_INT, required=True, help="GPUs (expert-parallel ranks).")
+@click.option("--nodes", type=POS_INT, default=1, show_default=True, help="Nodes the GPUs span.")
+@click.option("--replicas", type=NONNEG_INT, default=0, show_default=True,
               help="Redundant expert copies per layer (slots beyond one per expert).")
 @click.option("--method", type=click.Choice(["auto", "search", "dp", "cpsat", "ilp-cbc",
                                              "ilp-highs", "moetuner", "eplb", "contiguous",
@@ -366,32 +538,33 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
               show_default=True)
 @click.option("--weights", "weights_text", help="Objective weights, e.g. load=1,traffic=1,node=1,"
               "coact=0.5,migration=0.1 (coact: within-layer co-activation, for the static model).")
-@click.option("--balance-slack", type=float, default=0.0, show_default=True,
+@click.option("--balance-slack", type=NONNEG_FLOAT, default=0.0, show_default=True,
               help="search: max GPU load per layer may exceed EPLB's by this fraction.")
-@click.option("--time-limit", type=float, default=60.0, show_default=True, help="Seconds.")
-@click.option("--holdout", type=float, help="Fit on a request split, report on the held-out "
+@click.option("--time-limit", type=POS_FLOAT, default=60.0, show_default=True, help="Seconds.")
+@click.option("--holdout", type=OPEN_UNIT_FLOAT, help="Fit on a request split, report on the held-out "
               "FRACTION of requests as well.")
 @click.option("--current", type=click.Path(dir_okay=False), help="Placement serving now "
               "(reports migration; with a migration weight, penalises moves).")
-@click.option("--groups", "num_groups", type=int, help="Expert groups for hierarchical EPLB.")
-@click.option("--respect-groups", "respect_groups", type=int, metavar="N_GROUP",
+@click.option("--groups", "num_groups", type=POS_INT, help="Expert groups for hierarchical EPLB.")
+@click.option("--respect-groups", "respect_groups", type=POS_INT, metavar="N_GROUP",
               help="Move only whole routing groups (the model's n_group, DeepSeek-V3: 8), so "
               "'moeplace apply' keeps group-limited routing unchanged.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--restarts", type=int, default=1, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--restarts", type=_Number(int, 1, 1024), default=1, show_default=True,
               help="search: parallel restarts from seeds SEED, SEED+1, ... (one process each).")
-@click.option("--window", type=int, default=4096, show_default=True)
+@click.option("--window", type=POS_INT, default=4096, show_default=True)
 @click.option("--pareto", "show_pareto", is_flag=True,
               help="Print the traffic-versus-balance frontier of the search.")
 @click.option("--hardware", default="h100-nvlink", show_default=True,
               help="Simulator profile: h100-nvlink, h100-ib or a JSON file.")
 @click.option("--model-shape", help="Expert size for the simulator (default: from the trace's "
               "model name, e.g. deepseek-v2-lite, mixtral-8x7b, deepseek-v3).")
-@click.option("--tokens-per-step", type=int, default=4096, show_default=True,
+@click.option("--tokens-per-step", type=POS_INT, default=4096, show_default=True,
               help="Tokens in one simulated serving step.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the placement JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @import_options
+@_paths(inputs=("source", "current"), outputs={"out": False})
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None,
@@ -477,12 +650,13 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
 @click.option("--format", "fmt", required=True, type=click.Choice(
     ["sglang", "sglang-logical-count", "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb"]))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-@click.option("--num-hidden-layers", type=int, help="SGLang: all hidden layers, dense included "
+@click.option("--num-hidden-layers", type=POS_INT, help="SGLang: all hidden layers, dense included "
               "(default: last MoE layer + 1).")
 @click.option("--moe-layers", help="Hidden-layer ids of the MoE layers (default: from the "
               "placement).")
 @click.option("--stats", "stats_source", help="sglang-logical-count: the trace or statistics "
               "whose counts to write.")
+@_paths(inputs=("placement", "stats_source"), outputs={"out": False})
 def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
            moe_layers: str | None, stats_source: str | None) -> None:
     """Write PLACEMENT (moeplace JSON) in a serving stack's format and print its launch flags."""
@@ -511,6 +685,7 @@ def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
 @click.option("--invert", is_flag=True, help="Undo an earlier apply (reads its sidecar).")
 @click.option("--moe-layers", help="Hidden-layer ids of the placement's layers (default: the "
               "placement's, else the checkpoint's MoE layers).")
+@_paths(inputs=("placement", "checkpoint"), outputs={"out": True})
 def apply(placement: str | None, checkpoint: str, out: str, invert: bool,
           moe_layers: str | None) -> None:
     """Rewrite a checkpoint so contiguous expert parallelism realises PLACEMENT.
@@ -542,8 +717,9 @@ def apply(placement: str | None, checkpoint: str, out: str, invert: bool,
 
 # ---- demo ---------------------------------------------------------------------------------
 @main.command()
-@click.option("--gpus", type=int, default=8, show_default=True)
+@click.option("--gpus", type=POS_INT, default=8, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the placement JSON.")
+@_paths(outputs={"out": False})
 def demo(gpus: int, out: str | None) -> None:
     """Analyse the bundled FLAME-MoE-290M trace, solve a placement, and show its gain."""
     from moeplace.solvers import Cluster, solve_with_report

@@ -33,3 +33,25 @@ class MissingDependencyError(MoeplaceError, ImportError):
 
 class InfeasibleError(MoeplaceError, ValueError):
     """The request cannot be satisfied (e.g. more GPUs than slots allow)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived: work stops, temporaries are removed, nothing is written.
+
+    A ``KeyboardInterrupt`` so that code which already stops cleanly on Ctrl-C stops the same way
+    on the other signals; ``exit_code`` is the shell's 128 + signal number.
+    """
+
+    def __init__(self, signum: int = 2) -> None:
+        import signal
+
+        self.signum = int(signum)
+        try:
+            self.signame = signal.Signals(self.signum).name
+        except ValueError:
+            self.signame = f"signal {self.signum}"
+        super().__init__(self.signame)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -8,6 +8,7 @@ on different GPUs (what the ``static`` home model pays for). Each term is also r
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -46,8 +47,9 @@ class Weights:
             except ValueError:
                 raise InputError("--weights", key, f"{val!r} is not a number",
                                  "e.g. --weights load=1,traffic=2") from None
-            if vals[key] < 0:
-                raise InputError("--weights", key, "negative weight", "weights are >= 0")
+            if not math.isfinite(vals[key]) or vals[key] < 0:
+                raise InputError("--weights", key, f"{val!r} is not a finite number >= 0",
+                                 "weights are finite and >= 0")
         return cls(**vals)
 
 

@@ -91,7 +91,7 @@ class TraceWriter:
         self.row_group_tokens = row_group_tokens
         self.compression = compression
         self.num_tokens = 0
-        self._ctx = atomic_path(self.path)
+        self._ctx = atomic_path(self.path, directory=self.sharded)
         self._tmp = self._ctx.__enter__()
         if self.sharded:
             self._tmp.mkdir()
