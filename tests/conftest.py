@@ -53,3 +53,25 @@ def random_trace(rng: np.random.Generator, T: int, L: int, N: int, k: int, *,
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+
+def _moeplace_under_test() -> Path:
+    import moeplace
+
+    return Path(moeplace.__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With MOEPLACE_REQUIRE_INSTALLED=1 (CI) insist that the installed package is under test, not
+    the source tree, so a wheel that lacks a file cannot pass."""
+    if os.environ.get("MOEPLACE_REQUIRE_INSTALLED") == "1":
+        where = _moeplace_under_test()
+        if where == Path(__file__).resolve().parents[1] / "moeplace":
+            raise pytest.UsageError(f"moeplace is imported from the source tree ({where}), not "
+                                    "the installed package; install it (pip install '.[dev]') "
+                                    "and run the README's test command")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"moeplace under test: {_moeplace_under_test()}"

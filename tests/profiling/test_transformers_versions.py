@@ -18,13 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(not ALT, reason="MOEPLACE_TRANSFORMERS_ALT names no other transformers")
 @pytest.mark.parametrize("site", ALT or ["none"])
-def test_recorder_under_other_transformers_release(site):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, str(ROOT)])}
+def test_recorder_under_other_transformers_release(site, tmp_path):
+    # Only the other transformers goes on the path, and the run starts outside the source tree,
+    # so the moeplace under test is the same one as in the parent run (the installed package).
+    env = {**os.environ, "PYTHONPATH": site}
     version = subprocess.run([sys.executable, "-c", "import transformers as t; print(t.__version__)"],
                              env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert version and not version.startswith("5.24"), version
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
                           str(ROOT / "tests/profiling/test_recorder.py")],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, f"transformers {version}:\n{run.stdout[-3000:]}"
     assert " passed" in run.stdout.strip().splitlines()[-1], run.stdout[-500:]
