@@ -36,10 +36,8 @@ class _Group(click.Group):
             _fail(exc.format_message().replace("\n", " "))
         except click.exceptions.Abort:  # click's own prompt aborts
             _fail("interrupted; nothing written", 130)
-        except Interrupted as exc:
-            _fail(f"interrupted ({exc.signame}); nothing written", exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted (SIGINT); nothing written", 130)
+        except KeyboardInterrupt as exc:  # during argument parsing
+            _interrupted(exc)
         except BrokenPipeError:
             _quiet_broken_pipe()
         except MoeplaceError as exc:
@@ -54,10 +52,19 @@ class _Group(click.Group):
         return rv
 
     def invoke(self, ctx: click.Context) -> Any:
+        # Handled here, before click's main turns them into exit 1 (pipe) or "Aborted!" (signal).
         try:
             return super().invoke(ctx)
-        except BrokenPipeError:  # before click's own handler, which exits 1
+        except BrokenPipeError:
             _quiet_broken_pipe()
+        except KeyboardInterrupt as exc:
+            _interrupted(exc)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    name, code = ((exc.signame, exc.exit_code) if isinstance(exc, Interrupted)
+                  else ("SIGINT", 130))
+    _fail(f"interrupted ({name}); nothing written", code)
 
 
 def _fail(message: str, code: int = 2) -> None:
