@@ -200,7 +200,8 @@ _import_options = [
     click.option("--moe-layers", help="Hidden-layer ids of the MoE layers, comma separated "
                  "(default: detected)."),
     click.option("--top-k", type=POS_INT, help="Experts per token (SGLang per-request input)."),
-    click.option("--num-hidden-layers", type=POS_INT, help="Hidden layers (SGLang per-request input)."),
+    click.option("--num-hidden-layers", type=_Number(int, 1, MAX_LAYER_IDS),
+                 help="Hidden layers (SGLang per-request input)."),
 ]
 
 
@@ -657,7 +658,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
 @click.option("--format", "fmt", required=True, type=click.Choice(
     ["sglang", "sglang-logical-count", "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb"]))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-@click.option("--num-hidden-layers", type=POS_INT, help="SGLang: all hidden layers, dense included "
+@click.option("--num-hidden-layers", type=_Number(int, 1, MAX_LAYER_IDS),
+              help="SGLang: all hidden layers, dense included "
               "(default: last MoE layer + 1).")
 @click.option("--moe-layers", help="Hidden-layer ids of the MoE layers (default: from the "
               "placement).")
