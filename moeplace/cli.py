@@ -172,7 +172,9 @@ def _paths(inputs: tuple[str, ...] = (), outputs: dict[str, bool | None] | None 
         def wrapper(**kw: Any) -> Any:
             from moeplace._fileio import check_output, protected_inputs
 
-            with protected_inputs(*(kw.get(n) for n in inputs)):
+            named = [kw.get(n) for n in inputs]
+            flat = [x for v in named for x in (v if isinstance(v, (tuple, list)) else [v])]
+            with protected_inputs(*flat):
                 for name, directory in (outputs or {}).items():
                     if kw.get(name) is not None:
                         check_output(kw[name], directory=directory)
@@ -379,16 +381,47 @@ def _check_device(device: str) -> None:
 
 # ---- stats / convert / synth ----------------------------------------------------------------
 @main.command()
-@click.argument("trace")
+@click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz.")
+@click.option("--ray", "ray_address", metavar="ADDRESS|local",
+              help="Count Parquet shards as Ray tasks on this cluster ('local': start one here; "
+              "needs moeplace[ray]).")
 @import_options
-@_paths(inputs=("trace",), outputs={"out": False})
-def stats(trace: str, out: str, **kw: Any) -> None:
-    """Aggregate a trace into statistics (.npz) that add up across shards."""
-    st, _ = _stats_of(trace, **kw)
+@_paths(inputs=("sources",), outputs={"out": False})
+def stats(sources: tuple[str, ...], out: str, ray_address: str | None, **kw: Any) -> None:
+    """Aggregate traces (files, shard directories, quoted globs) into statistics (.npz) that
+    add up across shards; with --ray, on a Ray cluster."""
+    if ray_address:
+        from moeplace.service.fleet import stats_on_ray
+
+        if kw.get("fmt") not in ("auto", "parquet"):
+            raise InputError("--ray", "--format", "Ray aggregation reads Parquet shards",
+                             "convert other formats with 'moeplace convert' first")
+        st = stats_on_ray(sources, ray_address)
+    else:
+        from moeplace.service.fleet import expand_sources
+
+        from pathlib import Path
+
+        st = None
+        # Directories and globs count shard by shard, exactly as the Ray tasks do; other
+        # sources (any importable format) one by one.
+        paths = [str(p) for src in sources for p in (
+            expand_sources([src]) if Path(src).is_dir() or not Path(src).exists() else [src])]
+        for src in paths:
+            part, _ = _stats_of(src, **kw)
+            st = part if st is None else _sum_stats(st, part, src)
     st.save(out)
     click.echo(f"wrote {out}: {st.num_tokens:,} tokens, {st.num_layers} layers, "
                f"{st.num_experts} experts")
+
+
+def _sum_stats(a: Any, b: Any, source: str) -> Any:
+    ma, mb = a.meta, b.meta
+    if (ma.num_experts, ma.top_k, ma.moe_layer_ids) != (mb.num_experts, mb.top_k, mb.moe_layer_ids):
+        raise InputError(source, "meta", "num_experts/top_k/MoE layers differ from the first "
+                         "source", "aggregate traces of one model only")
+    return a + b
 
 
 @main.command()
