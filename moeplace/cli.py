@@ -399,9 +399,9 @@ def stats(sources: tuple[str, ...], out: str, ray_address: str | None, **kw: Any
                              "convert other formats with 'moeplace convert' first")
         st = stats_on_ray(sources, ray_address)
     else:
-        from moeplace.service.fleet import expand_sources
-
         from pathlib import Path
+
+        from moeplace.service.fleet import expand_sources
 
         st = None
         # Directories and globs count shard by shard, exactly as the Ray tasks do; other
