@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from moeplace._limits import check_memory
+from moeplace._validate import loads_json
 from moeplace.errors import InputError, MissingDependencyError
 
 
@@ -20,16 +21,26 @@ def iter_json_records(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[
     """Yield ``(location, object)`` from a JSON file (object or list) or a JSONL file."""
     p = Path(path)
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(p, "file", f"cannot read as text ({exc})", "check the path") from None
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InputError(p, "file", f"cannot read ({exc.strerror or exc})",
+                         "check the path") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(p, "file", f"not UTF-8 text (bad byte at offset {exc.start})",
+                         "save the responses as UTF-8 JSON") from None
+    del raw
     stripped = text.lstrip()
     if not stripped:
         raise InputError(p, "file", "file is empty", "give a file with at least one record")
     if p.suffix != ".jsonl" and stripped[0] in "[{":
         try:
-            obj = json.loads(text)
-        except ValueError:
+            obj = loads_json(text, p)
+        except InputError as exc:
+            # A whole-file parse that fails may still be JSONL; one too deep never is.
+            if "nested too deeply" in exc.problem:
+                raise
             obj = None
         if obj is not None:
             items = obj if isinstance(obj, list) else [obj]
@@ -42,11 +53,7 @@ def iter_json_records(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{p}:{lineno}", "line", f"not valid JSON ({exc.args[0]})",
-                             "one JSON object per line") from None
+        item = loads_json(line, f"{p}:{lineno}", "line", "one JSON object per line")
         if not isinstance(item, dict):
             raise InputError(f"{p}:{lineno}", "line", "not a JSON object",
                              "one JSON object per line")
@@ -64,10 +71,26 @@ def b64decode(value: Any, source: str, field: str) -> bytes:
 
 
 def npy_from_bytes(raw: bytes, source: str, field: str) -> np.ndarray:
+    """A ``.npy`` payload as an array, its header checked against the bytes present first
+    (numpy allocates the declared shape before reading, so a short payload must not get there)."""
+    fh = io.BytesIO(raw)
     try:
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputError(source, field, f"not .npy bytes ({exc})",
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _f, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, _f, dtype = np.lib.format.read_array_header_2_0(fh)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not read")
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if nbytes > len(raw) - fh.tell():
+            raise ValueError(f"header declares {nbytes} bytes of data, "
+                             f"{len(raw) - fh.tell()} present")
+        check_memory(nbytes, f"array of shape {shape}", source, field)
+        fh.seek(0)
+        return np.load(fh, allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError, RecursionError) as exc:
+        raise InputError(source, field, f"not .npy bytes ({str(exc)[:120]})",
                          "pass the field unmodified") from None
 
 
