@@ -90,8 +90,10 @@ class TraceMeta:
             raise InputError(source, "meta.moe_layer_ids", "empty: the trace has no layers", fix)
         H = d.get("num_hidden_layers")
         if H is not None:
-            H = as_int(H, source, "meta.num_hidden_layers", lo=max(ids) + 1, hi=MAX_LAYERS + 1,
-                       fix="num_hidden_layers must exceed every MoE layer id")
+            # ``>= max id``, not ``>``: some sources number layers from 1 (the bundled
+            # FLAME-MoE sample: 9 hidden layers, MoE layers 2..9).
+            H = as_int(H, source, "meta.num_hidden_layers", lo=max(ids), hi=MAX_LAYERS + 1,
+                       fix="num_hidden_layers cannot be below a MoE layer id")
         shared = as_int(d.get("num_shared_experts", 0), source, "meta.num_shared_experts",
                         lo=0, hi=MAX_EXPERTS, fix=fix)
         for key in ("model", "source"):
