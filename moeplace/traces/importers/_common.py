@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from moeplace._limits import check_memory
-from moeplace._validate import loads_json
+from moeplace._validate import MAX_EXPERTS, as_int, loads_json
 from moeplace.errors import InputError, MissingDependencyError
 
 
@@ -70,28 +70,42 @@ def b64decode(value: Any, source: str, field: str) -> bytes:
         raise InputError(source, field, "not valid base64", "pass the field unmodified") from None
 
 
-def npy_from_bytes(raw: bytes, source: str, field: str) -> np.ndarray:
-    """A ``.npy`` payload as an array, its header checked against the bytes present first
-    (numpy allocates the declared shape before reading, so a short payload must not get there)."""
-    fh = io.BytesIO(raw)
+def _npy_header(fh: Any, available: int) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a ``.npy`` header, refused when the data cannot be all there."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _f, dtype = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, _f, dtype = np.lib.format.read_array_header_2_0(fh)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not read")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > available - fh.tell():
+        raise ValueError(f"header declares {nbytes} bytes of data, "
+                         f"{available - fh.tell()} present")
+    return shape, dtype
+
+
+def npy_from_bytes(raw: bytes | None, source: str, field: str,
+                   path: Path | None = None) -> np.ndarray:
+    """A ``.npy`` payload (bytes, or the file ``path``) as an array, its header checked against
+    the bytes present first: numpy allocates the declared shape before reading the data."""
     try:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, _f, dtype = np.lib.format.read_array_header_1_0(fh)
+        if path is not None:
+            with open(path, "rb") as fh:
+                shape, dtype = _npy_header(fh, path.stat().st_size)
         else:
-            shape, _f, dtype = np.lib.format.read_array_header_2_0(fh)
-        if dtype.hasobject:
-            raise ValueError("object arrays are not read")
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if nbytes > len(raw) - fh.tell():
-            raise ValueError(f"header declares {nbytes} bytes of data, "
-                             f"{len(raw) - fh.tell()} present")
-        check_memory(nbytes, f"array of shape {shape}", source, field)
-        fh.seek(0)
-        return np.load(fh, allow_pickle=False)
-    except (ValueError, OSError, EOFError, SyntaxError, RecursionError) as exc:
+            assert raw is not None
+            shape, dtype = _npy_header(io.BytesIO(raw), len(raw))
+        check_memory(int(np.prod(shape, dtype=object)) * dtype.itemsize,
+                     f"array of shape {shape}", source, field)
+        return np.load(path if path is not None else io.BytesIO(raw), allow_pickle=False)
+    except OSError as exc:
+        raise InputError(source, field, f"cannot read ({exc.strerror or exc})",
+                         "check the path") from None
+    except (ValueError, EOFError, SyntaxError, RecursionError) as exc:
         raise InputError(source, field, f"not .npy bytes ({str(exc)[:120]})",
-                         "pass the field unmodified") from None
+                         "pass the data unmodified") from None
 
 
 def drop_dense_layers(experts: np.ndarray, moe_layer_ids: list[int] | None, source: object
@@ -108,6 +122,9 @@ def drop_dense_layers(experts: np.ndarray, moe_layer_ids: list[int] | None, sour
         if experts.shape[2] == 1:
             dense = np.all(flat == -1, axis=(0, 2))
         moe_layer_ids = [h for h in range(H) if not dense[h]]
+    if len(set(moe_layer_ids)) != len(moe_layer_ids):
+        raise InputError(source, "moe_layer_ids", "a layer is named twice",
+                         "name each MoE layer once")
     bad = [h for h in moe_layer_ids if not 0 <= h < H]
     if bad:
         raise InputError(source, "moe_layer_ids", f"layer {bad[0]} outside 0..{H - 1}",
@@ -116,6 +133,18 @@ def drop_dense_layers(experts: np.ndarray, moe_layer_ids: list[int] | None, sour
         raise InputError(source, "routed_experts", "every layer is empty (all dense)",
                          "check that routed-expert capture was enabled")
     return experts[:, moe_layer_ids], list(moe_layer_ids)
+
+
+def infer_num_experts(experts: np.ndarray, source: object, field: str = "experts",
+                      given: int | None = None) -> int:
+    """``given`` (checked), else ``largest id + 1``, refusing ids no real model has."""
+    if given is not None:
+        return as_int(given, "--num-experts", "value", lo=1, hi=MAX_EXPERTS)
+    hi = int(experts.max())
+    if hi >= MAX_EXPERTS:
+        raise InputError(source, field, f"expert id {hi} is implausibly large "
+                         f"(over {MAX_EXPERTS - 1})", "check the file, or pass --num-experts")
+    return max(hi, 0) + 1
 
 
 def torch_load(path: str | os.PathLike[str]) -> Any:

@@ -17,20 +17,12 @@ import numpy as np
 from moeplace._limits import check_memory
 from moeplace._validate import MAX_EXPERTS, MAX_LAYERS, NpzMembers, as_int, as_int_list
 from moeplace.errors import InputError
+from moeplace.traces.importers._common import infer_num_experts
 from moeplace.traces.trace import DROPPED_KEY, Trace, TraceMeta
 
 _WEIGHT_KEYS = ("weights", "scores", "gating_probs")
 _POSITION_KEYS = ("token_pos", "position", "positions", "token_idx")
 _REQUEST_KEYS = ("request", "prompt_id", "request_id")
-
-
-def infer_num_experts(experts: np.ndarray, source: object, field: str = "experts") -> int:
-    """``largest id + 1``, refusing ids no real model has (a corrupt or hostile file)."""
-    hi = int(experts.max())
-    if hi >= MAX_EXPERTS:
-        raise InputError(source, field, f"expert id {hi} is implausibly large "
-                         f"(over {MAX_EXPERTS - 1})", "check the file, or pass --num-experts")
-    return max(hi, 0) + 1
 
 
 def _refuse_undeclared_marker(experts: np.ndarray, source: Path) -> None:
