@@ -152,6 +152,7 @@ class NpzMembers:
         self._info = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i
                       for i in infos}
         self.headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._data_start: dict[str, int] = {}
 
     @property
     def files(self) -> list[str]:
@@ -183,6 +184,7 @@ class NpzMembers:
                     shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
                 else:
                     raise ValueError(f"unsupported .npy version {version}")
+                self._data_start[name] = fh.tell()
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError,
                 RecursionError) as exc:
             raise InputError(self.path, name, f"not a readable .npy member ({str(exc)[:120]})",
@@ -206,8 +208,9 @@ class NpzMembers:
         info = self._info[name]
         # The zip directory's uncompressed size bounds what decompression can produce.
         check_memory(info.file_size, f"member {name}", self.path, name)
-        if info.file_size < nbytes:
-            raise InputError(self.path, name, f"member holds {info.file_size} bytes, its header "
+        stored = info.file_size - self._data_start[name]
+        if stored < nbytes:
+            raise InputError(self.path, name, f"member holds {stored} bytes of data, its header "
                              f"declares {nbytes}", "the archive is truncated or corrupt")
         try:
             with self._zip.open(info) as fh:
