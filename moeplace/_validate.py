@@ -124,6 +124,15 @@ def int_array(value: Any, source: object, field: str) -> np.ndarray:
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) > np.iinfo(np.int64).max:
         raise InputError(source, field, f"id {int(arr.max())} is outside the 64-bit signed range",
                          "ids must be small non-negative integers")
+    if arr.dtype.kind == "f" and not isinstance(value, np.ndarray):
+        # numpy turns a list mixing ints with one beyond int64 into floats: say which it is.
+        try:
+            np.asarray(value, dtype=np.int64)
+        except OverflowError:
+            raise InputError(source, field, "an integer outside the 64-bit signed range",
+                             "ids must be small non-negative integers") from None
+        except (ValueError, TypeError):
+            pass
     if arr.dtype.kind not in "iu":
         raise InputError(source, field, f"values of type {arr.dtype} are not integers",
                          "ids must be integers")

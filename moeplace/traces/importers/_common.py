@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,11 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
     except ImportError:
         raise MissingDependencyError("torch", f"reading {Path(path).name} (.pt)", "torch") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: plain tensors and containers only, never arbitrary pickled code. Its
+        # warnings (pickle protocol, ...) would add lines to the one-line error contract.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many unrelated types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(path, "file", f"not a readable torch file ({first[:200]})",
