@@ -326,6 +326,11 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
                          "...router.weight) found", "is this a MoE checkpoint?")
     sidecar = ckpt / SIDECAR
     current = _load_sidecar(sidecar) if sidecar.is_file() else None
+    for h, perm in (current or {}).items():
+        if layers.get(h) != len(perm):
+            raise InputError(sidecar, f"perm.{h}", f"a permutation of {len(perm)} experts for "
+                             f"layer {h}, which has {layers.get(h, 'no')} experts",
+                             "the sidecar belongs to another checkpoint; restore the right one")
     if invert:
         if current is None:
             raise InputError(ckpt, SIDECAR, "missing: this checkpoint was not written by "

@@ -191,3 +191,15 @@ def test_sglang_dump_contents_validated(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+def test_pt_without_torch_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from moeplace.errors import MissingDependencyError
+
+    (tmp_path / "d.pt").write_bytes(b"not really")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(MissingDependencyError, match="needs torch"):
+        load_routing(tmp_path / "d.pt")
+    cli_fails(["analyze", tmp_path / "d.pt"], "needs torch")
