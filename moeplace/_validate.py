@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,11 @@ def int_array(value: Any, source: object, field: str) -> np.ndarray:
 
 
 # ---- npz archives ---------------------------------------------------------------------------
+# What a corrupt member can raise while its header is parsed (numpy tokenizes the header dict)
+# or its data inflated (zlib, CRC, unsupported zip features).
+_ARCHIVE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile,
+                   SyntaxError, RecursionError, tokenize.TokenError, zlib.error,
+                   NotImplementedError, MemoryError)
 class NpzMembers:
     """An ``.npz`` opened through its zip directory: member names, declared shapes and dtypes from
     each ``.npy`` header, and sizes checked against the memory cap before a member is read.
@@ -155,7 +162,7 @@ class NpzMembers:
         try:
             self._zip = zipfile.ZipFile(self.path)
             infos = self._zip.infolist()
-        except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+        except _ARCHIVE_ERRORS as exc:
             raise InputError(self.path, "file", f"not a readable .npz archive ({str(exc)[:120]})",
                              fix) from None
         self._info = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i
@@ -194,8 +201,7 @@ class NpzMembers:
                 else:
                     raise ValueError(f"unsupported .npy version {version}")
                 self._data_start[name] = fh.tell()
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError,
-                RecursionError) as exc:
+        except _ARCHIVE_ERRORS as exc:
             raise InputError(self.path, name, f"not a readable .npy member ({str(exc)[:120]})",
                              self.fix) from None
         if dtype.hasobject:
@@ -224,8 +230,7 @@ class NpzMembers:
         try:
             with self._zip.open(info) as fh:
                 return np.lib.format.read_array(fh, allow_pickle=False)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile,
-                RecursionError) as exc:
+        except _ARCHIVE_ERRORS as exc:
             raise InputError(self.path, name, f"cannot read ({str(exc)[:120]})",
                              "the archive is corrupt; re-export it") from None
 

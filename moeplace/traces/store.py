@@ -267,7 +267,8 @@ class TraceReader:
                 # A buffered stream without pre-buffering keeps memory at about one chunk;
                 # the defaults read whole column chunks ahead and grew to the file's size.
                 pf = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+                pf.schema_arrow  # noqa: B018  (decodes the footer's schema: may be corrupt)
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 raise InputError(f, "file", f"not a readable Parquet file ({_first_line(exc)})",
                                  "the file may be truncated; re-create it") from None
             header, meta = _parse_header(pf.schema_arrow, f)
@@ -305,7 +306,9 @@ class TraceReader:
             try:
                 for batch in pf.iter_batches(batch_size=chunk_tokens, columns=cols):
                     yield self._decode(batch, L, k, f)
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                if isinstance(exc, InputError):
+                    raise
                 raise InputError(f, "file", f"corrupt Parquet data ({_first_line(exc)})",
                                  "the file may be truncated; re-create it") from None
 

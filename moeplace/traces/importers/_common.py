@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import os
+import tokenize
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,7 +105,7 @@ def npy_from_bytes(raw: bytes | None, source: str, field: str,
     except OSError as exc:
         raise InputError(source, field, f"cannot read ({exc.strerror or exc})",
                          "check the path") from None
-    except (ValueError, EOFError, SyntaxError, RecursionError) as exc:
+    except (ValueError, EOFError, SyntaxError, RecursionError, tokenize.TokenError) as exc:
         raise InputError(source, field, f"not .npy bytes ({str(exc)[:120]})",
                          "pass the data unmodified") from None
 
