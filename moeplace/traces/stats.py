@@ -59,10 +59,12 @@ class RoutingStats:
               ) -> RoutingStats:
         L, N = meta.num_layers, meta.num_experts
         # The shape comes from a file's header: check what it implies before allocating it.
-        check_memory(8 * (L * N + (max(L - 1, 0) * N * N if transitions else 0)
-                          + (L * N * N if coactivation else 0)),
-                     f"statistics for {L} layers x {N} experts", meta.source or "trace",
-                     "num_experts")
+        # Counted twice: whoever uses the counts (analysis, solvers) makes float64 copies of
+        # the N x N arrays, so half the cap for the counts keeps the whole run near the cap.
+        check_memory(2 * 8 * (L * N + (max(L - 1, 0) * N * N if transitions else 0)
+                              + (L * N * N if coactivation else 0)),
+                     f"statistics for {L} layers x {N} experts (and working copies)",
+                     meta.source or "trace", "num_experts")
         return cls(
             meta=meta,
             num_tokens=0,
