@@ -143,10 +143,10 @@ def int_array(value: Any, source: object, field: str) -> np.ndarray:
 
 # ---- npz archives ---------------------------------------------------------------------------
 # What a corrupt member can raise while its header is parsed (numpy tokenizes the header dict)
-# or its data inflated (zlib, CRC, unsupported zip features).
+# or its data inflated (zlib, CRC, unsupported zip features; RuntimeError: an encrypted member).
 _ARCHIVE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile,
                    SyntaxError, RecursionError, tokenize.TokenError, zlib.error,
-                   NotImplementedError, MemoryError)
+                   NotImplementedError, MemoryError, RuntimeError)
 class NpzMembers:
     """An ``.npz`` opened through its zip directory: member names, declared shapes and dtypes from
     each ``.npy`` header, and sizes checked against the memory cap before a member is read.
