@@ -147,6 +147,8 @@ def int_array(value: Any, source: object, field: str) -> np.ndarray:
 _ARCHIVE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile,
                    SyntaxError, RecursionError, tokenize.TokenError, zlib.error,
                    NotImplementedError, MemoryError, RuntimeError)
+
+
 class NpzMembers:
     """An ``.npz`` opened through its zip directory: member names, declared shapes and dtypes from
     each ``.npy`` header, and sizes checked against the memory cap before a member is read.
