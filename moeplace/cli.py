@@ -204,6 +204,9 @@ _import_options = [
     click.option("--top-k", type=POS_INT, help="Experts per token (SGLang per-request input)."),
     click.option("--num-hidden-layers", type=_Number(int, 1, MAX_LAYER_IDS),
                  help="Hidden layers (SGLang per-request input)."),
+    click.option("--missing-id", type=NONNEG_INT, help="npz: the id marking a lost record "
+                 "(tokens with one are dropped and counted); only a file's own missing_id is "
+                 "honoured otherwise."),
 ]
 
 
@@ -215,11 +218,21 @@ def import_options(f: Any) -> Any:
 
 def _load(path: str, fmt: str = "auto", num_experts: int | None = None,
           moe_layers: str | None = None, top_k: int | None = None,
-          num_hidden_layers: int | None = None) -> Any:
+          num_hidden_layers: int | None = None, missing_id: int | None = None) -> Any:
     from moeplace.traces import load_routing
 
-    return load_routing(path, fmt, num_experts=num_experts, moe_layer_ids=_layer_ids(moe_layers),
-                        top_k=top_k, num_hidden_layers=num_hidden_layers)
+    obj = load_routing(path, fmt, num_experts=num_experts, moe_layer_ids=_layer_ids(moe_layers),
+                       top_k=top_k, num_hidden_layers=num_hidden_layers, missing_id=missing_id)
+    _note_dropped(obj, path)
+    return obj
+
+
+def _note_dropped(obj: Any, path: str) -> None:
+    """Tokens an importer left out are never silent: one line on stderr."""
+    n = obj.meta.dropped_tokens
+    if n:
+        click.echo(f"moeplace: note: {path}: dropped {n:,} tokens with a record marked lost "
+                   "(missing_id); counts cover the rest", err=True)
 
 
 def _open(path: str, kw: dict[str, Any], in_memory_max: int | None = None) -> Any:
@@ -229,6 +242,7 @@ def _open(path: str, kw: dict[str, Any], in_memory_max: int | None = None) -> An
     fmt = kw.get("fmt", "auto")
     if fmt == "parquet" or (fmt == "auto" and detect_format(path) == "parquet"):
         reader = open_trace(path)
+        _note_dropped(reader, path)
         if in_memory_max is not None and reader.num_tokens > in_memory_max:
             return reader
         return reader.read()
@@ -443,8 +457,8 @@ def convert(src: str, dst: str, model: str, **kw: Any) -> None:
     write_trace(obj, dst)
     click.echo(f"wrote {dst}: {obj.num_tokens:,} tokens x {obj.num_layers} layers x top-"
                f"{obj.top_k} of {obj.num_experts} experts"
-               + (f" (dropped {obj.meta.extra['dropped_tokens']} tokens with lost records)"
-                  if obj.meta.extra.get("dropped_tokens") else ""))
+               + (f" (dropped {obj.dropped_tokens:,} tokens with lost records)"
+                  if obj.dropped_tokens else ""))
 
 
 @main.command()

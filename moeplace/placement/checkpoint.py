@@ -23,6 +23,14 @@ from typing import Any
 import numpy as np
 
 from moeplace._fileio import atomic_path
+from moeplace._validate import (
+    MAX_EXPERTS,
+    as_int,
+    as_int_list,
+    loads_json,
+    read_json,
+    type_name,
+)
 from moeplace.errors import InputError
 from moeplace.placement.permute import _AXIS0, _BLOCK, _PER_EXPERT, layer_permutations
 from moeplace.placement.placement import Placement
@@ -32,32 +40,108 @@ INDEX = "model.safetensors.index.json"
 _ROUTER = re.compile(_BLOCK + r"\.(?:gate|router)\.weight$")
 
 
+# Bits per element of each safetensors dtype (the format's list, sub-byte floats included).
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+               "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+               "I64": 64, "U64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_MAX_HEADER = 100 << 20  # the safetensors reference implementation's limit
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header dict in file order, byte offset where the data starts)."""
+    """(header dict in file order, byte offset where the data starts), after checking it as the
+    safetensors format requires: a JSON object of tensor entries, each with a known dtype, a
+    shape of non-negative ints and ``data_offsets`` [begin, end] whose span is dtype x shape,
+    the spans sorted, adjacent and covering the data exactly (no overlap, no hole, no byte
+    outside the file)."""
+    fix = "pass a checkpoint written by save_pretrained"
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) != 8:
-                raise ValueError("shorter than the 8-byte header length")
+                raise InputError(path, "header", "shorter than the 8-byte header length", fix)
             (n,) = struct.unpack("<Q", raw)
-            if n > 100 << 20:
-                raise ValueError(f"header of {n} bytes")
-            header = json.loads(fh.read(n))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(path, "header", f"not a safetensors file ({exc})",
-                         "pass a checkpoint written by save_pretrained") from None
+            if n > _MAX_HEADER or n > size - 8:
+                raise InputError(path, "header", f"declares a {n}-byte header in a {size}-byte "
+                                 "file", "the file is truncated or not safetensors")
+            text = fh.read(n)
+    except OSError as exc:
+        raise InputError(path, "file", f"cannot read ({exc.strerror or exc})",
+                         "check the checkpoint") from None
+    header = loads_json(text, path, "header", fix)
+    if not isinstance(header, dict):
+        raise InputError(path, "header", f"a JSON {type_name(header)}, not an object", fix)
+    data_size = size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(
+                    isinstance(v, str) for v in entry.values()):
+                raise InputError(path, "__metadata__", "is not an object of strings", fix)
+            continue
+        if not isinstance(entry, dict):
+            raise InputError(path, name, f"a JSON {type_name(entry)}, not a tensor entry", fix)
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in entry:
+                raise InputError(path, f"{name}.{key}", "missing", fix)
+        dtype = entry["dtype"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
+            raise InputError(path, f"{name}.dtype", f"{dtype!r:.40} is not a safetensors dtype",
+                             fix)
+        shape = as_int_list(entry["shape"], path, f"{name}.shape", lo=0, hi=1 << 62, max_len=64)
+        offs = as_int_list(entry["data_offsets"], path, f"{name}.data_offsets", lo=0,
+                           hi=1 << 62, max_len=2)
+        if len(offs) != 2 or offs[0] > offs[1]:
+            raise InputError(path, f"{name}.data_offsets", f"{offs} is not [begin, end] with "
+                             "begin <= end", fix)
+        bits = _DTYPE_BITS[dtype] * int(np.prod(shape, dtype=object))
+        if bits % 8 or offs[1] - offs[0] != bits // 8:
+            raise InputError(path, f"{name}.data_offsets", f"spans {offs[1] - offs[0]} bytes, "
+                             f"but {dtype} {shape} needs {bits / 8:g}", fix)
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise InputError(path, f"{name}.data_offsets", f"starts at {begin}, but the previous "
+                             f"tensor ends at {pos} ({'overlap' if begin < pos else 'hole'})",
+                             "the header is corrupt; re-save the checkpoint")
+        pos = end
+    if pos != data_size:
+        raise InputError(path, "data_offsets", f"tensors cover {pos} bytes, the file holds "
+                         f"{data_size} after the header",
+                         "the file is truncated or corrupt; re-download or re-save it")
     return header, 8 + n
+
+
+def _inside(ckpt: Path, name: object, source: Path) -> Path:
+    """The shard ``name`` of an index, resolved and refused unless it stays inside ``ckpt``
+    (no absolute path, no ``..``, no symlink leading out)."""
+    if not isinstance(name, str) or not name:
+        raise InputError(source, "weight_map", f"{name!r:.60} is not a file name",
+                         "map tensor names to shard file names")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise InputError(source, "weight_map", f"{name!r:.80} points outside the checkpoint",
+                         "shard names must be files inside the checkpoint directory")
+    target = (ckpt / rel).resolve()
+    root = ckpt.resolve()
+    if root not in target.parents:
+        raise InputError(source, "weight_map", f"{name!r:.80} resolves to {target}, outside the "
+                         "checkpoint (a symlink leads out)",
+                         "copy the real shard files into the directory (cp -L)")
+    return ckpt / rel
 
 
 def _shards(ckpt: Path) -> list[Path]:
     index = ckpt / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise InputError(index, "weight_map", "missing or malformed",
-                             "re-save the checkpoint with save_pretrained") from None
-        names = sorted(set(weight_map.values()))
+        fix = "re-save the checkpoint with save_pretrained"
+        d = read_json(index, "file", fix)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(index, "weight_map", "missing or not an object of names", fix)
+        names = sorted({_inside(ckpt, v, index).as_posix() for v in weight_map.values()})
         missing = [n for n in names if not (ckpt / n).is_file()]
         if missing:
             raise InputError(index, "weight_map", f"names {missing[0]}, which is not there",
@@ -69,17 +153,25 @@ def _shards(ckpt: Path) -> list[Path]:
             ckpt.glob("*.bin")) else ""
         raise InputError(ckpt, "*.safetensors", "no safetensors weights found" + hint,
                          "pass a directory written by save_pretrained")
-    return files
+    return [_inside(ckpt, f.name, ckpt) for f in files]
 
 
 def _group_limits(ckpt: Path) -> tuple[int, int]:
-    """(n_group, topk_group) from config.json; (1, 1) when routing is not group-limited."""
-    try:
-        cfg = json.loads((ckpt / "config.json").read_text())
-    except (OSError, ValueError):
+    """(n_group, topk_group) from config.json; (1, 1) when routing is not group-limited or
+    there is no config. A config that is there but malformed is refused, not ignored: it
+    decides whether a placement may split expert groups."""
+    path = ckpt / "config.json"
+    if not path.is_file():
         return 1, 1
-    n = int(cfg.get("n_group") or 1)
-    k = int(cfg.get("topk_group") or n)
+    cfg = read_json(path, "file", "restore the model's config.json", max_bytes=64 << 20)
+    if not isinstance(cfg, dict):
+        raise InputError(path, "file", f"a JSON {type_name(cfg)}, not an object",
+                         "restore the model's config.json")
+    n = cfg.get("n_group")
+    n = 1 if n is None else as_int(n, path, "n_group", lo=1, hi=MAX_EXPERTS)
+    k = cfg.get("topk_group")
+    k = n if k is None else as_int(k, path, "topk_group", lo=1, hi=n,
+                                   fix="topk_group must lie in 1..n_group")
     return n, k
 
 
@@ -110,7 +202,11 @@ def _layout(headers: dict[Path, tuple[dict[str, Any], int]]
             where[name] = p
             m = _ROUTER.match(name)
             if m:
-                layers[int(m["layer"])] = int(entry["shape"][0])
+                shape = entry["shape"]
+                if len(shape) != 2 or shape[0] < 1:
+                    raise InputError(p, f"{name}.shape", f"{shape} is not [experts, hidden]",
+                                     "the checkpoint is corrupt or not a MoE model")
+                layers[int(m["layer"])] = int(shape[0])
     return layers, where
 
 
@@ -176,6 +272,9 @@ def _rewrite_shard(src: Path, dst: Path, header: dict[str, Any], start: int,
                 if shape[0] != N:
                     raise InputError(src, name, f"expert axis {shape[0]} != {N} experts",
                                      "the placement is for another model")
+                if (end - begin) % N:
+                    raise InputError(src, name, f"{end - begin} bytes do not split into {N} "
+                                     "expert rows", "the checkpoint is corrupt")
                 row = (end - begin) // N
                 for old in perms[int(m["layer"])]:
                     _copy_range(fd, fout, start + begin + int(old) * row, row, src)
@@ -227,6 +326,11 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
                          "...router.weight) found", "is this a MoE checkpoint?")
     sidecar = ckpt / SIDECAR
     current = _load_sidecar(sidecar) if sidecar.is_file() else None
+    for h, perm in (current or {}).items():
+        if layers.get(h) != len(perm):
+            raise InputError(sidecar, f"perm.{h}", f"a permutation of {len(perm)} experts for "
+                             f"layer {h}, which has {layers.get(h, 'no')} experts",
+                             "the sidecar belongs to another checkpoint; restore the right one")
     if invert:
         if current is None:
             raise InputError(ckpt, SIDECAR, "missing: this checkpoint was not written by "
@@ -238,6 +342,11 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
             raise InputError("apply", "PLACEMENT", "no placement given", "pass PLACEMENT.json")
         ids = moe_layer_ids or (list(placement.moe_layer_ids) if placement.moe_layer_ids
                                 else sorted(layers))
+        if len(set(ids)) != len(ids):
+            dup = next(h for i, h in enumerate(ids) if h in ids[:i])
+            raise InputError("--moe-layers" if moe_layer_ids else placement.source,
+                             "moe_layer_ids", f"layer {dup} is named twice",
+                             "name each MoE layer once, in the placement's layer order")
         # A placement may leave MoE layers out (DeepSeek-V3's multi-token-prediction layer is
         # never traced); those keep their order. Every layer it names must be a MoE layer.
         if (not set(ids) <= set(layers) or len(ids) != placement.num_layers
@@ -248,6 +357,9 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
                              f"{layers[min(layers)]} experts", "solve for this model")
         target = layer_permutations(placement, ids)
         n_group, topk_group = _group_limits(ckpt)
+        if layers[min(layers)] % n_group:
+            raise InputError(ckpt / "config.json", "n_group", f"{n_group} groups do not divide "
+                             f"{layers[min(layers)]} experts", "restore the model's config.json")
         if n_group > 1 and topk_group < n_group:
             check_groups(target, n_group, placement.source)
         # Express the target relative to the layout the checkpoint has now.
@@ -260,6 +372,12 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
                   "perm": {str(h): target[h].tolist() for h in sorted(target)},
                   "placement": placement.to_dict()}
     N = layers[min(layers)]
+    for h, perm in perms.items():
+        if h not in layers or layers[h] != N or len(perm) != N:
+            raise InputError(sidecar if current and h in current else ckpt, f"layer {h}",
+                             f"a permutation of {len(perm)} experts for a layer with "
+                             f"{layers.get(h, 'no')} experts (others have {N})",
+                             "the sidecar or placement is for another checkpoint")
     _check_experts(where, perms, N, ckpt)
     with atomic_path(dst) as tmp:
         tmp.mkdir()
@@ -275,15 +393,26 @@ def rewrite_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
 
 
 def _load_sidecar(path: Path) -> dict[int, np.ndarray]:
-    try:
-        d = json.loads(path.read_text())
-        perms = {int(h): np.asarray(p, np.int64) for h, p in d["perm"].items()}
-    except (ValueError, KeyError, TypeError):
-        raise InputError(path, "perm", "missing or malformed",
-                         "restore the sidecar written by moeplace apply") from None
-    for h, p in perms.items():
-        if sorted(p.tolist()) != list(range(len(p))):
-            raise InputError(path, f"perm.{h}", "not a permutation", "restore the sidecar")
+    """{hidden layer: permutation} from the sidecar, every entry checked (a truncated or edited
+    sidecar would otherwise scramble experts on --invert or a second apply)."""
+    fix = "restore the sidecar written by moeplace apply"
+    d = read_json(path, "file", fix, max_bytes=256 << 20)
+    if not isinstance(d, dict):
+        raise InputError(path, "file", f"a JSON {type_name(d)}, not an object", fix)
+    if d.get("format", "moeplace.checkpoint-permutation") != "moeplace.checkpoint-permutation":
+        raise InputError(path, "format", f"{d.get('format')!r:.60} is not a moeplace sidecar", fix)
+    raw = d.get("perm")
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(path, "perm", "missing or not an object of permutations", fix)
+    perms: dict[int, np.ndarray] = {}
+    for key, val in raw.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) < 7):
+            raise InputError(path, f"perm.{key:.20}", "key is not a layer number", fix)
+        p = as_int_list(val, path, f"perm.{key}", lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS,
+                        fix=fix)
+        if sorted(p) != list(range(len(p))):
+            raise InputError(path, f"perm.{key}", "not a permutation", fix)
+        perms[int(key)] = np.asarray(p, np.int64)
     return perms
 
 

@@ -11,6 +11,17 @@ from typing import Any
 import numpy as np
 
 from moeplace._fileio import atomic_path
+from moeplace._limits import check_memory
+from moeplace._validate import (
+    MAX_EXPERTS,
+    MAX_GPUS,
+    MAX_LAYERS,
+    as_int,
+    as_int_list,
+    int_array,
+    read_json,
+    type_name,
+)
 from moeplace.errors import InfeasibleError, InputError
 
 FORMAT = "moeplace.placement"
@@ -193,50 +204,76 @@ class Placement:
         return Path(path)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "placement") -> Placement:
+    def from_dict(cls, d: Any, source: str = "placement") -> Placement:
+        """Build from a parsed placement JSON, checking each field's type and range first."""
+        fix = "save with moeplace solve --out / Placement.save"
         if not isinstance(d, dict):
-            raise InputError(source, "file", "not a JSON object", "save with Placement.save")
-        if d.get("format", FORMAT) != FORMAT:
-            raise InputError(source, "format", f"{d.get('format')!r} is not {FORMAT!r}",
+            raise InputError(source, "file", f"a JSON {type_name(d)}, not an object", fix)
+        fmt = d.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise InputError(source, "format", f"{fmt!r:.60} is not {FORMAT!r}",
                              "convert it with moeplace export/import")
-        if int(d.get("version", 1)) > VERSION:
-            raise InputError(source, "version", f"{d.get('version')} is newer than {VERSION}",
+        version = as_int(d.get("version", 1), source, "version", lo=1, fix=fix)
+        if version > VERSION:
+            raise InputError(source, "version", f"{version} is newer than {VERSION}",
                              "upgrade moeplace")
         for key in ("num_gpus", "phy2log"):
             if key not in d:
-                raise InputError(source, key, "missing", "save with Placement.save")
-        try:
-            phy = np.asarray(d["phy2log"])
-        except ValueError:
-            raise InputError(source, "phy2log", "rows have different lengths",
-                             "give the same slot count for every layer") from None
-        if phy.dtype == object:
+                raise InputError(source, key, "missing", fix)
+        G = as_int(d["num_gpus"], source, "num_gpus", lo=1, hi=MAX_GPUS)
+        M = as_int(d.get("num_nodes", 1), source, "num_nodes", lo=1, hi=G,
+                   fix="num_nodes must lie in 1..num_gpus")
+        if G % M:
+            raise InputError(source, "num_nodes", f"{G} GPUs do not split evenly into {M} nodes",
+                             "use a node count that divides the GPU count")
+        rows = d["phy2log"]
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+            raise InputError(source, "phy2log", "is not a non-empty list of lists of expert ids",
+                             "give one slot list per layer")
+        if len({len(r) for r in rows}) != 1:
             raise InputError(source, "phy2log", "rows have different lengths",
                              "give the same slot count for every layer")
-        if phy.ndim == 2 and "slots_per_gpu" in d and int(d["slots_per_gpu"]) * int(
-                d["num_gpus"]) != phy.shape[1]:
-            raise InputError(source, "slots_per_gpu", f"{d['slots_per_gpu']} slots x "
-                             f"{d['num_gpus']} GPUs != {phy.shape[1]} slots in phy2log "
-                             "(a GPU is over- or under-filled)",
-                             "give every GPU exactly slots_per_gpu experts")
-        for key, val in (("num_layers", phy.shape[0] if phy.ndim else None),):
-            if key in d and val is not None and int(d[key]) != val:
-                raise InputError(source, key, f"says {d[key]} but phy2log has {val} layers",
-                                 "fix num_layers or phy2log")
-        return cls(phy2log=phy, num_gpus=int(d["num_gpus"]), num_nodes=int(d.get("num_nodes", 1)),
-                   num_experts=None if d.get("num_experts") is None else int(d["num_experts"]),
-                   moe_layer_ids=d.get("moe_layer_ids"), info=dict(d.get("info", {})),
+        check_memory(8 * len(rows) * len(rows[0]), f"phy2log of {len(rows)} x {len(rows[0])}",
+                     source, "phy2log")
+        for i, r in enumerate(rows):
+            bad = [v for v in r if isinstance(v, bool) or not isinstance(v, int)][:1]
+            if bad:
+                bad = bad[0]
+                raise InputError(source, f"phy2log[{i}]", f"{bad!r:.40} ({type_name(bad)}) is "
+                                 "not an expert id", "slots hold integer expert ids")
+        phy = int_array(rows, source, "phy2log")
+        if phy.ndim != 2:
+            raise InputError(source, "phy2log", f"shape {phy.shape} is not [layers, slots]",
+                             "give one slot list per layer")
+        L, P = phy.shape
+        N = d.get("num_experts")
+        if N is not None:
+            N = as_int(N, source, "num_experts", lo=1, hi=min(P, MAX_EXPERTS),
+                       fix="num_experts must lie in 1..slots per layer")
+        for key, val in (("num_layers", L), ("slots_per_gpu", P // G if P % G == 0 else None),
+                         ("num_replicas", P - N if N is not None else None)):
+            if key in d:
+                got = as_int(d[key], source, key, lo=0)
+                if val is None or got != val:
+                    raise InputError(source, key, f"says {got}, but phy2log has {L} layers x {P}"
+                                     f" slots on {G} GPUs" + (" (a GPU is over- or "
+                                     "under-filled)" if key == "slots_per_gpu" else ""),
+                                     "make the declared sizes match phy2log")
+        ids = d.get("moe_layer_ids")
+        if ids is not None:
+            ids = as_int_list(ids, source, "moe_layer_ids", lo=0, hi=MAX_LAYERS, distinct=True,
+                              fix="list each MoE layer's hidden-layer id once")
+        info = d.get("info", {})
+        if not isinstance(info, dict):
+            raise InputError(source, "info", f"a JSON {type_name(info)}, not an object", fix)
+        return cls(phy2log=phy, num_gpus=G, num_nodes=M, num_experts=N,
+                   moe_layer_ids=None if ids is None else tuple(ids), info=dict(info),
                    source=source)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Placement:
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise InputError(path, "file", f"cannot read ({exc.strerror})", "check the path") from None
-        except ValueError as exc:
-            raise InputError(path, "file", f"not valid JSON ({exc})",
-                             "save with moeplace solve --out") from None
+        """Read a placement JSON file (see ``from_dict`` for what is checked)."""
+        d = read_json(path, "file", "save with moeplace solve --out", max_bytes=64 << 20)
         return cls.from_dict(d, source=str(path))
 
 

@@ -3,13 +3,13 @@ recording its routing to a trace: what ``moeplace profile`` does."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from moeplace._progress import Progress
+from moeplace._validate import loads_json
 from moeplace.errors import InputError, MissingDependencyError
 from moeplace.profiling.recorder import Recorder, record
 
@@ -23,24 +23,29 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     if not p.is_file():
         raise InputError(p, "prompts", "file not found", "pass a .txt or .jsonl prompt file")
     prompts: list[str] = []
-    with open(p, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if p.suffix != ".jsonl":
-                prompts.append(line.rstrip("\n"))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(p, f"line {i}", f"not JSON ({exc.msg})",
-                                 "one JSON value per line") from None
-            text = obj if isinstance(obj, str) else (
-                obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None)
-            if not isinstance(text, str):
-                raise InputError(p, f"line {i}", "no 'prompt' or 'text' string",
-                                 'write {"prompt": "..."} or a JSON string per line')
-            prompts.append(text)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise InputError(p, "prompts", f"cannot read ({exc.strerror or exc})",
+                         "check the path") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(p, "prompts", f"not UTF-8 text (bad byte at offset {exc.start})",
+                         "save the prompt file as UTF-8") from None
+    # Universal newlines, as text-mode reading splits (not str.splitlines: a prompt may hold
+    # form feeds or U+2028).
+    for i, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+        if not line.strip():
+            continue
+        if p.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        obj = loads_json(line, p, f"line {i}", "one JSON value per line")
+        text_i = obj if isinstance(obj, str) else (
+            obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None)
+        if not isinstance(text_i, str):
+            raise InputError(p, f"line {i}", "no 'prompt' or 'text' string",
+                             'write {"prompt": "..."} or a JSON string per line')
+        prompts.append(text_i)
     if not prompts:
         raise InputError(p, "prompts", "the file holds no prompt", "add one prompt per line")
     return prompts

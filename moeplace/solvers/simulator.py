@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from moeplace._validate import as_finite, read_json
 from moeplace.errors import InputError
 from moeplace.placement import Placement
 from moeplace.traces import Trace
@@ -52,14 +53,27 @@ class Hardware:
         if not p.exists():
             raise InputError(name_or_path, "hardware", "no such profile",
                              "use h100-nvlink, h100-ib or a JSON file with the same keys")
-        try:
-            d = json.loads(p.read_text())
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-        except KeyError as exc:
-            raise InputError(p, str(exc.args[0]), "missing", "copy a bundled profile") from None
-        except (ValueError, TypeError) as exc:
-            raise InputError(p, "file", f"not a hardware profile ({exc})",
-                             "copy a bundled profile") from None
+        fix = "copy a bundled profile"
+        d = read_json(p, "file", fix, max_bytes=1 << 20)
+        if not isinstance(d, dict):
+            raise InputError(p, "file", "not a JSON object", fix)
+        vals: dict[str, Any] = {}
+        for k in cls.__dataclass_fields__:
+            if k not in d:
+                raise InputError(p, k, "missing", fix)
+            if k == "name":
+                if not isinstance(d[k], str):
+                    raise InputError(p, k, "is not a string", fix)
+                vals[k] = d[k]
+                continue
+            v = as_finite(d[k], p, k, fix)
+            # Rates and efficiencies divide: zero or negative would give inf or negative times.
+            latency = k.endswith(("_alpha_s", "_launch_s"))  # may be 0; rates may not
+            if v < 0 or (v == 0 and not latency):
+                raise InputError(p, k, f"{v} is {'negative' if v < 0 else 'zero'}",
+                                 "latencies are >= 0, rates and efficiencies > 0")
+            vals[k] = v
+        return cls(**vals)
 
 
 @dataclass(frozen=True)

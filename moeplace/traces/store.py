@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moeplace._fileio import atomic_path
+from moeplace._limits import check_memory
+from moeplace._validate import as_int, loads_json, type_name
 from moeplace.errors import InputError
 from moeplace.traces.trace import TOKEN_FIELDS, Trace, TraceMeta, expert_dtype
 
@@ -182,23 +184,65 @@ def write_trace(trace: Trace, path: str | os.PathLike[str], **kw: Any) -> Path:
     return Path(path)
 
 
+_EXPERT_DTYPES = {"u1": "u1", "u2": "u2", "u4": "u4", "u8": "u8", "uint8": "u1",
+                  "uint16": "u2", "uint32": "u4", "uint64": "u8"}
+_MAX_HEADER = 16 << 20  # bytes: the header holds a TraceMeta, a few KB for any real model
+
+
 def _parse_header(schema: pa.Schema, source: object) -> tuple[dict[str, Any], TraceMeta]:
+    """The ``moeplace`` schema metadata, every field type- and range-checked, and the schema's
+    columns checked against it (present, fixed width matching ``[L, k]`` of the dtype)."""
+    fix = "re-create the file with moeplace convert"
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise InputError(source, "schema metadata", "not a moeplace trace (no 'moeplace' header)",
                          "import it with 'moeplace convert SRC DST.parquet'")
-    try:
-        header = json.loads(raw)
-    except ValueError:
-        raise InputError(source, "schema metadata", "header is not valid JSON",
-                         "re-create the file with moeplace convert") from None
+    if len(raw) > _MAX_HEADER:
+        raise InputError(source, "schema metadata", f"header of {len(raw)} bytes is far larger "
+                         "than a trace header can be", fix)
+    header = loads_json(raw, source, "schema metadata", fix)
+    if not isinstance(header, dict):
+        raise InputError(source, "schema metadata", f"header is a JSON {type_name(header)}, "
+                         "not an object", fix)
     if header.get("format") != FORMAT:
-        raise InputError(source, "format", f"{header.get('format')!r} is not {FORMAT!r}",
+        raise InputError(source, "format", f"{header.get('format')!r:.60} is not {FORMAT!r}",
                          "import it with moeplace convert")
-    if int(header.get("version", 0)) > VERSION:
-        raise InputError(source, "version", f"format version {header.get('version')} is newer "
+    version = as_int(header.get("version"), source, "version", lo=1, fix=fix)
+    if version > VERSION:
+        raise InputError(source, "version", f"format version {version} is newer "
                          f"than this moeplace understands ({VERSION})", "upgrade moeplace")
-    meta = TraceMeta.from_dict(header.get("meta", {}), source)
+    meta = TraceMeta.from_dict(header.get("meta"), source)
+    dt = header.get("experts_dtype")
+    if not isinstance(dt, str) or dt not in _EXPERT_DTYPES:
+        raise InputError(source, "experts_dtype", f"{dt!r:.40} is not one of uint8/16/32/64", fix)
+    dtype = np.dtype(_EXPERT_DTYPES[dt]).newbyteorder("<")
+    if meta.num_experts - 1 > np.iinfo(dtype).max:
+        raise InputError(source, "experts_dtype", f"{dt} cannot hold expert ids up to "
+                         f"{meta.num_experts - 1}", fix)
+    has_w = header.get("has_weights", False)
+    if not isinstance(has_w, bool):
+        raise InputError(source, "has_weights", f"{has_w!r:.40} is not true/false", fix)
+    L, k = meta.num_layers, meta.top_k
+    widths = {"experts": L * k * dtype.itemsize, "weights": L * k * 4}
+    names = schema.names
+    if len(set(names)) != len(names):
+        raise InputError(source, "columns", "a column name appears twice", fix)
+    if "experts" not in names:
+        raise InputError(source, "experts", "column missing", fix)
+    if has_w != ("weights" in names):
+        raise InputError(source, "weights", "the header and the columns disagree on whether "
+                         "gate weights are stored", fix)
+    for name in names:
+        typ = schema.field(name).type
+        if name in widths:
+            if typ != pa.binary(widths[name]):
+                raise InputError(source, name, f"column type {typ} does not match [{L}, {k}] "
+                                 f"of {dtype if name == 'experts' else 'float32'} "
+                                 f"(fixed_size_binary[{widths[name]}])", fix)
+        elif name in TOKEN_FIELDS:
+            if not pa.types.is_integer(typ):
+                raise InputError(source, name, f"column type {typ} is not an integer", fix)
+    header = {**header, "experts_dtype": dtype.str.lstrip("<|>")}
     return header, meta
 
 
@@ -223,13 +267,16 @@ class TraceReader:
                 # A buffered stream without pre-buffering keeps memory at about one chunk;
                 # the defaults read whole column chunks ahead and grew to the file's size.
                 pf = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+                pf.schema_arrow  # noqa: B018  (decodes the footer's schema: may be corrupt)
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 raise InputError(f, "file", f"not a readable Parquet file ({_first_line(exc)})",
                                  "the file may be truncated; re-create it") from None
             header, meta = _parse_header(pf.schema_arrow, f)
-            if self._pfs and meta.to_dict() != self.meta.to_dict():
-                raise InputError(f, "meta", "shard metadata differs from the first shard",
-                                 "keep shards of one trace in one directory")
+            if self._pfs and (meta.to_dict() != self.meta.to_dict() or header != self.header
+                              or pf.schema_arrow.remove_metadata()
+                              != self._pfs[0].schema_arrow.remove_metadata()):
+                raise InputError(f, "meta", "shard header or columns differ from the first "
+                                 "shard's", "keep shards of one trace in one directory")
             self.header, self.meta = header, meta
             self._pfs.append(pf)
         self.meta = self.meta.with_updates(source=str(self.path))
@@ -248,11 +295,20 @@ class TraceReader:
         if token_fields:
             cols += self.token_fields
         L, k = self.meta.num_layers, self.meta.top_k
+        if chunk_tokens < 1:
+            raise InputError("chunk_tokens", "value", f"{chunk_tokens} is not positive",
+                             "read at least one token per chunk")
+        row = L * k * (self.dtype.itemsize + (4 if weights and self.has_weights else 0))
+        # Declared widths drive every chunk's size: check one chunk against the cap first.
+        check_memory(3 * row * min(chunk_tokens, max(self.num_tokens, 1)),
+                     f"a chunk of {chunk_tokens} tokens x {L} layers x top-{k}", self.path, "meta")
         for f, pf in zip(self.files, self._pfs, strict=True):
             try:
                 for batch in pf.iter_batches(batch_size=chunk_tokens, columns=cols):
                     yield self._decode(batch, L, k, f)
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                if isinstance(exc, InputError):
+                    raise
                 raise InputError(f, "file", f"corrupt Parquet data ({_first_line(exc)})",
                                  "the file may be truncated; re-create it") from None
 
@@ -263,24 +319,38 @@ class TraceReader:
         if e_col.type != pa.binary(width):
             raise InputError(source, "experts", f"column type {e_col.type} does not match "
                              f"[{L}, {k}] of {self.dtype}", "re-create the file")
-        experts = _binary_to_numpy(e_col, self.dtype, n, L, k)
+        for name in batch.schema.names:
+            if batch.column(name).null_count:
+                raise InputError(source, name, "holds null values", "re-create the file")
+        # Ids are range-checked against num_experts for every chunk by Trace (vectorised).
+        experts = _binary_to_numpy(e_col, self.dtype, n, L, k, source)
         weights = None
         if "weights" in batch.schema.names:
-            weights = _binary_to_numpy(batch.column("weights"), np.dtype("<f4"), n, L, k)
+            weights = _binary_to_numpy(batch.column("weights"), np.dtype("<f4"), n, L, k, source)
         tokens = {name: batch.column(name).to_numpy() for name in batch.schema.names
                   if name in TOKEN_FIELDS}
         meta = self.meta.with_updates(source=str(source))
         return Trace(experts=experts, meta=meta, weights=weights, tokens=tokens)
 
     def read(self) -> Trace:
-        """Load the whole trace into memory."""
+        """Load the whole trace into memory (after checking what its row count implies)."""
+        L, k = self.meta.num_layers, self.meta.top_k
+        row = L * k * (self.dtype.itemsize + (4 if self.has_weights else 0)) + 8 * len(
+            self.token_fields)
+        # Chunks and their concatenation are alive together: twice the trace.
+        check_memory(2 * row * self.num_tokens, f"{self.num_tokens:,} tokens x {L} layers x "
+                     f"top-{k} in memory", self.path, "num_rows")
         return Trace.concat(list(self.iter_chunks(chunk_tokens=1 << 20)))
 
 
-def _binary_to_numpy(col: pa.Array, dtype: np.dtype, n: int, L: int, k: int) -> np.ndarray:
+def _binary_to_numpy(col: pa.Array, dtype: np.dtype, n: int, L: int, k: int,
+                     source: object = "trace") -> np.ndarray:
     buf = col.buffers()[1]
     width = L * k * dtype.itemsize
     start = col.offset * width
+    if buf is None or buf.size < start + n * width:
+        raise InputError(source, "experts", "column data shorter than its rows say",
+                         "the file is corrupt; re-create it")
     raw = np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=start)
     return raw.view(dtype).reshape(n, L, k)
 

@@ -9,12 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from moeplace._validate import MAX_EXPERTS, MAX_LAYERS, MAX_TOP_K, as_int, as_int_list
 from moeplace.errors import InputError
 
 PHASE_UNKNOWN = -1
 PHASE_PREFILL = 0
 PHASE_DECODE = 1
 PHASE_NAMES = {PHASE_UNKNOWN: "unknown", PHASE_PREFILL: "prefill", PHASE_DECODE: "decode"}
+
+# ``TraceMeta.extra`` key of the count of tokens an importer dropped (see ``dropped_tokens``).
+DROPPED_KEY = "dropped_tokens"
 
 # Per-token metadata columns and the dtype each is stored in.
 TOKEN_FIELDS: dict[str, np.dtype] = {
@@ -59,27 +63,50 @@ class TraceMeta:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    @property
+    def dropped_tokens(self) -> int:
+        """Tokens the importer left out because the file marked one of their records as lost
+        (its declared ``missing_id``); 0 when nothing was dropped. Carried into statistics,
+        Parquet headers and ``analyze --json``."""
+        v = self.extra.get(DROPPED_KEY, 0)
+        return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else 0
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: object = "metadata") -> TraceMeta:
-        try:
-            return cls(
-                num_experts=int(d["num_experts"]),
-                top_k=int(d["top_k"]),
-                moe_layer_ids=tuple(int(x) for x in d["moe_layer_ids"]),
-                model=str(d.get("model", "")),
-                num_hidden_layers=(
-                    None if d.get("num_hidden_layers") is None else int(d["num_hidden_layers"])
-                ),
-                num_shared_experts=int(d.get("num_shared_experts", 0)),
-                source=str(d.get("source", "")),
-                extra=dict(d.get("extra", {})),
-            )
-        except KeyError as exc:
-            raise InputError(source, str(exc.args[0]), "missing from trace metadata",
-                             "re-create the file with moeplace convert") from None
-        except (TypeError, ValueError) as exc:
-            raise InputError(source, "metadata", f"malformed ({exc})",
-                             "re-create the file with moeplace convert") from None
+    def from_dict(cls, d: Any, source: object = "metadata") -> TraceMeta:
+        """Build from a file's metadata object, checking every field's type and range first
+        (sizes declared here drive allocations later, so nothing is trusted unchecked)."""
+        fix = "re-create the file with moeplace convert"
+        if not isinstance(d, dict):
+            raise InputError(source, "meta", f"{type(d).__name__} is not a JSON object", fix)
+        for key in ("num_experts", "top_k", "moe_layer_ids"):
+            if key not in d:
+                raise InputError(source, key, "missing from trace metadata", fix)
+        n = as_int(d["num_experts"], source, "meta.num_experts", lo=1, hi=MAX_EXPERTS, fix=fix)
+        k = as_int(d["top_k"], source, "meta.top_k", lo=1, hi=min(n, MAX_TOP_K),
+                   fix="top_k must lie in 1..num_experts")
+        ids = as_int_list(d["moe_layer_ids"], source, "meta.moe_layer_ids", lo=0,
+                          hi=MAX_LAYERS, distinct=True, fix="list each MoE layer's id once")
+        if not ids:
+            raise InputError(source, "meta.moe_layer_ids", "empty: the trace has no layers", fix)
+        H = d.get("num_hidden_layers")
+        if H is not None:
+            # ``>= max id``, not ``>``: some sources number layers from 1 (the bundled
+            # FLAME-MoE sample: 9 hidden layers, MoE layers 2..9).
+            H = as_int(H, source, "meta.num_hidden_layers", lo=max(ids), hi=MAX_LAYERS + 1,
+                       fix="num_hidden_layers cannot be below a MoE layer id")
+        shared = as_int(d.get("num_shared_experts", 0), source, "meta.num_shared_experts",
+                        lo=0, hi=MAX_EXPERTS, fix=fix)
+        for key in ("model", "source"):
+            if not isinstance(d.get(key, ""), str):
+                raise InputError(source, f"meta.{key}", "is not a string", fix)
+        extra = d.get("extra", {})
+        if not isinstance(extra, dict):
+            raise InputError(source, "meta.extra", "is not a JSON object", fix)
+        if DROPPED_KEY in extra:
+            as_int(extra[DROPPED_KEY], source, f"meta.extra.{DROPPED_KEY}", lo=0, fix=fix)
+        return cls(num_experts=n, top_k=k, moe_layer_ids=tuple(ids), model=d.get("model", ""),
+                   num_hidden_layers=H, num_shared_experts=shared,
+                   source=d.get("source", ""), extra=dict(extra))
 
     def with_updates(self, **kw: Any) -> TraceMeta:
         return dataclasses.replace(self, **kw)
@@ -184,6 +211,11 @@ class Trace:
     @property
     def num_experts(self) -> int:
         return self.meta.num_experts
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Tokens of the source file left out of this trace (records it marked as lost)."""
+        return self.meta.dropped_tokens
 
     def __len__(self) -> int:
         return self.num_tokens

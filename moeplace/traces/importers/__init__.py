@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from moeplace._validate import NpzMembers, loads_json
 from moeplace.errors import InputError
 from moeplace.traces.importers.megatron import read_megatron
 from moeplace.traces.importers.npz import read_npz_trace
@@ -56,15 +54,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         with open(p, errors="replace") as fh:
             head = fh.read(1 << 16)
         first = head.lstrip()[:1]
-        try:
-            obj: Any = json.loads(head.splitlines()[0]) if head.strip() else None
-        except ValueError:
-            obj = None
+        obj: Any = _try_json(head.splitlines()[0], p) if head.strip() else None
         if obj is None and first in "[{":
-            try:
-                obj = json.loads(p.read_text())
-            except ValueError:
-                obj = None
+            obj = _try_json(p.read_bytes(), p)
         if isinstance(obj, list) and obj:
             obj = obj[0]
         if isinstance(obj, dict):
@@ -84,11 +76,21 @@ def detect_format(path: str | os.PathLike[str]) -> str:
                      "pass --format (" + ", ".join(FORMATS[1:]) + ")")
 
 
+def _try_json(raw: str | bytes, source: Path) -> Any:
+    """Parsed JSON, or None when it is not (yet) valid; too deep a nesting is an error."""
+    try:
+        return loads_json(raw, source)
+    except InputError as exc:
+        if "nested too deeply" in exc.problem:
+            raise
+        return None
+
+
 def import_trace(path: str | os.PathLike[str], fmt: str = "auto", **options: Any) -> Trace:
     """Read any supported per-token routing source into a ``Trace``.
 
     ``options`` go to the format's reader (``num_experts``, ``moe_layer_ids``, ``top_k``,
-    ``num_hidden_layers``, ``model``); options a reader does not take are ignored.
+    ``num_hidden_layers``, ``missing_id`` (npz), ``model``); options a reader does not take are ignored.
     """
     result = load_routing(path, fmt, **options)
     if isinstance(result, RoutingStats):
@@ -112,17 +114,13 @@ def load_routing(path: str | os.PathLike[str], fmt: str = "auto", **options: Any
     if fmt == "parquet":
         return TraceReader(path).read()
     if fmt == "npz":
-        p = Path(path)
-        try:
-            files = set(np.load(p, allow_pickle=False).files)
-        except Exception as exc:  # zipfile/OSError/ValueError: all mean unreadable
-            raise InputError(p, "file", f"not a readable .npz archive ({exc})",
-                             "check the path") from None
+        with NpzMembers(path) as z:
+            files = set(z.files)
         if "experts" not in files and ({"load", "counts", "header"} & files):
             from moeplace.traces.counts import read_counts_npz
 
-            return read_counts_npz(p, **pick("model"))
-        return read_npz_trace(path, **pick("num_experts", "model"))
+            return read_counts_npz(path, **pick("model"))
+        return read_npz_trace(path, **pick("num_experts", "missing_id", "model"))
     if fmt == "vllm":
         return read_vllm(path, **pick("num_experts", "moe_layer_ids", "model"))
     if fmt == "sglang":

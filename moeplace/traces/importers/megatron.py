@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from moeplace._validate import MAX_LAYERS, MAX_TOP_K, as_int, int_array
 from moeplace.errors import InputError
-from moeplace.traces.importers._common import iter_json_records
+from moeplace.traces.importers._common import infer_num_experts, iter_json_records
 from moeplace.traces.trace import Trace, TraceMeta
 
 
@@ -35,20 +36,19 @@ def read_megatron(path: str | os.PathLike[str], *, num_experts: int | None = Non
             for key in ("layer", "top_indices"):
                 if key not in rec:
                     raise InputError(where, key, "missing", "pass the Megatron trace unmodified")
-            try:
-                idx = np.asarray(rec["top_indices"], dtype=np.int64)
-            except (TypeError, ValueError):
-                raise InputError(where, "top_indices", "ragged or non-integer",
-                                 "every token lists topk integer ids") from None
+            idx = int_array(rec["top_indices"], where, "top_indices")
+            if idx.size == 0:
+                continue  # an empty micro-batch routes no token at any layer
             if idx.ndim == 1:
                 idx = idx[:, None]
-            if idx.ndim != 2:
+            if idx.ndim != 2 or idx.shape[1] > MAX_TOP_K:
                 raise InputError(where, "top_indices", f"shape {idx.shape} is not [tokens, topk]",
                                  "pass the Megatron trace unmodified")
-            if "num_tokens" in rec and int(rec["num_tokens"]) != idx.shape[0]:
+            if "num_tokens" in rec and as_int(rec["num_tokens"], where, "num_tokens",
+                                              lo=0) != idx.shape[0]:
                 raise InputError(where, "num_tokens", f"says {rec['num_tokens']} but top_indices "
                                  f"has {idx.shape[0]} rows", "pass the trace unmodified")
-            layer = int(rec["layer"])
+            layer = as_int(rec["layer"], where, "layer", lo=0, hi=MAX_LAYERS)
             k = idx.shape[1]
             for other_layer, (k0, w0) in topk_seen.items():
                 if k0 != k:
@@ -57,6 +57,9 @@ def read_megatron(path: str | os.PathLike[str], *, num_experts: int | None = Non
                                      "all MoE layers must share one top-k")
                 break
             topk_seen.setdefault(layer, (k, where))
+            for name in ("rank", "step"):
+                if name in rec:
+                    as_int(rec[name], where, name)
             key = (int(rec.get("rank", 0)), int(rec.get("step", 0)), str(rec.get("stage", "")),
                    str(rec.get("block", "decoder")))
             groups[key][layer].append(idx)
@@ -86,8 +89,7 @@ def read_megatron(path: str | os.PathLike[str], *, num_experts: int | None = Non
             poss.append(np.arange(cnt, dtype=np.int32))
             rid += 1
     experts = np.concatenate(parts)
-    if num_experts is None:
-        num_experts = int(experts.max()) + 1
+    num_experts = infer_num_experts(experts, p, "top_indices", num_experts)
     meta = TraceMeta(num_experts=num_experts, top_k=experts.shape[2],
                      moe_layer_ids=tuple(layers), model=model, source=str(p))
     return Trace(experts=experts, meta=meta,

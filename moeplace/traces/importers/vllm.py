@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from moeplace._validate import MAX_LAYERS, MAX_TOP_K, as_int, int_array, type_name
 from moeplace.errors import InputError
 from moeplace.traces.importers._common import (
     b64decode,
     drop_dense_layers,
+    infer_num_experts,
     iter_json_records,
     npy_from_bytes,
 )
@@ -29,10 +31,6 @@ def from_routed_experts(arrays: list[np.ndarray], *, num_experts: int | None = N
     if not arrays:
         raise InputError(source, "routed_experts", "no requests found",
                          "start vLLM with --enable-return-routed-experts")
-    shapes = {a.shape[1:] for a in arrays}
-    if len(shapes) != 1:
-        raise InputError(source, "routed_experts", f"requests disagree on [layers, top_k]: "
-                         f"{sorted(shapes)}", "import responses of one model only")
     for a in arrays:
         if a.ndim != 3:
             raise InputError(source, "routed_experts", f"shape {a.shape} is not "
@@ -40,6 +38,19 @@ def from_routed_experts(arrays: list[np.ndarray], *, num_experts: int | None = N
         if a.dtype.kind not in "iu":
             raise InputError(source, "routed_experts", f"dtype {a.dtype} is not an integer type",
                              "pass the array unmodified")
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) != 1:
+        raise InputError(source, "routed_experts", f"requests disagree on [layers, top_k]: "
+                         f"{sorted(shapes)}", "import responses of one model only")
+    if 0 in arrays[0].shape[1:] or sum(a.shape[0] for a in arrays) == 0:
+        raise InputError(source, "routed_experts", f"shape {arrays[0].shape} holds no routing",
+                         "start vLLM with --enable-return-routed-experts")
+    if arrays[0].shape[1] > MAX_LAYERS or arrays[0].shape[2] > MAX_TOP_K:
+        raise InputError(source, "routed_experts", f"shape {arrays[0].shape} is implausible",
+                         "pass the array unmodified")
+    if prompt_tokens is not None and len(prompt_tokens) != len(arrays):
+        raise InputError(source, "prompt_tokens", f"{len(prompt_tokens)} values for "
+                         f"{len(arrays)} requests", "give one per request")
     H = arrays[0].shape[1]
     stacked = np.concatenate(arrays)
     experts, layer_ids = drop_dense_layers(stacked, moe_layer_ids, source)
@@ -53,8 +64,7 @@ def from_routed_experts(arrays: list[np.ndarray], *, num_experts: int | None = N
             if p is not None:
                 phase[start:start + n] = np.where(np.arange(n) < p, PHASE_PREFILL, PHASE_DECODE)
             start += n
-    if num_experts is None:
-        num_experts = int(experts.max()) + 1
+    num_experts = infer_num_experts(experts, source, "routed_experts", num_experts)
     meta = TraceMeta(num_experts=num_experts, top_k=experts.shape[2],
                      moe_layer_ids=tuple(layer_ids), num_hidden_layers=H, model=model,
                      source=source)
@@ -69,32 +79,35 @@ def read_vllm(path: str | os.PathLike[str], *, num_experts: int | None = None,
     """Read a ``.npy`` array, or JSON/JSONL OpenAI responses with ``choices[i].routed_experts``."""
     p = Path(path)
     if p.suffix == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(p, "file", f"not a .npy array ({exc})", "save with numpy.save") from None
+        arr = npy_from_bytes(None, str(p), "file", path=p)
         return from_routed_experts([arr], num_experts=num_experts, moe_layer_ids=moe_layer_ids,
                                    source=str(p), model=model)
     arrays: list[np.ndarray] = []
     prompts: list[int | None] = []
+    names: list[str] = []
     for where, obj in iter_json_records(p):
         choices = obj.get("choices")
         if not isinstance(choices, list):
             raise InputError(where, "choices", "missing: not an OpenAI-style response",
                              "save the server's JSON responses unmodified")
         usage = obj.get("usage") or {}
+        if not isinstance(usage, dict):
+            raise InputError(where, "usage", f"a JSON {type_name(usage)}, not an object",
+                             "save the server's JSON responses unmodified")
+        if isinstance(obj.get("model"), str):
+            names.append(obj["model"])
         for i, ch in enumerate(choices):
             field = f"choices[{i}].routed_experts"
             if not isinstance(ch, dict) or "routed_experts" not in ch:
                 raise InputError(where, field, "missing",
                                  "start vLLM with --enable-return-routed-experts")
             val = ch["routed_experts"]
-            arr = (np.asarray(val) if isinstance(val, list)
+            arr = (int_array(val, where, field) if isinstance(val, list)
                    else npy_from_bytes(b64decode(val, where, field), where, field))
             arrays.append(arr)
             pt = usage.get("prompt_tokens") if len(choices) == 1 else None
-            prompts.append(int(pt) if pt is not None else None)
-    model = model or next((o.get("model", "") for _, o in iter_json_records(p)), "")
+            prompts.append(None if pt is None else
+                           as_int(pt, where, "usage.prompt_tokens", lo=0))
     return from_routed_experts(arrays, num_experts=num_experts, moe_layer_ids=moe_layer_ids,
                                prompt_tokens=prompts if any(x is not None for x in prompts)
-                               else None, source=str(p), model=model)
+                               else None, source=str(p), model=model or next(iter(names), ""))
