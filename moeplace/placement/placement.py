@@ -23,7 +23,10 @@ class Placement:
 
     Slots are GPU-major and contiguous (DeepSeek EPLB, vLLM, SGLang): with ``S`` slots per GPU,
     slot p is on GPU ``p // S``; GPU g is on node ``g // (num_gpus // num_nodes)``.
-    ``moe_layer_ids`` maps the layer axis to hidden layers when known.
+    ``moe_layer_ids`` maps the layer axis to hidden layers when known. ``colocated`` allows two
+    copies of one expert on one GPU, as DeepSeek's EPLB produces and vLLM and SGLang load (a
+    token uses one copy, so such copies split their GPU's share); moeplace's own solvers never
+    produce it.
     """
 
     phy2log: np.ndarray
@@ -33,6 +36,7 @@ class Placement:
     moe_layer_ids: tuple[int, ...] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     source: str = "placement"
+    colocated: bool = False
 
     def __post_init__(self) -> None:
         p = np.asarray(self.phy2log)
@@ -74,8 +78,8 @@ class Placement:
         return self.num_gpus // self.num_nodes
 
     def validate(self) -> None:
-        """Raise ``InputError`` unless every expert is placed, GPUs hold equal slots, and no
-        GPU holds two copies of one expert."""
+        """Raise ``InputError`` unless every expert is placed, GPUs hold equal slots, and (unless
+        ``colocated``) no GPU holds two copies of one expert."""
         src, G, M = self.source, self.num_gpus, self.num_nodes
         N = int(self.num_experts)  # type: ignore[arg-type]
         L, P = self.phy2log.shape
@@ -102,10 +106,11 @@ class Placement:
         per_gpu = self.phy2log.reshape(L, G, S)
         srt = np.sort(per_gpu, axis=2)
         dup = np.argwhere((srt[:, :, 1:] == srt[:, :, :-1]).any(axis=2)) if S > 1 else []
-        if len(dup):
+        if len(dup) and not self.colocated:
             l, g = dup[0]
             raise InputError(src, "phy2log", f"layer {l}: GPU {g} holds two copies of one expert",
-                             "put replicas of an expert on distinct GPUs")
+                             "put replicas of an expert on distinct GPUs (or set "
+                             '"colocated_copies": true for a DeepSeek EPLB layout)')
         if self.moe_layer_ids is not None and len(self.moe_layer_ids) != L:
             raise InputError(src, "moe_layer_ids", f"{len(self.moe_layer_ids)} ids for {L} layers",
                              "give one hidden-layer id per MoE layer")
@@ -162,7 +167,8 @@ class Placement:
                 and self.num_nodes == other.num_nodes and self.num_experts == other.num_experts
                 and self.phy2log.shape == other.phy2log.shape
                 and bool((self.phy2log == other.phy2log).all())
-                and self.moe_layer_ids == other.moe_layer_ids)
+                and self.moe_layer_ids == other.moe_layer_ids
+                and self.colocated == other.colocated)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -181,6 +187,8 @@ class Placement:
         }
         if self.moe_layer_ids is not None:
             d["moe_layer_ids"] = list(self.moe_layer_ids)
+        if self.colocated:
+            d["colocated_copies"] = True
         if self.info:
             d["info"] = self.info
         return d
@@ -226,7 +234,7 @@ class Placement:
         return cls(phy2log=phy, num_gpus=int(d["num_gpus"]), num_nodes=int(d.get("num_nodes", 1)),
                    num_experts=None if d.get("num_experts") is None else int(d["num_experts"]),
                    moe_layer_ids=d.get("moe_layer_ids"), info=dict(d.get("info", {})),
-                   source=source)
+                   source=source, colocated=d.get("colocated_copies") is True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Placement:
