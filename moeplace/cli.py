@@ -451,8 +451,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                f"{f' in {nodes} nodes' if nodes > 1 else ''}"
                f"{f' with {replicas} replicas per layer' if replicas else ''}")
     click.echo(f"objective {rep.objective['total']:.4f}, lower bound {b['total']:.4f}, "
-               f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance']:.3f}, cross-GPU "
-               f">= {b['cross_gpu_fraction']:.3f}, cross-node >= {b['cross_node_fraction']:.3f})")
+               f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance_mean']:.3f}, cross-GPU "
+               f">= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= {b['cross_node_pair_fraction']:.3f})")
     label = "fitted trace" if held is not None else "trace"
     click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}):")
     _print_table(fit_rows)
@@ -475,20 +475,40 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
 @main.command()
 @click.argument("placement")
 @click.option("--format", "fmt", required=True, type=click.Choice(
-    ["sglang", "sglang-logical-count", "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb"]))
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+    ["sglang", "sglang-logical-count", "trtllm", "vllm-ascend", "vllm-pr49572", "vllm-pr41141",
+     "eplb"]))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="File to write (SGLang: .json, or .pt for a torch file; trtllm: .yaml).")
+@click.option("--config", "config_path", type=click.Path(),
+              help="The model's Hugging Face config.json: MoE layer ids and hidden-layer count "
+              "are checked against it (a mismatch is refused).")
+@click.option("--model-shape", help="A known model instead of --config (deepseek-v3, kimi-k2, "
+              "deepseek-v2-lite, qwen3-30b-a3b, mixtral-8x7b, flame-moe-290m, ...).")
 @click.option("--num-hidden-layers", type=int, help="SGLang: all hidden layers, dense included "
-              "(default: last MoE layer + 1).")
+              "(default: from --config/--model-shape, else last MoE layer + 1).")
 @click.option("--moe-layers", help="Hidden-layer ids of the MoE layers (default: from the "
               "placement).")
 @click.option("--stats", "stats_source", help="sglang-logical-count: the trace or statistics "
               "whose counts to write.")
-def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
-           moe_layers: str | None, stats_source: str | None) -> None:
-    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print its launch flags."""
+def export(placement: str, fmt: str, out: str, config_path: str | None, model_shape: str | None,
+           num_hidden_layers: int | None, moe_layers: str | None,
+           stats_source: str | None) -> None:
+    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print how to load it."""
+    from moeplace.models import from_hf_config, guess_model, known_layout
     from moeplace.placement import Placement, export_placement
 
     plc = Placement.load(placement)
+    if config_path and model_shape:
+        raise InputError("export", "--config", "given together with --model-shape",
+                         "pass one of them")
+    layout = (from_hf_config(config_path) if config_path
+              else known_layout(model_shape) if model_shape else None)
+    guessed = guess_model(str(plc.info.get("model", "")))
+    if layout is None and guessed is not None:
+        # The placement names a known model: its ids must be that model's MoE layers.
+        cand = known_layout(guessed)
+        if cand.num_experts == plc.num_experts:
+            layout = cand
     load = None
     if stats_source:
         st, _ = _stats_of(stats_source)
@@ -498,8 +518,9 @@ def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
                              f"placement's {(plc.num_layers, plc.num_experts)}",
                              "pass statistics of the placed model")
     flags = export_placement(plc, fmt, out, num_hidden_layers=num_hidden_layers,
-                             moe_layer_ids=_layer_ids(moe_layers), load=load)
-    click.echo(f"wrote {out}\n{flags}")
+                             moe_layer_ids=_layer_ids(moe_layers), load=load, layout=layout)
+    checked = f" (layer ids checked against {layout.name})" if layout is not None else ""
+    click.echo(f"wrote {out}{checked}\n{flags}")
 
 
 # ---- apply --------------------------------------------------------------------------------
