@@ -126,7 +126,8 @@ def test_solve_cli_json_and_out(tmp_path, rng):
     d = json.loads(r.output)
     assert d["report"]["method"] == "dp" and d["report"]["status"] == "optimal"
     names = [row["placement"] for row in d["fit"]]
-    assert names == ["dp", "contiguous", "eplb"] and len(d["holdout"]) == 3
+    assert names == ["dp", "contiguous", "round_robin", "eplb", "eplb-distinct"]
+    assert len(d["holdout"]) == 5 and d["vs_strongest_baseline"]
     from moeplace.placement import Placement
 
     assert Placement.load(out).num_gpus == 4
