@@ -48,7 +48,8 @@ def _layer_ids(text: str | None) -> list[int] | None:
 _import_options = [
     click.option("--format", "fmt", default="auto", show_default=True,
                  type=click.Choice(["auto", "parquet", "npz", "vllm", "sglang", "sglang-dump",
-                                    "megatron"]), help="Input format."),
+                                    "megatron", "trtllm"]),
+                 help="Input format (trtllm: a TensorRT-LLM EXPERT_STATISTIC_PATH directory)."),
     click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1)."),
     click.option("--moe-layers", help="Hidden-layer ids of the MoE layers, comma separated "
                  "(default: detected)."),

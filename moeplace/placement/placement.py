@@ -167,8 +167,7 @@ class Placement:
                 and self.num_nodes == other.num_nodes and self.num_experts == other.num_experts
                 and self.phy2log.shape == other.phy2log.shape
                 and bool((self.phy2log == other.phy2log).all())
-                and self.moe_layer_ids == other.moe_layer_ids
-                and self.colocated == other.colocated)
+                and self.moe_layer_ids == other.moe_layer_ids)
 
     __hash__ = None  # type: ignore[assignment]
 
