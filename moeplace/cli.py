@@ -365,8 +365,8 @@ _GAIN_METRICS = ("load_imbalance_mean", "load_imbalance_max", "cross_gpu_pair_fr
 
 
 def strongest_baseline_gains(df: pd.DataFrame, ours: str) -> pd.DataFrame:
-    """Per metric (lower is better): our value, the strongest baseline's value and name, and
-    the relative change. Gains are only ever quoted against this baseline."""
+    """Per metric (lower is better): ``ours``'s value, the strongest baseline's value and name,
+    and the relative change. Gains are only ever quoted against this baseline."""
     from moeplace.solvers.solve import BASELINES
 
     base = df[df["placement"].isin(BASELINES) & (df["placement"] != ours)]
@@ -379,7 +379,7 @@ def strongest_baseline_gains(df: pd.DataFrame, ours: str) -> pd.DataFrame:
             continue
         b = base.loc[base[m].idxmin()]
         v, bv = float(me[m].iloc[0]), float(b[m])
-        rows.append({"metric": m, ours: v, "strongest_baseline": b["placement"],
+        rows.append({"metric": m, "value": v, "strongest_baseline": b["placement"],
                      "baseline_value": bv, "change": (v - bv) / bv if bv else 0.0})
     return pd.DataFrame(rows)
 
