@@ -169,7 +169,10 @@ def _distinct_domain(w: np.ndarray, num_bins: int, cap: int, rounds: int = 8
     n = w.shape[0]
     counts = replica_counts(w, num_bins * cap, max_copies=num_bins)
     best = _pack_distinct(counts, w, num_bins, cap)
+    floor = float(w.sum()) / num_bins  # no layout beats a perfectly even split
     for _ in range(rounds if n < num_bins * cap else 0):
+        if best is not None and best[1] <= floor * (1 + 1e-9):
+            break
         donors = np.flatnonzero(counts > 1)
         donors = donors[np.argsort(w[donors] / counts[donors], kind="stable")][:6]
         takers = np.flatnonzero(counts < num_bins)
