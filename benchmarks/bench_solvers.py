@@ -51,14 +51,16 @@ def run_case(name: str, fit, held, stats, cluster: Cluster, methods: list[str], 
         src = held if held is not None else fit
         if src is not None:
             s = evaluate(src, plc, show_progress=False).summary
-            row.update(imbalance=s["load_imbalance_mean"], cross_gpu=s["cross_layer_pair_fraction"],
-                       cross_node=s["cross_node_pair_fraction"], traffic_follow=s["traffic_follow"],
+            row.update(load_imbalance_mean=s["load_imbalance_mean"],
+                       cross_gpu_pair_fraction=s["cross_gpu_pair_fraction"],
+                       cross_node_pair_fraction=s["cross_node_pair_fraction"],
+                       traffic_follow=s["traffic_follow"],
                        traffic_static=s["traffic_static"])
             if sim_shape is not None:
                 row["step_ms"] = 1e3 * step_time(src, plc, hw, sim_shape, tokens_per_step)["step_s"]
         else:
             s = evaluate_stats(stats, plc)
-            row.update(imbalance=s["load_imbalance_mean"])
+            row.update(load_imbalance_mean=s["load_imbalance_mean"])
         rows.append(row)
     df = pd.DataFrame(rows)
     if "step_ms" in df and "contiguous" in set(df["method"]):

@@ -197,7 +197,8 @@ def _plot_path(ctx: Any, param: Any, value: str | None) -> str | None:
 _import_options = [
     click.option("--format", "fmt", default="auto", show_default=True,
                  type=click.Choice(["auto", "parquet", "npz", "vllm", "sglang", "sglang-dump",
-                                    "megatron"]), help="Input format."),
+                                    "megatron", "trtllm"]),
+                 help="Input format (trtllm: a TensorRT-LLM EXPERT_STATISTIC_PATH directory)."),
     click.option("--num-experts", type=POS_INT, help="Experts per layer (default: largest id + 1)."),
     click.option("--moe-layers", help="Hidden-layer ids of the MoE layers, comma separated "
                  "(default: detected)."),
@@ -310,6 +311,8 @@ def analyze(trace: str | None, demo: bool, as_json: bool, plot_path: str | None,
         out = analysis.summary(stats, analysis.layer_table(stats))
         if stats.transitions is not None and stats.num_layers > 1:
             out["top_transitions"] = analysis.top_transitions(stats, top).to_dict("records")
+        if tr is not None and drift_windows > 1 and tr.num_tokens >= drift_windows:
+            out["drift"] = analysis.drift(tr, drift_windows).to_dict("records")
         _echo_json(out)
         return
     _print_analysis(stats, tr, trace, top, drift_windows)
@@ -503,8 +506,8 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
               help="Tokens per window for windowed load imbalance.")
 @click.option("--current", type=click.Path(dir_okay=False),
               help="Current placement, to report migration cost.")
-@click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0,
-              help="Bytes of one expert's weights.")
+@click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0, show_default=True,
+              help="Bytes of one expert's weights, for migration bytes with --current.")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @import_options
@@ -551,10 +554,12 @@ def _simulation(model_shape: str | None, hardware: str, trace: Any) -> Any:
 
 def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
                  sim: Any = None, tokens_per_step: int = 4096) -> pd.DataFrame:
-    """Evaluator metrics per placement: per-token when a trace is at hand, else from stats;
-    with a simulation profile, the estimated step-time speedup over ``contiguous``."""
+    """Evaluator metrics per placement (names as in docs/metrics.md): per-token when a trace is
+    at hand, else from stats; with a simulation profile, the simulated step time and the
+    speedup over the fastest baseline in the table."""
     from moeplace.solvers import evaluate as run_eval
     from moeplace.solvers import evaluate_stats
+    from moeplace.solvers.solve import BASELINES
 
     rows = []
     for name, plc in plcs.items():
@@ -562,10 +567,10 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
             s = run_eval(trace, plc, window=window, show_progress=False).summary
         else:
             s = evaluate_stats(stats, plc)
-        row = {"placement": name, "load_imbalance": s["load_imbalance_mean"],
+        row = {"placement": name, "load_imbalance_mean": s["load_imbalance_mean"],
                "load_imbalance_max": s["load_imbalance_max"],
-               "cross_gpu_pairs": s.get("cross_layer_pair_fraction", float("nan")),
-               "cross_node_pairs": s.get("cross_node_pair_fraction", float("nan"))}
+               "cross_gpu_pair_fraction": s.get("cross_gpu_pair_fraction", float("nan")),
+               "cross_node_pair_fraction": s.get("cross_node_pair_fraction", float("nan"))}
         if trace is not None:
             row["traffic_static"] = s["traffic_static"]
             row["traffic_follow"] = s["traffic_follow"]
@@ -575,10 +580,40 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
                 row["step_ms"] = 1e3 * step_time(trace, plc, *sim, tokens_per_step)["step_s"]
         rows.append(row)
     df = pd.DataFrame(rows)
-    if "step_ms" in df and "contiguous" in set(df["placement"]):
-        base = float(df.loc[df["placement"] == "contiguous", "step_ms"].iloc[0])
-        df["speedup"] = base / df["step_ms"]
+    base = df[df["placement"].isin(BASELINES)]
+    if "step_ms" in df and len(base):
+        df["speedup"] = float(base["step_ms"].min()) / df["step_ms"]
     return df
+
+
+_GAIN_METRICS = ("load_imbalance_mean", "load_imbalance_max", "cross_gpu_pair_fraction",
+                 "cross_node_pair_fraction", "traffic_static", "traffic_follow", "step_ms")
+
+
+def strongest_baseline_gains(df: pd.DataFrame, ours: str) -> pd.DataFrame:
+    """Per metric (lower is better): ``ours``'s value, the strongest baseline's value and name,
+    and the relative change. Gains are only ever quoted against this baseline."""
+    from moeplace.solvers.solve import BASELINES
+
+    base = df[df["placement"].isin(BASELINES) & (df["placement"] != ours)]
+    me = df[df["placement"] == ours]
+    rows = []
+    if not len(base) or not len(me):
+        return pd.DataFrame(rows)
+    for m in _GAIN_METRICS:
+        if m not in df or base[m].isna().all():
+            continue
+        b = base.loc[base[m].idxmin()]
+        v, bv = float(me[m].iloc[0]), float(b[m])
+        rows.append({"metric": m, "value": v, "strongest_baseline": b["placement"],
+                     "baseline_value": bv, "change": (v - bv) / bv if bv else 0.0})
+    return pd.DataFrame(rows)
+
+
+def _baselines_for(cluster: Any) -> tuple[str, ...]:
+    """Baselines shown next to a solve: round-robin only without replicas (it has no rule)."""
+    names = ("contiguous", "round_robin", "eplb", "eplb-distinct")
+    return tuple(n for n in names if not (n == "round_robin" and cluster.replicas))
 
 
 @main.command()
@@ -600,14 +635,20 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
               "FRACTION of requests as well.")
 @click.option("--current", type=click.Path(dir_okay=False), help="Placement serving now "
               "(reports migration; with a migration weight, penalises moves).")
-@click.option("--groups", "num_groups", type=POS_INT, help="Expert groups for hierarchical EPLB.")
+@click.option("--groups", "num_groups", type=POS_INT, help="Expert groups (the model's n_group) for "
+              "the EPLB baselines' hierarchical policy; default: from the trace or "
+              "--model-shape, else 1 (global policy on several nodes, as vLLM and SGLang).")
 @click.option("--respect-groups", "respect_groups", type=POS_INT, metavar="N_GROUP",
               help="Move only whole routing groups (the model's n_group, DeepSeek-V3: 8), so "
               "'moeplace apply' keeps group-limited routing unchanged.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the search, the random baseline and the --holdout split.")
 @click.option("--restarts", type=_Number(int, 1, 1024), default=1, show_default=True,
               help="search: parallel restarts from seeds SEED, SEED+1, ... (one process each).")
-@click.option("--window", type=POS_INT, default=4096, show_default=True)
+@click.option("--window", type=POS_INT, default=4096, show_default=True,
+              help="Tokens per window for windowed load imbalance.")
+@click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0, show_default=True,
+              help="Bytes of one expert's weights, for migration bytes with --current.")
 @click.option("--pareto", "show_pareto", is_flag=True,
               help="Print the traffic-versus-balance frontier of the search.")
 @click.option("--hardware", default="h100-nvlink", show_default=True,
@@ -624,12 +665,13 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None,
           respect_groups: int | None, seed: int,
-          restarts: int, window: int, show_pareto: bool, hardware: str, model_shape: str | None,
+          restarts: int, window: int, expert_bytes: int, show_pareto: bool, hardware: str,
+          model_shape: str | None,
           tokens_per_step: int, out: str | None, as_json: bool, **kw: Any) -> None:
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
     from moeplace.placement import Placement
     from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
-    from moeplace.solvers.solve import baseline, check_request
+    from moeplace.solvers.solve import baseline, check_request, default_groups
     from moeplace.traces import RoutingStats, compute_stats
 
     weights = Weights.parse(weights_text)
@@ -645,13 +687,15 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         trace, held = trace.split_requests(holdout, seed=seed)
     stats = obj if trace is None else compute_stats(trace, coactivation=weights.coact > 0)
     check_request(stats, cluster, time_limit, cur)
+    if num_groups is None:  # the model's n_group, else 1 (as vLLM and SGLang run EPLB)
+        num_groups = default_groups(stats, model_shape)
     plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
                                  time_limit=time_limit, balance_slack=balance_slack,
                                  current=cur, seed=seed, num_groups=num_groups,
                                  restarts=restarts, respect_groups=respect_groups)
     plc.info["report"] = rep.as_dict()
     plcs = {rep.method: plc, **{name: baseline(name, stats, cluster, num_groups=num_groups)
-                                for name in ("contiguous", "eplb") if name != rep.method}}
+                                for name in _baselines_for(cluster) if name != rep.method}}
     sim = _simulation(model_shape, hardware, trace)
     fit_rows = _metric_rows(plcs, trace, stats, window, sim, tokens_per_step)
     hold_rows = (_metric_rows(plcs, held, None, window, sim, tokens_per_step)
@@ -668,10 +712,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             res["holdout"] = hold_rows.to_dict("records")
         if front is not None:
             res["pareto"] = [{k: v for k, v in r.items() if k != "placement"} for r in front]
+        gains = strongest_baseline_gains(fit_rows, rep.method)
+        if len(gains):
+            res["vs_strongest_baseline"] = gains.to_dict("records")
         if cur is not None:
-            from moeplace.solvers import migration
-
-            res["migration"] = migration(plc, cur)
+            res["migration"] = _migration_table(plcs, cur, expert_bytes).to_dict("records")
         _echo_json(res)
         return
     b = rep.bound
@@ -679,8 +724,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                f"{f' in {nodes} nodes' if nodes > 1 else ''}"
                f"{f' with {replicas} replicas per layer' if replicas else ''}")
     click.echo(f"objective {rep.objective['total']:.4f}, lower bound {b['total']:.4f}, "
-               f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance']:.3f}, cross-GPU "
-               f">= {b['cross_gpu_fraction']:.3f}, cross-node >= {b['cross_node_fraction']:.3f})")
+               f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance_mean']:.3f}, cross-GPU "
+               f">= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= {b['cross_node_pair_fraction']:.3f})")
     label = "fitted trace" if held is not None else "trace"
     click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}):")
     _print_table(fit_rows)
@@ -691,34 +736,67 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         click.echo("\ntraffic-versus-balance frontier (search):")
         _print_table(pd.DataFrame([{k: v for k, v in r.items() if k != "placement"}
                                    for r in front]))
+    gains = strongest_baseline_gains(hold_rows if hold_rows is not None else fit_rows,
+                                     rep.method)
+    if len(gains):
+        click.echo(f"\n{rep.method} against the strongest baseline on each metric (lower is "
+                   "better; change < 0 is a gain):")
+        _print_table(gains)
     if cur is not None:
-        from moeplace.solvers import migration
-
-        click.echo(f"\nmigration from {current}: {migration(plc, cur)}")
+        click.echo(f"\nmigration from {current}:")
+        _print_table(_migration_table(plcs, cur, expert_bytes))
     if out:
         click.echo(f"\nwrote {out}")
+
+
+def _migration_table(plcs: dict[str, Any], cur: Any, expert_bytes: int) -> pd.DataFrame:
+    """Metric 5 for every placement in the table, from the placement serving now."""
+    from moeplace.solvers import migration
+
+    return pd.DataFrame([{"placement": name, **migration(p, cur, expert_bytes)}
+                         for name, p in plcs.items()])
 
 
 # ---- export ---------------------------------------------------------------------------------
 @main.command()
 @click.argument("placement")
 @click.option("--format", "fmt", required=True, type=click.Choice(
-    ["sglang", "sglang-logical-count", "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb"]))
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+    ["sglang", "sglang-logical-count", "trtllm", "vllm-ascend", "vllm-pr49572", "vllm-pr41141",
+     "eplb"]))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="File to write (SGLang: .json, or .pt for a torch file; trtllm: .yaml).")
+@click.option("--config", "config_path", type=click.Path(),
+              help="The model's Hugging Face config.json: MoE layer ids and hidden-layer count "
+              "are checked against it (a mismatch is refused).")
+@click.option("--model-shape", help="A known model instead of --config (deepseek-v3, kimi-k2, "
+              "deepseek-v2-lite, qwen3-30b-a3b, mixtral-8x7b, flame-moe-290m, ...).")
 @click.option("--num-hidden-layers", type=_Number(int, 1, MAX_LAYER_IDS),
               help="SGLang: all hidden layers, dense included "
-              "(default: last MoE layer + 1).")
+              "(default: from --config/--model-shape, else last MoE layer + 1).")
 @click.option("--moe-layers", help="Hidden-layer ids of the MoE layers (default: from the "
               "placement).")
 @click.option("--stats", "stats_source", help="sglang-logical-count: the trace or statistics "
               "whose counts to write.")
-@_paths(inputs=("placement", "stats_source"), outputs={"out": False})
-def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
-           moe_layers: str | None, stats_source: str | None) -> None:
-    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print its launch flags."""
+@_paths(inputs=("placement", "stats_source", "config_path"), outputs={"out": False})
+def export(placement: str, fmt: str, out: str, config_path: str | None, model_shape: str | None,
+           num_hidden_layers: int | None, moe_layers: str | None,
+           stats_source: str | None) -> None:
+    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print how to load it."""
+    from moeplace.models import from_hf_config, guess_model, known_layout
     from moeplace.placement import Placement, export_placement
 
     plc = Placement.load(placement)
+    if config_path and model_shape:
+        raise InputError("export", "--config", "given together with --model-shape",
+                         "pass one of them")
+    layout = (from_hf_config(config_path) if config_path
+              else known_layout(model_shape) if model_shape else None)
+    guessed = guess_model(str(plc.info.get("model", "")))
+    if layout is None and guessed is not None:
+        # The placement names a known model: its ids must be that model's MoE layers.
+        cand = known_layout(guessed)
+        if cand.num_experts == plc.num_experts:
+            layout = cand
     load = None
     if stats_source:
         st, _ = _stats_of(stats_source)
@@ -728,8 +806,9 @@ def export(placement: str, fmt: str, out: str, num_hidden_layers: int | None,
                              f"placement's {(plc.num_layers, plc.num_experts)}",
                              "pass statistics of the placed model")
     flags = export_placement(plc, fmt, out, num_hidden_layers=num_hidden_layers,
-                             moe_layer_ids=_layer_ids(moe_layers), load=load)
-    click.echo(f"wrote {out}\n{flags}")
+                             moe_layer_ids=_layer_ids(moe_layers), load=load, layout=layout)
+    checked = f" (layer ids checked against {layout.name})" if layout is not None else ""
+    click.echo(f"wrote {out}{checked}\n{flags}")
 
 
 # ---- apply --------------------------------------------------------------------------------
@@ -789,26 +868,22 @@ def demo(gpus: int, out: str | None) -> None:
     L, N = st.num_layers, st.num_experts
     click.echo(f"{tr.meta.model}: {tr.num_tokens:,} tokens x {L} MoE layers x top-{tr.top_k} of "
                f"{N} experts (bundled real trace)")
-    click.echo(f"routing: expert load max/mean {summ['load_imbalance_mean']:.2f} (mean over "
+    click.echo(f"routing: expert load max/mean {summ['expert_load_ratio_mean']:.2f} (mean over "
                f"layers); a token's experts at consecutive layers share "
                f"{summ['mi_next_bits_median']:.2f} bits (median mutual information)")
     plc, rep = solve_with_report(st, gpus, time_limit=20)
     plcs = {"moeplace": plc}
-    for name in ("contiguous", "round_robin", "eplb"):
+    for name in _baselines_for(Cluster(gpus)):
         plcs[name] = baseline(name, st, Cluster(gpus))
     sim = _simulation("flame-moe-290m", "h100-nvlink", tr)
     df = _metric_rows(plcs, tr, st, 512, sim, 512)
     click.echo(f"\nplacements on {gpus} GPUs, scored per token (lower is better; speedup is the "
-               "simulated H100 step time vs contiguous):")
+               "simulated H100 step time of the fastest baseline over each placement's):")
     _print_table(df)
-    ours = df.iloc[0]
-    base = df[df["placement"] == "contiguous"].iloc[0]
+    gains = strongest_baseline_gains(df, "moeplace")
     click.echo(f"\nmoeplace ({rep.method}, {rep.seconds:.1f} s, gap to lower bound {rep.gap:.1%}) "
-               f"cuts cross-GPU expert pairs by {1 - ours.cross_gpu_pairs / base.cross_gpu_pairs:.0%}"
-               f" and per-token GPU hops (follow model) by "
-               f"{1 - ours.traffic_follow / base.traffic_follow:.0%} vs contiguous, at load "
-               f"imbalance {ours.load_imbalance:.3f} vs {base.load_imbalance:.3f}; estimated step "
-               f"speedup {ours.speedup:.3f}x.")
+               "against the strongest baseline on each metric (change < 0 is a gain):")
+    _print_table(gains)
     click.echo("\nplacement, first two MoE layers (GPU: experts):")
     for l in range(min(2, L)):
         click.echo(f"  layer {tr.meta.moe_layer_ids[l]}: " + "  ".join(

@@ -44,7 +44,7 @@ def test_evaluate_json_keys(tmp_path, rng):
     r = run("evaluate", str(tmp_path / "t.parquet"), str(tmp_path / "p.json"), "--json",
             "--home", "follow", "--window", "64", "--current", str(tmp_path / "p.json"))
     d = json.loads(r.output)
-    for k in ("load_imbalance_mean", "load_imbalance_max", "cross_layer_pair_fraction",
+    for k in ("load_imbalance_mean", "load_imbalance_max", "cross_gpu_pair_fraction",
               "cross_node_pair_fraction", "traffic_static", "traffic_follow", "experts_moved"):
         assert k in d
     assert d["experts_moved"] == 0
@@ -126,7 +126,8 @@ def test_solve_cli_json_and_out(tmp_path, rng):
     d = json.loads(r.output)
     assert d["report"]["method"] == "dp" and d["report"]["status"] == "optimal"
     names = [row["placement"] for row in d["fit"]]
-    assert names == ["dp", "contiguous", "eplb"] and len(d["holdout"]) == 3
+    assert names == ["dp", "contiguous", "round_robin", "eplb", "eplb-distinct"]
+    assert len(d["holdout"]) == 5 and d["vs_strongest_baseline"]
     from moeplace.placement import Placement
 
     assert Placement.load(out).num_gpus == 4

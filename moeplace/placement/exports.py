@@ -1,9 +1,14 @@
-"""Write placements in the files serving stacks load (SGLang, vLLM proposals, vllm-ascend, EPLB) and
-read them back.
+"""Write placements in the files serving stacks load (SGLang, TensorRT-LLM, vLLM proposals,
+vllm-ascend, EPLB) and read them back.
 
 Layer axes differ by stack: SGLang counts every hidden layer (dense layers get trivial rows),
-the vLLM proposals, vllm-ascend and EPLB count MoE layers only. A placement knows its MoE layers'
-hidden-layer ids (``moe_layer_ids``) when it was solved from a trace; otherwise they must be given.
+TensorRT-LLM keys its YAML by hidden-layer id, the vLLM proposals, vllm-ascend and EPLB count MoE
+layers only. A placement knows its MoE layers' hidden-layer ids (``moe_layer_ids``) when it was
+solved from a trace; otherwise they must be given. ``layout`` (``moeplace.models``: a model's
+``config.json`` or a known model) makes the export refuse ids the model does not have.
+
+Stacks load layouts with two copies of one expert on one GPU (DeepSeek's EPLB makes them), so
+everything read back from a stack's file may hold them (``Placement.colocated``).
 """
 
 from __future__ import annotations
@@ -12,15 +17,20 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moeplace._fileio import atomic_path
-from moeplace.errors import InputError
+from moeplace.errors import InputError, MissingDependencyError
 from moeplace.placement.placement import Placement
 
-FORMATS = ("sglang", "sglang-logical-count", "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb")
+if TYPE_CHECKING:
+    from moeplace.models import ModelLayout
+
+MAX_PLACEMENT_BYTES = 256 << 20  # Kimi-K2 on 1024 slots x 61 layers is a few MB as text
+FORMATS = ("sglang", "sglang-logical-count", "trtllm", "vllm-ascend", "vllm-pr49572",
+           "vllm-pr41141", "eplb")
 
 
 def _hidden_rows(placement: Placement, num_hidden_layers: int | None,
@@ -76,32 +86,102 @@ def to_vllm_ascend(placement: Placement) -> dict[str, Any]:
 
 
 def launch_flags(fmt: str, path: str, placement: Placement) -> str:
-    """The serving-stack flags that load an exported file."""
+    """How to load an exported file: the serving-stack flags, config keys and conditions."""
     R = placement.num_replicas
     ep = placement.num_gpus
     if fmt in ("sglang", "sglang-logical-count"):
-        return (f"sglang: --ep-size {ep} --init-expert-location {path}"
-                + (f" --ep-num-redundant-experts {R}" if R else ""))
+        return (f"SGLang: --ep-size {ep} --init-expert-location {path}"
+                + (f" --ep-num-redundant-experts {R}" if R else "")
+                + ("\n  (SGLang runs its own EPLB on these counts at start-up)"
+                   if fmt == "sglang-logical-count" else ""))
+    if fmt == "trtllm":
+        return (f"TensorRT-LLM (PyTorch backend, wide EP): in the LLM API options YAML "
+                f"(trtllm-serve / trtllm-bench --extra_llm_api_options FILE, or LLM(**options)):\n"
+                f"  enable_attention_dp: true\n"
+                f"  moe_config: {{backend: WIDEEP, load_balancer: {path}}}\n"
+                f"  (older releases: moe_load_balancer: {path}); serve with --ep_size {ep} "
+                f"(--tp_size {ep}); layer_updates_per_iter: 0 keeps the placement static")
     if fmt == "vllm-ascend":
         return ("vllm-ascend: --enable-expert-parallel --additional-config "
-                f"'{{\"eplb_config\":{{\"expert_map_path\":\"{path}\"}}}}'")
+                f"'{{\"eplb_config\":{{\"expert_map_path\":\"{path}\"}}}}'\n"
+                "  (vllm-ascend loads a static expert map only for w8a8_dynamic-quantized "
+                "models; other models ignore it or refuse to start)")
     if fmt == "vllm-pr49572":
-        return (f"vLLM with PR 49572 (unmerged): --enable-expert-parallel --eplb-config "
-                f"'{{\"initial_expert_map_path\":\"{path}\",\"num_redundant_experts\":{R}}}'")
+        return (f"vLLM with PR 49572 (unmerged): --enable-expert-parallel --enable-eplb "
+                f"--eplb-config '{{\"initial_expert_map_path\":\"{path}\","
+                f"\"num_redundant_experts\":{R},\"step_interval\":1000000000}}'\n"
+                "  (the map is applied through EPLB's weight transfer, so --enable-eplb is "
+                "needed; a huge step_interval stops online rebalancing from replacing it)")
     if fmt == "vllm-pr41141":
-        return (f"vLLM with PR 41141 (unmerged): --enable-expert-parallel, load {path} as the "
-                f"initial EPLB mapping ({R} redundant experts)")
+        return (f"vLLM with PR 41141 (unmerged): --enable-expert-parallel --enable-eplb "
+                f"--eplb-config '{{\"initial_mapping_path\":\"{path}\","
+                f"\"disable_online_rebalancing\":true,\"num_redundant_experts\":{R}}}'")
     return f"DeepSeek EPLB arrays in {path} (phy2log, log2phy, logcnt; MoE layers only)"
+
+
+def _torch_save(obj: dict[str, Any], tmp: Path) -> None:
+    """A real torch file (SGLang reads ``.pt`` with ``torch.load(weights_only=True)``)."""
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", "writing a .pt placement", "torch") from None
+    torch.save({k: torch.tensor(np.asarray(v), dtype=torch.int64) for k, v in obj.items()},
+               str(tmp))
+
+
+def to_trtllm(placement: Placement, moe_layer_ids: list[int]) -> dict[str, Any]:
+    """TensorRT-LLM MoE load-balancer config: ``num_slots`` and, per hidden-layer id, the
+    logical expert of every slot (rank-major), static (``layer_updates_per_iter: 0``)."""
+    return {"num_slots": placement.num_slots,
+            "initial_global_assignments": {int(h): placement.phy2log[j].tolist()
+                                           for j, h in enumerate(moe_layer_ids)},
+            "layer_updates_per_iter": 0}
+
+
+def _yaml_trtllm(cfg: dict[str, Any]) -> str:
+    """The YAML TensorRT-LLM's example writes: integer layer keys, inline slot lists."""
+    lines = [f"num_slots: {cfg['num_slots']}", "initial_global_assignments:"]
+    for h, row in cfg["initial_global_assignments"].items():
+        lines.append(f"  {h}: [{', '.join(str(int(e)) for e in row)}]")
+    lines.append(f"layer_updates_per_iter: {cfg['layer_updates_per_iter']}")
+    return "\n".join(lines) + "\n"
 
 
 def export_placement(placement: Placement, fmt: str, path: str | os.PathLike[str], *,
                      num_hidden_layers: int | None = None, moe_layer_ids: list[int] | None = None,
-                     load: np.ndarray | None = None) -> str:
-    """Write ``placement`` as ``fmt`` atomically; returns the launch flags to use it."""
+                     load: np.ndarray | None = None, layout: ModelLayout | None = None) -> str:
+    """Write ``placement`` as ``fmt`` atomically; returns how to load it (flags, conditions).
+
+    With ``layout`` the MoE layer ids and hidden-layer count are checked against the model
+    (``InputError`` on a mismatch) and fill in whatever the placement does not record.
+    SGLang formats written to a ``.pt`` path are torch files (torch needed).
+    """
     if fmt not in FORMATS:
         raise InputError("export", "--format", f"unknown format {fmt!r}", f"use one of {FORMATS}")
+    if layout is not None:
+        from moeplace.models import check_layer_ids
+
+        given = moe_layer_ids if moe_layer_ids is not None else placement.moe_layer_ids
+        num_hidden_layers, moe_layer_ids = check_layer_ids(
+            layout, given, placement.num_layers, placement.source, num_hidden_layers)
+        if placement.num_experts != layout.num_experts:
+            raise InputError(placement.source, "num_experts", f"{placement.num_experts}, but "
+                             f"{layout.name} has {layout.num_experts} routed experts",
+                             "solve a placement for this model")
+    as_pt = str(path).endswith(".pt")
+    if as_pt and fmt not in ("sglang", "sglang-logical-count"):
+        raise InputError(path, "--out", f"{fmt} is not a torch format",
+                         "use .pt only with --format sglang or sglang-logical-count")
+    if as_pt:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("torch", "writing a .pt placement", "torch") from None
     with atomic_path(path) as tmp:
-        if fmt == "eplb":
+        if fmt == "trtllm":
+            _, ids = _hidden_rows(placement, num_hidden_layers, moe_layer_ids)
+            tmp.write_text(_yaml_trtllm(to_trtllm(placement, ids)))
+        elif fmt == "eplb":
             with open(tmp, "wb") as fh:
                 np.savez(fh, **to_eplb(placement))
         elif fmt == "vllm-pr41141":
@@ -124,7 +204,10 @@ def export_placement(placement: Placement, fmt: str, path: str | os.PathLike[str
                 obj = to_vllm_ascend(placement)
             else:  # vllm-pr49572: one [P] list per MoE layer
                 obj = placement.phy2log.tolist()
-            tmp.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
+            if as_pt:
+                _torch_save(obj, tmp)
+            else:
+                tmp.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
     return launch_flags(fmt, str(path), placement)
 
 
@@ -149,6 +232,11 @@ def read_placement(path: str | os.PathLike[str], fmt: str = "auto", *, num_gpus:
                              "pass --gpus (the expert-parallel size)")
         return num_gpus
 
+    if p.stat().st_size > MAX_PLACEMENT_BYTES:
+        raise InputError(p, "file", f"{p.stat().st_size} bytes is too large for a placement",
+                         f"placement files stay under {MAX_PLACEMENT_BYTES >> 20} MiB")
+    # Stacks load copies of one expert on one GPU as they are: so does everything read here.
+    kw: dict[str, Any] = {"source": src, "colocated": True}
     try:
         if fmt == "moeplace":
             return Placement.load(p)
@@ -157,27 +245,40 @@ def read_placement(path: str | os.PathLike[str], fmt: str = "auto", *, num_gpus:
             if "phy2log" not in z.files:
                 raise InputError(p, "phy2log", "array missing", "export with --format eplb")
             return Placement(z["phy2log"], need_gpus(), num_nodes, num_experts,
-                             moe_layer_ids=moe_layer_ids, source=src)
+                             moe_layer_ids=moe_layer_ids, **kw)
         if fmt == "vllm-pr41141":
             rec = json.loads(p.read_text().splitlines()[0])
             ga = rec["initial_global_assignments"]
             rows = [ga[str(l)] for l in range(len(ga))]
             return Placement(np.array(rows), need_gpus(), num_nodes, num_experts,
-                             moe_layer_ids=moe_layer_ids, source=src)
-        obj = json.loads(p.read_text())
+                             moe_layer_ids=moe_layer_ids, **kw)
+        if fmt == "trtllm":
+            cfg = read_trtllm_yaml(p)
+            ids = sorted(cfg["initial_global_assignments"])
+            rows = np.array([cfg["initial_global_assignments"][h] for h in ids])
+            return Placement(rows, need_gpus(), num_nodes, num_experts, moe_layer_ids=ids, **kw)
+        if fmt == "sglang" and p.suffix == ".pt":
+            from moeplace.traces.importers._common import to_numpy, torch_load
+
+            obj = torch_load(p)
+            if not isinstance(obj, dict):
+                raise InputError(p, "file", "not a dict", "export with --format sglang")
+            obj = {k: to_numpy(v).tolist() for k, v in obj.items()}
+        else:
+            obj = json.loads(p.read_text())
         if fmt == "vllm-ascend":
             layers = sorted(obj["layer_list"], key=lambda d: d["layer_id"])
             rows = [[e for dev in sorted(d["device_list"], key=lambda x: x["device_id"])
                      for e in dev["device_expert"]] for d in layers]
             return Placement(np.array(rows), int(layers[0]["device_count"]), num_nodes,
-                             num_experts, moe_layer_ids=moe_layer_ids, source=src)
+                             num_experts, moe_layer_ids=moe_layer_ids, **kw)
         if fmt == "vllm-pr49572":
             arr = np.array(obj)
             if arr.ndim == 1:
                 raise InputError(p, "map", "one flat list gives no per-layer placement",
                                  "export per-layer lists")
             return Placement(arr, need_gpus(), num_nodes, num_experts,
-                             moe_layer_ids=moe_layer_ids, source=src)
+                             moe_layer_ids=moe_layer_ids, **kw)
         if fmt == "sglang":
             if set(obj) != {"physical_to_logical_map"}:
                 raise InputError(p, "keys", f"{sorted(obj)}: SGLang accepts exactly one key",
@@ -185,7 +286,7 @@ def read_placement(path: str | os.PathLike[str], fmt: str = "auto", *, num_gpus:
             rows = np.array(obj["physical_to_logical_map"])
             ids = moe_layer_ids if moe_layer_ids is not None else list(range(len(rows)))
             return Placement(rows[ids], need_gpus(), num_nodes, num_experts,
-                             moe_layer_ids=ids, source=src)
+                             moe_layer_ids=ids, **kw)
     except (KeyError, IndexError, TypeError, ValueError, zipfile.BadZipFile) as exc:
         if isinstance(exc, InputError):
             raise
@@ -195,7 +296,77 @@ def read_placement(path: str | os.PathLike[str], fmt: str = "auto", *, num_gpus:
                      "sglang-logical-count holds statistics; use it with solve")
 
 
+def read_trtllm_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a TensorRT-LLM MoE load-balancer YAML: ``num_slots`` (int) and
+    ``initial_global_assignments`` (hidden-layer id -> ``num_slots`` expert ids)."""
+    p = Path(path)
+    if p.stat().st_size > MAX_PLACEMENT_BYTES:
+        raise InputError(p, "file", "too large for a load-balancer config",
+                         f"configs stay under {MAX_PLACEMENT_BYTES >> 20} MiB")
+    text = p.read_text()
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(text)
+    except ImportError:
+        cfg = _mini_yaml(text, p)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise InputError(p, "file", f"not valid YAML ({str(exc).splitlines()[0]})",
+                         "write it with moeplace export --format trtllm") from None
+    if not isinstance(cfg, dict):
+        raise InputError(p, "file", "not a YAML mapping", "write it with moeplace export")
+    P = cfg.get("num_slots")
+    ga = cfg.get("initial_global_assignments")
+    if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+        raise InputError(p, "num_slots", f"{P!r} is not a positive integer",
+                         "give the physical slots per layer")
+    if not isinstance(ga, dict) or not ga:
+        raise InputError(p, "initial_global_assignments", "missing or empty",
+                         "give each MoE layer's slot list")
+    out: dict[int, list[int]] = {}
+    for h, row in ga.items():
+        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+            raise InputError(p, "initial_global_assignments", f"key {h!r} is not a layer id",
+                             "key by hidden-layer id")
+        if (not isinstance(row, list) or len(row) != P
+                or not all(isinstance(e, int) and not isinstance(e, bool) for e in row)):
+            raise InputError(p, f"initial_global_assignments.{h}", f"not a list of {P} "
+                             "integer expert ids", "give one expert id per slot")
+        out[h] = row
+    return {**cfg, "initial_global_assignments": out}
+
+
+def _mini_yaml(text: str, p: Path) -> dict[str, Any]:
+    """The subset of YAML the load-balancer config uses, for installs without PyYAML."""
+    cfg: dict[str, Any] = {}
+    section: dict[Any, Any] | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, val = line.strip().partition(":")
+        if not sep:
+            raise InputError(f"{p}:{n}", "line", "not 'key: value'", "write it with moeplace")
+        try:
+            k: Any = int(key) if line.startswith(" ") else key
+            v = json.loads(val) if val.strip() else None
+        except ValueError:
+            raise InputError(f"{p}:{n}", key, "not a number or list", "write it with moeplace") from None
+        if line.startswith(" "):
+            if section is None:
+                raise InputError(f"{p}:{n}", "line", "indented outside a section", "fix indentation")
+            section[k] = v
+        elif v is None:
+            section = cfg[k] = {}
+        else:
+            cfg[k], section = v, None
+    return cfg
+
+
 def _detect(p: Path) -> str:
+    if p.suffix in (".yaml", ".yml"):
+        return "trtllm"
+    if p.suffix == ".pt":
+        return "sglang"
     if p.suffix == ".npz":
         return "eplb"
     if p.suffix == ".jsonl":

@@ -34,7 +34,10 @@ class Placement:
 
     Slots are GPU-major and contiguous (DeepSeek EPLB, vLLM, SGLang): with ``S`` slots per GPU,
     slot p is on GPU ``p // S``; GPU g is on node ``g // (num_gpus // num_nodes)``.
-    ``moe_layer_ids`` maps the layer axis to hidden layers when known.
+    ``moe_layer_ids`` maps the layer axis to hidden layers when known. ``colocated`` allows two
+    copies of one expert on one GPU, as DeepSeek's EPLB produces and vLLM and SGLang load (a
+    token uses one copy, so such copies split their GPU's share); moeplace's own solvers never
+    produce it.
     """
 
     phy2log: np.ndarray
@@ -44,6 +47,7 @@ class Placement:
     moe_layer_ids: tuple[int, ...] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     source: str = "placement"
+    colocated: bool = False
 
     def __post_init__(self) -> None:
         p = np.asarray(self.phy2log)
@@ -85,8 +89,8 @@ class Placement:
         return self.num_gpus // self.num_nodes
 
     def validate(self) -> None:
-        """Raise ``InputError`` unless every expert is placed, GPUs hold equal slots, and no
-        GPU holds two copies of one expert."""
+        """Raise ``InputError`` unless every expert is placed, GPUs hold equal slots, and (unless
+        ``colocated``) no GPU holds two copies of one expert."""
         src, G, M = self.source, self.num_gpus, self.num_nodes
         N = int(self.num_experts)  # type: ignore[arg-type]
         L, P = self.phy2log.shape
@@ -113,10 +117,11 @@ class Placement:
         per_gpu = self.phy2log.reshape(L, G, S)
         srt = np.sort(per_gpu, axis=2)
         dup = np.argwhere((srt[:, :, 1:] == srt[:, :, :-1]).any(axis=2)) if S > 1 else []
-        if len(dup):
+        if len(dup) and not self.colocated:
             l, g = dup[0]
             raise InputError(src, "phy2log", f"layer {l}: GPU {g} holds two copies of one expert",
-                             "put replicas of an expert on distinct GPUs")
+                             "put replicas of an expert on distinct GPUs (or set "
+                             '"colocated_copies": true for a DeepSeek EPLB layout)')
         if self.moe_layer_ids is not None and len(self.moe_layer_ids) != L:
             raise InputError(src, "moe_layer_ids", f"{len(self.moe_layer_ids)} ids for {L} layers",
                              "give one hidden-layer id per MoE layer")
@@ -192,6 +197,8 @@ class Placement:
         }
         if self.moe_layer_ids is not None:
             d["moe_layer_ids"] = list(self.moe_layer_ids)
+        if self.colocated:
+            d["colocated_copies"] = True
         if self.info:
             d["info"] = self.info
         return d
@@ -268,7 +275,7 @@ class Placement:
             raise InputError(source, "info", f"a JSON {type_name(info)}, not an object", fix)
         return cls(phy2log=phy, num_gpus=G, num_nodes=M, num_experts=N,
                    moe_layer_ids=None if ids is None else tuple(ids), info=dict(info),
-                   source=source)
+                   source=source, colocated=d.get("colocated_copies") is True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Placement:

@@ -1,131 +1,274 @@
-"""Baseline placements: contiguous, round-robin, random, and DeepSeek's EPLB with replicas.
+"""Baseline placements: contiguous, round-robin, random, and DeepSeek's EPLB in two variants.
 
-EPLB follows the algorithm described in docs (serving-formats.md): (1) expert groups, heaviest
-first, to the lightest node with room (hierarchical policy, when groups divide evenly over
-nodes); (2) each extra slot to the expert with the largest load per replica; (3) copies,
-heaviest first, to the lightest GPU with a free slot. Unlike the original, step 3 never puts two
-copies of one expert on one GPU (vLLM issue 18343).
+``eplb`` is DeepSeek's expert-parallelism load balancer (``rebalance_experts``) exactly as vLLM's
+``default`` policy and SGLang's ``deepseek`` algorithm run it, re-implemented here from its
+published description:
+
+* policy: hierarchical when ``num_groups % num_nodes == 0``, otherwise global (one node, one
+  group). The stacks pass the model's ``n_group``; models without expert groups get 1, so on
+  several nodes they run the global policy;
+* hierarchical step 1: expert groups (contiguous id ranges), heaviest first, each to the lightest
+  node that still has room for ``num_groups / num_nodes`` groups (``balanced_packing``);
+* step 2 (inside each node, or over all experts): each extra slot goes to the expert with the
+  largest load per copy (``replicate_experts``);
+* step 3: the copies, heaviest first, each to the lightest GPU of its node with a free slot.
+  Nothing stops two copies of one expert from landing on one GPU, and the stacks load such
+  layouts as they are; the placement records it (``Placement.colocated``).
+
+Loads are single precision and ties go to the lowest index, as in the stacks, so layouts match
+slot for slot.
+
+``eplb_distinct`` is the rule-respecting variant moeplace's own solvers start from: the same
+group and node steps, but copies of one expert always go to distinct GPUs and the replica
+counts are chosen knowing that rule (a copy moves to another expert when that lowers the
+layer's max GPU load).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from moeplace.errors import InfeasibleError
+from moeplace.errors import InfeasibleError, InputError
 from moeplace.placement import Placement, contiguous, random_placement, round_robin
 
-__all__ = ["contiguous", "eplb", "random_placement", "replica_counts", "round_robin"]
+__all__ = ["balanced_packing", "contiguous", "eplb", "eplb_distinct", "random_placement",
+           "replica_counts", "replicate_experts", "round_robin"]
+
+# DeepSeek's EPLB and the stacks compute in float32.
+_F = np.float32
+
+
+# ---- DeepSeek's three greedy steps, one layer at a time --------------------------------------
+def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items into ``num_packs`` packs of exactly ``n / num_packs`` items each: heaviest item
+    first, each to the lightest pack with room (lowest index on ties).
+
+    Returns ``(pack [n], rank [n])``: each item's pack and its position inside the pack.
+    With one item per pack, item i goes to pack i (DeepSeek's shortcut).
+    """
+    w = np.asarray(weight, _F)
+    n = w.shape[0]
+    if n % num_packs:
+        raise InfeasibleError(f"{n} items do not split evenly into {num_packs} packs")
+    per = n // num_packs
+    if per == 1:
+        return np.arange(n), np.zeros(n, np.int64)
+    pack = np.full(n, -1, np.int64)
+    rank = np.full(n, -1, np.int64)
+    pack_w = np.zeros(num_packs, _F)
+    pack_n = np.zeros(num_packs, np.int64)
+    for i in np.argsort(-w, kind="stable"):
+        room = np.flatnonzero(pack_n < per)
+        b = int(room[np.argmin(pack_w[room])])
+        pack[i], rank[i] = b, pack_n[b]
+        pack_w[b] = _F(pack_w[b] + w[i])
+        pack_n[b] += 1
+    return pack, rank
+
+
+def replicate_experts(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """``num_slots`` copies of ``n`` experts: one each, then every extra slot to the expert with
+    the largest load per copy. Returns ``(slot_expert [num_slots], count [n])``; slot i < n
+    holds expert i, later slots hold the extras in the order they were chosen."""
+    w = np.asarray(weight, _F)
+    n = w.shape[0]
+    if num_slots < n:
+        raise InfeasibleError(f"{num_slots} slots cannot hold {n} experts")
+    slots = np.empty(num_slots, np.int64)
+    slots[:n] = np.arange(n)
+    cnt = np.ones(n, np.int64)
+    for i in range(n, num_slots):
+        e = int(np.argmax(w / cnt.astype(_F)))
+        slots[i] = e
+        cnt[e] += 1
+    return slots, cnt
 
 
 def replica_counts(load: np.ndarray, num_slots: int, max_copies: int | None = None) -> np.ndarray:
-    """``[N]`` copies per expert: each extra slot to the largest load per copy (EPLB step 2),
-    never more than ``max_copies`` (the GPUs available) copies of one expert."""
-    N = load.shape[0]
+    """``[N]`` copies per expert by EPLB's rule (each extra slot to the largest load per copy),
+    never more than ``max_copies`` copies of one expert."""
+    w = np.asarray(load, _F)
+    N = w.shape[0]
     cnt = np.ones(N, np.int64)
-    w = load.astype(np.float64)
     cap = max_copies or num_slots
     for _ in range(num_slots - N):
-        per = np.where(cnt < cap, w / cnt, -np.inf)
+        per = np.where(cnt < cap, w / cnt.astype(_F), -np.inf)
         if not np.isfinite(per).any():
             raise InfeasibleError(f"{num_slots} slots exceed {N} experts x {cap} GPUs")
-        cnt[np.argmax(per)] += 1
+        cnt[int(np.argmax(per))] += 1
     return cnt
 
 
-def _pack_copies(items: np.ndarray, weights: np.ndarray, num_bins: int, cap: int,
-                 base: np.ndarray | None = None) -> list[list[int]]:
-    """Copies heaviest first onto the lightest bin with room that lacks that expert."""
-    bins: list[list[int]] = [[] for _ in range(num_bins)]
-    load = np.zeros(num_bins) if base is None else base.astype(np.float64).copy()
-    for i in np.argsort(-weights, kind="stable"):
-        e = int(items[i])
-        ok = [b for b in range(num_bins) if len(bins[b]) < cap and e not in bins[b]]
-        if not ok:
-            b = _make_room(bins, e, cap, load, weights, items)
-        else:
-            b = min(ok, key=lambda b: (load[b], b))
-        bins[b].append(e)
-        load[b] += weights[i]
-    return bins
-
-
-def _make_room(bins: list[list[int]], e: int, cap: int, load: np.ndarray, weights: np.ndarray,
-               items: np.ndarray) -> int:
-    """Greedy got stuck (every bin with room already holds e): move some expert x from a bin
-    without e into a bin with room that lacks x, freeing a place for e."""
-    wmap = {int(it): float(w) for it, w in zip(items, weights, strict=False)}
-    roomy = [b for b in range(len(bins)) if len(bins[b]) < cap]
-    for b2 in sorted(range(len(bins)), key=lambda b: load[b]):
-        if e in bins[b2]:
-            continue
-        for x in bins[b2]:
-            for b in roomy:
-                if x not in bins[b]:
-                    bins[b2].remove(x)
-                    bins[b].append(x)
-                    load[b2] -= wmap.get(x, 0.0)
-                    load[b] += wmap.get(x, 0.0)
-                    return b2
-    raise InfeasibleError("copies of one expert cannot all go to distinct GPUs")
-
-
-def _eplb_layer(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: int,
-                num_groups: int) -> list[list[int]]:
+def _node_domains(load: np.ndarray, num_nodes: int, num_groups: int) -> list[np.ndarray]:
+    """Experts of each node, in DeepSeek's order: the node's groups in the order they were
+    packed, each group's experts in id order (``mlog`` order)."""
     N = load.shape[0]
-    S = num_slots // num_gpus
-    # Hierarchical only when each node's experts can fill its GPUs without two copies of one
-    # expert on a GPU (N / nodes >= slots per GPU).
-    hierarchical = (num_groups > 0 and num_groups % num_nodes == 0 and N % num_groups == 0
-                    and N // num_nodes >= S)
-    if not hierarchical:
-        num_nodes_eff, groups = 1, [np.arange(N)]
-    else:
-        gsize = N // num_groups
-        gload = load.reshape(num_groups, gsize).sum(axis=1)
-        per_node = num_groups // num_nodes
-        node_groups: list[list[int]] = [[] for _ in range(num_nodes)]
-        nload = np.zeros(num_nodes)
-        for gi in np.argsort(-gload, kind="stable"):
-            n = min((n for n in range(num_nodes) if len(node_groups[n]) < per_node),
-                    key=lambda n: (nload[n], n))
-            node_groups[n].append(int(gi))
-            nload[n] += gload[gi]
-        num_nodes_eff = num_nodes
-        groups = [np.concatenate([np.arange(g * gsize, (g + 1) * gsize) for g in ng])
-                  for ng in node_groups]
-    gpn = num_gpus // num_nodes_eff
-    slots_node = num_slots // num_nodes_eff
-    layout: list[list[int]] = []
-    for experts in groups:
-        cnt = replica_counts(load[experts], slots_node, max_copies=gpn)
-        items = np.repeat(experts, cnt)
-        w = np.repeat(load[experts] / cnt, cnt)
-        layout += _pack_copies(items, w, gpn, S)
-    return layout
+    gsize = N // num_groups
+    gload = load.astype(_F).reshape(num_groups, gsize).sum(axis=1, dtype=_F)
+    pack, rank = balanced_packing(gload, num_nodes)
+    per_node = num_groups // num_nodes
+    order = np.empty(num_groups, np.int64)
+    order[pack * per_node + rank] = np.arange(num_groups)
+    return [np.concatenate([np.arange(g * gsize, (g + 1) * gsize)
+                            for g in order[n * per_node:(n + 1) * per_node]])
+            for n in range(num_nodes)]
+
+
+def _deepseek_layer(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: int,
+                    num_groups: int) -> np.ndarray:
+    """One layer of ``rebalance_experts``: ``phy2log [num_slots]``."""
+    if num_groups % num_nodes:
+        num_groups, num_nodes = 1, 1  # DeepSeek's global policy
+    gpn = num_gpus // num_nodes
+    per_gpu = num_slots // num_gpus
+    row = np.empty(num_slots, np.int64)
+    slots_node = num_slots // num_nodes
+    for n, experts in enumerate(_node_domains(load, num_nodes, num_groups)):
+        w = load[experts].astype(_F)
+        slot_e, cnt = replicate_experts(w, slots_node)
+        copy_w = (w / cnt.astype(_F))[slot_e]
+        pack, rank = balanced_packing(copy_w, gpn)
+        local = np.empty(slots_node, np.int64)
+        local[pack * per_gpu + rank] = slot_e
+        row[n * slots_node:(n + 1) * slots_node] = experts[local]
+    return row
+
+
+# ---- the rule-respecting variant ------------------------------------------------------------
+def _pack_distinct(counts: np.ndarray, w: np.ndarray, num_bins: int, cap: int
+                   ) -> tuple[list[list[int]], float] | None:
+    """Copies (heaviest first) onto the lightest bin with room that lacks that expert;
+    ``None`` when the greedy gets stuck."""
+    items = np.repeat(np.arange(len(counts)), counts)
+    cw = (w / np.maximum(counts, 1))[items]
+    bins: list[list[int]] = [[] for _ in range(num_bins)]
+    has = np.zeros((num_bins, len(counts)), bool)
+    load = np.zeros(num_bins)
+    fill = np.zeros(num_bins, np.int64)
+    for i in np.argsort(-cw, kind="stable"):
+        e = int(items[i])
+        ok = np.flatnonzero((fill < cap) & ~has[:, e])
+        if ok.size == 0:
+            return None
+        b = int(ok[np.argmin(load[ok])])
+        bins[b].append(e)
+        has[b, e] = True
+        load[b] += cw[i]
+        fill[b] += 1
+    return bins, float(load.max())
+
+
+def _distinct_domain(w: np.ndarray, num_bins: int, cap: int, rounds: int = 8
+                     ) -> list[list[int]]:
+    """Experts with loads ``w`` on ``num_bins`` GPUs of ``cap`` slots, copies on distinct GPUs.
+
+    Start from EPLB's counts capped at one copy per GPU, then move single copies from one
+    expert to another while that lowers the max GPU load: with the rule in force, a spare copy
+    of a light expert can fill a GPU that would otherwise need a second copy of a heavy one.
+    """
+    n = w.shape[0]
+    counts = replica_counts(w, num_bins * cap, max_copies=num_bins)
+    best = _pack_distinct(counts, w, num_bins, cap)
+    floor = float(w.sum()) / num_bins  # no layout beats a perfectly even split
+    for _ in range(rounds if n < num_bins * cap else 0):
+        if best is not None and best[1] <= floor * (1 + 1e-9):
+            break
+        donors = np.flatnonzero(counts > 1)
+        donors = donors[np.argsort(w[donors] / counts[donors], kind="stable")][:6]
+        takers = np.flatnonzero(counts < num_bins)
+        per = w[takers] / (counts[takers] + 1)
+        takers = np.unique(np.r_[takers[np.argsort(w[takers], kind="stable")][:4],
+                                 takers[np.argsort(-per, kind="stable")][:4]])
+        cur = np.inf if best is None else best[1]
+        found = None
+        for d in donors:
+            for t in takers:
+                if t == d:
+                    continue
+                c = counts.copy()
+                c[d] -= 1
+                c[t] += 1
+                res = _pack_distinct(c, w, num_bins, cap)
+                if res is not None and res[1] < cur - 1e-9:
+                    cur, found = res[1], (c, res)
+        if found is None:
+            break
+        counts, best = found
+    if best is None:
+        raise InfeasibleError(f"copies of one expert cannot all go to distinct GPUs "
+                              f"({n} experts on {num_bins} GPUs x {cap} slots)")
+    return best[0]
+
+
+# ---- entry points ---------------------------------------------------------------------------
+def _check(load: np.ndarray, num_gpus: int, num_nodes: int, replicas: int) -> tuple[int, int, int]:
+    if load.ndim != 2:
+        raise InputError("eplb", "load", f"shape {load.shape} is not [layers, experts]",
+                         "pass per-layer expert loads")
+    L, N = load.shape
+    P = N + replicas
+    if replicas < 0 or num_gpus < 1 or num_nodes < 1 or num_gpus % num_nodes or P % num_gpus:
+        raise InfeasibleError(f"{N} experts + {replicas} replicas do not split evenly over "
+                              f"{num_gpus} GPUs in {num_nodes} nodes")
+    return L, N, P
+
+
+def resolve_groups(num_groups: int | None, num_experts: int, num_nodes: int) -> int:
+    """The group count EPLB runs with: the model's ``n_group`` when known, else 1 (what vLLM
+    passes for models without expert groups; SGLang's ``None`` means the same global policy)."""
+    g = 1 if num_groups is None else int(num_groups)
+    if g < 1:
+        raise InputError("eplb", "--groups", f"{g} < 1", "pass the model's n_group (>= 1)")
+    if g % num_nodes == 0 and num_experts % g:
+        raise InputError("eplb", "--groups", f"{num_experts} experts do not split into {g} "
+                         "groups", "pass the model's n_group (a divisor of the expert count)")
+    return g
 
 
 def eplb(load: np.ndarray, num_gpus: int, num_nodes: int = 1, replicas: int = 0,
          num_groups: int | None = None) -> Placement:
-    """DeepSeek EPLB on per-layer loads ``[L, N]`` with ``replicas`` extra slots per layer.
+    """DeepSeek EPLB (``rebalance_experts``) on per-layer loads ``[L, N]`` with ``replicas``
+    extra slots per layer, as vLLM and SGLang run it.
 
-    ``num_groups`` (DeepSeek expert groups) selects the hierarchical policy when it divides
-    evenly over nodes; by default each node is a group (node-local balancing first).
+    ``num_groups`` is the model's ``n_group`` (default 1: no expert groups). The hierarchical
+    policy runs when it divides evenly over nodes, else the global one. Two copies of one
+    expert may share a GPU; the placement then has ``colocated=True``.
     """
-    L, N = load.shape
-    P = N + replicas
-    if P % num_gpus or num_gpus % num_nodes:
-        raise InfeasibleError(f"{N} experts + {replicas} replicas do not split evenly over "
-                              f"{num_gpus} GPUs in {num_nodes} nodes")
-    if replicas and (P // num_gpus) > N:
+    load = np.asarray(load)
+    L, N, P = _check(load, num_gpus, num_nodes, replicas)
+    g = resolve_groups(num_groups, N, num_nodes)
+    rows = np.stack([_deepseek_layer(load[l], num_gpus, num_nodes, P, g) for l in range(L)])
+    per = rows.reshape(L, num_gpus, P // num_gpus)
+    srt = np.sort(per, axis=2)
+    colocated = bool((srt[:, :, 1:] == srt[:, :, :-1]).any()) if per.shape[2] > 1 else False
+    policy = "hierarchical" if g % num_nodes == 0 and num_nodes > 1 else "global"
+    return Placement(rows, num_gpus, num_nodes, N, colocated=colocated,
+                     info={"method": "eplb", "num_groups": g, "policy": policy})
+
+
+def eplb_distinct(load: np.ndarray, num_gpus: int, num_nodes: int = 1, replicas: int = 0,
+                  num_groups: int | None = None) -> Placement:
+    """EPLB that never puts two copies of one expert on one GPU, with replica counts chosen
+    knowing that rule; groups and nodes as in ``eplb``."""
+    load = np.asarray(load)
+    L, N, P = _check(load, num_gpus, num_nodes, replicas)
+    if P // num_gpus > N:
         raise InfeasibleError("more slots per GPU than distinct experts")
-    if num_groups is None:
-        num_groups = num_nodes if (num_nodes > 1 and N % num_nodes == 0
-                                   and (P // num_nodes) >= N // num_nodes) else 0
-    # Replicas inside a node must fit its slots: fall back to global when a node's share of
-    # slots cannot hold its groups' experts.
-    if num_groups and (P // num_nodes) < N // num_nodes:
-        num_groups = 0
-    rows = [[e for gpu in _eplb_layer(load[l], num_gpus, num_nodes, P, num_groups) for e in gpu]
-            for l in range(L)]
-    return Placement(np.array(rows), num_gpus, num_nodes, N,
-                     info={"method": "eplb", "num_groups": num_groups})
+    g = resolve_groups(num_groups, N, num_nodes)
+    M = num_nodes if g % num_nodes == 0 else 1
+    G_dom = num_gpus // M
+    S = P // num_gpus
+    if N // M < S:  # a node's experts cannot fill a GPU with distinct ones: balance globally
+        M, G_dom = 1, num_gpus
+    rows = []
+    for l in range(L):
+        w = load[l].astype(np.float64)
+        doms = _node_domains(load[l], M, g if M > 1 else 1)
+        row: list[int] = []
+        for experts in doms:
+            bins = _distinct_domain(w[experts], G_dom, S)
+            row += [int(experts[e]) for b in bins for e in b]
+        rows.append(row)
+    return Placement(np.array(rows, np.int64), num_gpus, num_nodes, N,
+                     info={"method": "eplb-distinct", "num_groups": g,
+                           "policy": "hierarchical" if M > 1 else "global"})

@@ -94,7 +94,7 @@ def evaluate_stats(stats: RoutingStats, placement: Placement) -> dict[str, Any]:
     if stats.transitions is not None and stats.num_layers > 1:
         pf = pair_fractions(stats.transitions, placement)
         tot = pf["pairs"].sum()
-        out["cross_layer_pair_fraction"] = float(pf["cross_gpu_pairs"].sum() / tot) if tot else 0.0
+        out["cross_gpu_pair_fraction"] = float(pf["cross_gpu_pairs"].sum() / tot) if tot else 0.0
         out["cross_node_pair_fraction"] = float(pf["cross_node_pairs"].sum() / tot) if tot else 0.0
     if stats.coactivation is not None:
         from moeplace.solvers.objective import coactivation_spread
@@ -333,7 +333,7 @@ class Evaluator:
         }
         if pf is not None:
             tot = pf["pairs"].sum()
-            summary["cross_layer_pair_fraction"] = float(pf["cross_gpu_pairs"].sum() / tot)
+            summary["cross_gpu_pair_fraction"] = float(pf["cross_gpu_pairs"].sum() / tot)
             summary["cross_node_pair_fraction"] = float(pf["cross_node_pairs"].sum() / tot)
         for m in HOME_MODELS:
             summary[f"traffic_{m}"] = float(self.traffic[f"{m}_gpus"].sum() / tl)

@@ -58,9 +58,9 @@ class ObjectiveValue:
     """The objective's total and each term."""
 
     total: float
-    load_imbalance: float
-    cross_gpu_fraction: float
-    cross_node_fraction: float
+    load_imbalance_mean: float
+    cross_gpu_pair_fraction: float
+    cross_node_pair_fraction: float
     migration_fraction: float
     coactivation_spread: float = 0.0
 

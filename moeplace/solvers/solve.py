@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from moeplace.errors import InfeasibleError, InputError
+from moeplace.models import KNOWN, guess_model
 from moeplace.placement import Placement, contiguous, random_placement, round_robin
-from moeplace.solvers.baselines import eplb
+from moeplace.solvers.baselines import eplb, eplb_distinct
 from moeplace.solvers.bounds import lower_bound
 from moeplace.solvers.dp import MAX_STATES, num_states, solve_dp
 from moeplace.solvers.exact import solve_cpsat, solve_pulp
@@ -24,7 +25,22 @@ from moeplace.solvers.search import search
 from moeplace.traces import RoutingStats
 
 METHODS = ("auto", "search", "dp", "cpsat", "ilp-cbc", "ilp-highs", "moetuner", "eplb",
-           "contiguous", "round_robin", "random")
+           "eplb-distinct", "contiguous", "round_robin", "random")
+BASELINES = ("contiguous", "round_robin", "random", "eplb", "eplb-distinct")
+
+
+def default_groups(stats: RoutingStats, model_shape: str | None = None) -> int | None:
+    """The model's expert groups (``n_group``) for EPLB: from the statistics' metadata, else
+    from a known model named by ``model_shape`` or the trace; ``None`` when unknown (EPLB then
+    runs with 1 group, as vLLM and SGLang do for models without groups)."""
+    g = stats.meta.extra.get("n_group")
+    if isinstance(g, int) and g > 0:
+        return g
+    for name in (model_shape, stats.meta.model):
+        key = guess_model(name)
+        if key is not None and KNOWN[key].num_experts == stats.num_experts:
+            return KNOWN[key].n_group
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,8 @@ def _multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
 
 def baseline(method: str, stats: RoutingStats, c: Cluster, seed: int = 0,
              num_groups: int | None = None) -> Placement:
-    """A baseline placement (contiguous, round_robin, random, eplb) without solving or bounds."""
+    """A baseline placement (contiguous, round_robin, random, eplb, eplb-distinct) without
+    solving or bounds; ``num_groups`` defaults to the model's (``default_groups``)."""
     L, N = stats.load.shape
     if method == "contiguous":
         return contiguous(L, N, c.num_gpus, c.num_nodes, replicas=c.replicas)
@@ -137,6 +154,10 @@ def baseline(method: str, stats: RoutingStats, c: Cluster, seed: int = 0,
         return round_robin(L, N, c.num_gpus, c.num_nodes)
     if method == "random":
         return random_placement(L, N, c.num_gpus, c.num_nodes, c.replicas, seed=seed)
+    if num_groups is None:
+        num_groups = default_groups(stats)
+    if method == "eplb-distinct":
+        return eplb_distinct(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups)
     return eplb(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups)
 
 
@@ -167,13 +188,15 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     details: dict[str, Any] = {}
     status = "heuristic"
     bound_total: float | None = None
-    if method in ("contiguous", "round_robin", "random", "eplb"):
+    if method in BASELINES:
         plc = baseline(method, stats, c, seed, num_groups)
         status = "baseline"
     elif method == "search":
-        start = baseline("eplb", stats, c, seed, num_groups)
+        # The search keeps copies of one expert on distinct GPUs, so it starts from the
+        # rule-respecting EPLB.
+        start = baseline("eplb-distinct", stats, c, seed, num_groups)
         if (current is not None and weights.migration > 0 and current.num_replicas == c.replicas
-                and current.num_nodes == c.num_nodes):
+                and current.num_nodes == c.num_nodes and not current.colocated):
             start = current  # moving away from what serves now must pay for itself
         # Keep a tenth of the budget (at most 5 s) for scoring and bounds after the search.
         budget = time_limit - (time.perf_counter() - t0) - min(5.0, 0.1 * time_limit)
@@ -183,7 +206,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                                 seed=seed)
         details.update(sweeps=rep.sweeps, swaps=rep.swaps, relabels=rep.relabels,
                        assignments=rep.assignments, stopped=rep.stopped, restarts=rep.restarts,
-                       start="current" if start is current else "eplb")
+                       start="current" if start is current else "eplb-distinct")
         status = "time limit" if rep.stopped == "time limit" else "local optimum"
     else:
         if c.replicas:
@@ -205,7 +228,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         elif method == "dp":
             res = solve_dp(stats, c.num_gpus, c.num_nodes, weights=weights)
         else:
-            hint, _ = search(stats, baseline("eplb", stats, c, seed, num_groups),
+            hint, _ = search(stats, baseline("eplb-distinct", stats, c, seed, num_groups),
                              weights=weights, balance_slack=1.0, time_limit=min(10, time_limit))
             if method == "cpsat":
                 res = solve_cpsat(stats, c.num_gpus, c.num_nodes, weights=weights,
@@ -235,6 +258,10 @@ def _label_layers(plc: Placement, stats: RoutingStats) -> None:
     ids = tuple(stats.meta.moe_layer_ids)
     if len(ids) == plc.num_layers:
         plc.moe_layer_ids = ids
+    if stats.meta.model:
+        plc.info.setdefault("model", stats.meta.model)
+    if stats.meta.num_hidden_layers:
+        plc.info.setdefault("num_hidden_layers", stats.meta.num_hidden_layers)
 
 
 def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, *, current: Placement | None,
@@ -260,6 +287,7 @@ def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, *, current: Pla
     gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
     plc.info = {**plc.info, "method": inner.method, "status": inner.status,
                 "respect_groups": n_group}
+    _label_layers(plc, stats)
     return plc, SolveReport(inner.method, inner.status, obj.as_dict(), bound, gap,
                             time.perf_counter() - t0, details)
 
@@ -281,13 +309,13 @@ def pareto(stats: RoutingStats, cluster: Cluster, slacks: tuple[float, ...] = (
     rows = []
     for s in slacks:
         plc, rep = solve_with_report(stats, cluster, method="search", balance_slack=s, **kw)
-        rows.append({"balance_slack": s, "load_imbalance": rep.objective["load_imbalance"],
-                     "cross_gpu_fraction": rep.objective["cross_gpu_fraction"],
-                     "cross_node_fraction": rep.objective["cross_node_fraction"],
+        rows.append({"balance_slack": s, "load_imbalance_mean": rep.objective["load_imbalance_mean"],
+                     "cross_gpu_pair_fraction": rep.objective["cross_gpu_pair_fraction"],
+                     "cross_node_pair_fraction": rep.objective["cross_node_pair_fraction"],
                      "seconds": rep.seconds, "placement": plc})
     # Keep only non-dominated points (no other point is at least as good on both axes).
     def axes(r: dict[str, Any]) -> tuple[float, float]:
-        return r["load_imbalance"], r["cross_gpu_fraction"] + r["cross_node_fraction"]
+        return r["load_imbalance_mean"], r["cross_gpu_pair_fraction"] + r["cross_node_pair_fraction"]
 
     keep = [r for r in rows if not any(
         o is not r and all(a <= b + 1e-12 for a, b in zip(axes(o), axes(r), strict=True))
@@ -295,5 +323,5 @@ def pareto(stats: RoutingStats, cluster: Cluster, slacks: tuple[float, ...] = (
     return keep
 
 
-__all__ = ["METHODS", "Cluster", "SolveReport", "baseline", "check_request", "pareto", "solve",
-           "solve_with_report"]
+__all__ = ["BASELINES", "METHODS", "Cluster", "SolveReport", "baseline", "check_request",
+           "default_groups", "pareto", "solve", "solve_with_report"]

@@ -45,7 +45,8 @@ def layer_table(stats: RoutingStats, top: int | None = None) -> pd.DataFrame:
         "layer": np.arange(L),
         "hidden_layer": list(stats.meta.moe_layer_ids),
         "assignments": stats.load.sum(axis=1),
-        "load_imbalance": np.divide(load.max(axis=1), mean, out=np.ones(L), where=mean > 0),
+        # expert-level skew; GPU-level balance is load_imbalance (evaluator, solve)
+        "expert_load_ratio": np.divide(load.max(axis=1), mean, out=np.ones(L), where=mean > 0),
         "load_cv": np.divide(load.std(axis=1), mean, out=np.zeros(L), where=mean > 0),
         "load_entropy": _entropy_bits(p) / max(np.log2(N), 1e-12),
         "hot_expert": load.argmax(axis=1),
@@ -114,8 +115,8 @@ def summary(stats: RoutingStats, table: pd.DataFrame | None = None) -> dict[str,
         "top_k": stats.meta.top_k,
         "moe_layer_ids": list(stats.meta.moe_layer_ids),
         "load": stats.load.tolist(),
-        "load_imbalance_mean": float(table["load_imbalance"].mean()),
-        "load_imbalance_max": float(table["load_imbalance"].max()),
+        "expert_load_ratio_mean": float(table["expert_load_ratio"].mean()),
+        "expert_load_ratio_max": float(table["expert_load_ratio"].max()),
         "load_entropy_mean": float(table["load_entropy"].mean()),
     }
     if "mi_next_bits" in table:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeplace.errors import InputError
+from moeplace.models import known_layout
 from moeplace.traces.trace import PHASE_PREFILL, Trace, TraceMeta, expert_dtype
 
 
@@ -34,6 +35,9 @@ class SyntheticSpec:
     focus_size: int | None = None
     pool: int = 128
     model: str = "synthetic"
+    moe_layer_ids: tuple[int, ...] | None = None  # hidden-layer ids (default 0..num_layers-1)
+    num_hidden_layers: int | None = None
+    n_group: int | None = None  # expert groups of group-limited routing (DeepSeek-V3: 8)
 
     def check(self) -> None:
         if self.num_layers < 1 or self.num_experts < 1:
@@ -48,16 +52,27 @@ class SyntheticSpec:
                 raise InputError("synthetic", name, f"{v} not in [0, 1]", "use a fraction")
         if self.skew < 0:
             raise InputError("synthetic", "skew", f"{self.skew} < 0", "use a Zipf exponent >= 0")
+        if self.moe_layer_ids is not None and len(self.moe_layer_ids) != self.num_layers:
+            raise InputError("synthetic", "moe_layer_ids", f"{len(self.moe_layer_ids)} ids for "
+                             f"{self.num_layers} layers", "give one hidden-layer id per layer")
 
 
-# Shapes of public models (layers counted as MoE layers).
+def _from_model(name: str) -> SyntheticSpec:
+    m = known_layout(name)
+    return SyntheticSpec(m.num_moe_layers, m.num_experts, m.top_k, model=f"synthetic-{m.name}",
+                         moe_layer_ids=m.moe_layer_ids, num_hidden_layers=m.num_hidden_layers,
+                         n_group=m.n_group)
+
+
+# Shapes of public models, with their real MoE layer ids and hidden-layer counts
+# (DeepSeek-V3: MoE layers 3..60 of 61; see moeplace.models).
 PRESETS: dict[str, SyntheticSpec] = {
-    "deepseek-v3": SyntheticSpec(58, 256, 8, model="synthetic-deepseek-v3"),
-    "kimi-k2": SyntheticSpec(60, 384, 8, model="synthetic-kimi-k2"),
-    "deepseek-v2-lite": SyntheticSpec(26, 64, 6, model="synthetic-deepseek-v2-lite"),
-    "qwen3-30b-a3b": SyntheticSpec(48, 128, 8, model="synthetic-qwen3-30b-a3b"),
-    "mixtral": SyntheticSpec(32, 8, 2, model="synthetic-mixtral-8x7b"),
-    "flame-moe-290m": SyntheticSpec(8, 64, 6, model="synthetic-flame-moe-290m"),
+    "deepseek-v3": _from_model("deepseek-v3"),
+    "kimi-k2": _from_model("kimi-k2"),
+    "deepseek-v2-lite": _from_model("deepseek-v2-lite"),
+    "qwen3-30b-a3b": _from_model("qwen3-30b-a3b"),
+    "mixtral": _from_model("mixtral-8x7b"),
+    "flame-moe-290m": _from_model("flame-moe-290m"),
 }
 
 
@@ -102,11 +117,15 @@ class SyntheticRouter:
             key = np.take_along_axis(g, top, axis=2)
             self.sets[l] = np.take_along_axis(top, np.argsort(-key, axis=2), axis=2)
         self.topic_prior = rng.dirichlet(np.full(H, 2.0))
-        self.meta = TraceMeta(num_experts=N, top_k=k, moe_layer_ids=tuple(range(L)),
-                              model=spec.model, source=f"synthetic:{spec.model}:seed={seed}",
-                              extra={"synthetic": {"skew": spec.skew, "affinity": spec.affinity,
-                                                   "stickiness": spec.stickiness,
-                                                   "num_topics": H}})
+        ids = spec.moe_layer_ids if spec.moe_layer_ids is not None else tuple(range(L))
+        extra: dict[str, object] = {"synthetic": {"skew": spec.skew, "affinity": spec.affinity,
+                                                  "stickiness": spec.stickiness,
+                                                  "num_topics": H}}
+        if spec.n_group:
+            extra["n_group"] = spec.n_group
+        self.meta = TraceMeta(num_experts=N, top_k=k, moe_layer_ids=tuple(ids),
+                              model=spec.model, num_hidden_layers=spec.num_hidden_layers,
+                              source=f"synthetic:{spec.model}:seed={seed}", extra=extra)
 
     def sample(self, num_tokens: int, *, seed: int | None = None, chunk_tokens: int = 1 << 16,
                mean_request_tokens: int = 256, weights: bool = False) -> Iterator[Trace]:

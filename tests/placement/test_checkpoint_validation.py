@@ -213,5 +213,5 @@ def test_duplicate_moe_layers_refused(ckpt, plc, tmp_path):
     raises_input(lambda: rewrite_checkpoint(ckpt, tmp_path / "o", Placement.load(plc),
                                             moe_layer_ids=[0, 0]), "named twice")
     cli_fails(["apply", plc, "--checkpoint", ckpt, "--out", tmp_path / "o", "--moe-layers",
-               "0,0"], "named twice")
+               "0,0"], "appears twice")
     assert not (tmp_path / "o").exists()

@@ -20,7 +20,7 @@ from moeplace.placement import (
     read_placement,
 )
 
-ROUND_TRIP = ("sglang", "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb")
+ROUND_TRIP = ("sglang", "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb", "trtllm")
 
 
 @settings(max_examples=25, deadline=None)
@@ -36,7 +36,7 @@ def test_round_trip_every_format(tmp_path_factory, L, G, S, R, seed, dense):
     plc = random_placement(L, N, G, 1, R, seed=seed, moe_layer_ids=ids)
     d = tmp_path_factory.mktemp("x")
     for fmt in ROUND_TRIP:
-        path = d / {"eplb": "m.npz", "vllm-pr41141": "m.jsonl"}.get(fmt, "m.json")
+        path = d / {"eplb": "m.npz", "vllm-pr41141": "m.jsonl", "trtllm": "m.yaml"}.get(fmt, "m.json")
         export_placement(plc, fmt, path, num_hidden_layers=max(ids) + 2)
         back = read_placement(path, num_gpus=G, num_experts=N,
                               moe_layer_ids=ids if fmt == "sglang" else None)

@@ -49,7 +49,7 @@ def test_profile_writes_a_trace_with_request_position_phase(model_dir, tmp_path,
                                     str(prompts), "--out", str(out), "--max-new-tokens", "3",
                                     "--batch-size", "3", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert "wrote" in res.output and "imbalance" in res.output.lower()
+    assert "wrote" in res.output and "expert_load_ratio" in res.output
     tr = read_trace(out)
     assert tr.meta.top_k == 2 and tr.meta.num_experts == 8 and tr.meta.moe_layer_ids == (0, 1, 2)
     t = tr.tokens

@@ -113,10 +113,10 @@ def test_evaluator_equals_naive_count(T, L, G, S, R, M, k, weights, window, home
     for key, arr in traffic.items():
         np.testing.assert_array_equal(df[f"traffic_{key}"], arr, err_msg=key)
     if L > 1:
-        assert res.summary["cross_layer_pair_fraction"] == pytest.approx(cg)
+        assert res.summary["cross_gpu_pair_fraction"] == pytest.approx(cg)
         assert res.summary["cross_node_pair_fraction"] == pytest.approx(cn)
         s = evaluate_stats(compute_stats(tr), p)
-        assert s["cross_layer_pair_fraction"] == pytest.approx(cg)
+        assert s["cross_gpu_pair_fraction"] == pytest.approx(cg)
     # Streaming in chunks gives the same answer as one pass.
     chunked = evaluate([tr.select(slice(i, i + 7)) for i in range(0, T, 7)], p, window=window,
                        home=home)
@@ -137,7 +137,7 @@ def test_deepseek_contiguous_pair_fraction_independent():
         b = np.stack([(gpu[:, l + 1] == g).sum(1) for g in range(8)], 1)
         same += int((a * b).sum())
     expect = 1 - same / (tr.num_tokens * 25 * 36)
-    assert res.summary["cross_layer_pair_fraction"] == pytest.approx(expect, abs=1e-12)
+    assert res.summary["cross_gpu_pair_fraction"] == pytest.approx(expect, abs=1e-12)
     assert 0.8 < expect < 0.95
 
 

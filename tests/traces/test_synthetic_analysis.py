@@ -48,7 +48,7 @@ def test_affinity_and_skew_controls():
     imb = []
     for skew in (0.0, 1.2):
         t = synthetic_trace(SyntheticSpec(**base, skew=skew, affinity=0.0), 20000, seed=2)
-        imb.append(layer_table(compute_stats(t))["load_imbalance"].mean())
+        imb.append(layer_table(compute_stats(t))["expert_load_ratio"].mean())
     assert imb[1] > imb[0] + 1.0
     with pytest.raises(InputError, match="affinity"):
         SyntheticRouter(SyntheticSpec(**base, affinity=2.0))

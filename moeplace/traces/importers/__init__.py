@@ -11,12 +11,13 @@ from moeplace.errors import InputError
 from moeplace.traces.importers.megatron import read_megatron
 from moeplace.traces.importers.npz import read_npz_trace
 from moeplace.traces.importers.sglang import read_sglang_dump, read_sglang_requests
+from moeplace.traces.importers.trtllm import is_trtllm_dir, read_trtllm_stats
 from moeplace.traces.importers.vllm import from_routed_experts, read_vllm
 from moeplace.traces.stats import RoutingStats
 from moeplace.traces.store import TraceReader
 from moeplace.traces.trace import Trace
 
-FORMATS = ("auto", "parquet", "npz", "vllm", "sglang", "sglang-dump", "megatron")
+FORMATS = ("auto", "parquet", "npz", "vllm", "sglang", "sglang-dump", "megatron", "trtllm")
 
 __all__ = [
     "FORMATS",
@@ -28,6 +29,7 @@ __all__ = [
     "read_npz_trace",
     "read_sglang_dump",
     "read_sglang_requests",
+    "read_trtllm_stats",
     "read_vllm",
 ]
 
@@ -40,6 +42,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if p.is_dir():
         if any(p.glob("router_trace_rank*.jsonl")):
             return "megatron"
+        if is_trtllm_dir(p):
+            return "trtllm"
         return "parquet"
     suffix = p.suffix.lower()
     if suffix == ".parquet":
@@ -128,4 +132,6 @@ def load_routing(path: str | os.PathLike[str], fmt: str = "auto", **options: Any
                                                  "num_hidden_layers"))
     if fmt == "sglang-dump":
         return read_sglang_dump(path, **pick("num_experts", "moe_layer_ids", "model"))
+    if fmt == "trtllm":
+        return read_trtllm_stats(path, **pick("model"))
     return read_megatron(path, **pick("num_experts", "model"))
