@@ -46,19 +46,27 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def _valid_output(path: Path) -> str | None:
-    """None if the file at ``path`` reads back with moeplace's own reader, else why not."""
+def _valid_output(path: Path, args: list[str]) -> str | None:
+    """None if the output at ``path`` reads back with moeplace's own reader for what the command
+    writes, else why not."""
     from moeplace.placement import Placement
+    from moeplace.placement.exports import read_placement
     from moeplace.traces import RoutingStats, open_trace
 
+    cmd = args[0] if args else ""
     try:
-        if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
-            r = open_trace(path)
-            assert r.num_tokens > 0
-        elif path.name.endswith(".npz") and "stats" in path.name:
-            RoutingStats.load(path)
-        elif path.suffix == ".json" and path.read_text().lstrip().startswith('{"format":"moeplace'):
+        if cmd in ("convert", "synth") or path.suffix == ".parquet":
+            assert open_trace(path).num_tokens > 0
+        elif cmd == "stats":
+            assert RoutingStats.load_npz(path).num_tokens > 0
+        elif cmd in ("solve", "demo"):
             Placement.load(path)
+        elif cmd == "export":
+            fmt = args[args.index("--format") + 1] if "--format" in args else "auto"
+            if fmt != "sglang-logical-count":
+                read_placement(path, fmt, num_gpus=4)
+        elif cmd == "apply":
+            assert any(path.glob("*.safetensors")), "no shards written"
         elif path.is_file() and path.stat().st_size == 0:
             return "empty output file"
     except Exception as exc:  # any failure to read back is a finding
@@ -95,7 +103,7 @@ def judge(out: Outcome, root: Path, before: dict[str, str], inputs: set[str]) ->
     if out.exit_code == 0:
         tops = {Path(rel).parts[0] for rel in new}
         for top in tops:
-            why = _valid_output(root / top)
+            why = _valid_output(root / top, out.args)
             if why:
                 out.problems.append(why)
     return out

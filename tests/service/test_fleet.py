@@ -1,0 +1,69 @@
+"""Ray aggregation and restarts (moeplace[ray]) against the single-process path."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moeplace.cli import main
+from moeplace.traces import RoutingStats, Trace, compute_stats, write_trace
+from tests.conftest import random_trace
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance with 2 CPUs for the module (starting one costs seconds)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(7)
+    parts = [random_trace(rng, int(rng.integers(50, 400)), 4, 16, 3, requests=5) for _ in range(16)]
+    for i, p in enumerate(parts):
+        write_trace(p, d / f"part-{i:05d}.parquet")
+    return d, Trace.concat(parts)
+
+
+def test_stats_on_ray_equals_single_process_over_16_shards(ray_local, shards, tmp_path):
+    d, whole = shards
+    ref = compute_stats(whole)
+    r = CliRunner().invoke(main, ["stats", str(d), "--ray", "local", "--out",
+                                  str(tmp_path / "ray.npz")])
+    assert r.exit_code == 0, r.output
+    got = RoutingStats.load_npz(tmp_path / "ray.npz")
+    assert got.num_tokens == ref.num_tokens == whole.num_tokens
+    for name in ("load", "transitions", "coactivation"):
+        a, b = getattr(got, name), getattr(ref, name)
+        assert a.dtype.kind == "i" and np.array_equal(a, b), name
+    # The single-process CLI over the same directory agrees too.
+    r = CliRunner().invoke(main, ["stats", str(d), "--out", str(tmp_path / "one.npz")])
+    assert r.exit_code == 0, r.output
+    one = RoutingStats.load_npz(tmp_path / "one.npz")
+    assert np.array_equal(one.coactivation, ref.coactivation) and one.num_tokens == ref.num_tokens
+
+
+def test_stats_on_ray_refuses_mixed_models(ray_local, shards, tmp_path, rng):
+    d, _ = shards
+    other = tmp_path / "other.parquet"
+    write_trace(random_trace(rng, 20, 4, 8, 3), other)
+    r = CliRunner().invoke(main, ["stats", str(d), str(other), "--ray", "local", "--out",
+                                  str(tmp_path / "x.npz")])
+    assert r.exit_code == 2 and "differ" in r.stderr and not (tmp_path / "x.npz").exists()
+
+
+def test_without_ray_one_line(monkeypatch, shards, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    d, _ = shards
+    r = CliRunner().invoke(main, ["stats", str(d), "--ray", "local", "--out",
+                                  str(tmp_path / "x.npz")])
+    assert r.exit_code == 2
+    assert r.stderr.strip().count("\n") == 0 and "moeplace[ray]" in r.stderr
