@@ -470,7 +470,8 @@ def convert(src: str, dst: str, model: str, **kw: Any) -> None:
                    "flame-moe-290m.")
 @click.option("--tokens", type=_Number(int, 1, 10**10), default=100_000, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--skew", type=NONNEG_FLOAT, help="Zipf exponent of per-layer popularity.")
+@click.option("--skew", type=_Number(float, 0.0, 10.0),
+              help="Zipf exponent of per-layer popularity (0..10).")
 @click.option("--affinity", type=UNIT_FLOAT, help="Weight of topic-specific routing (0..1).")
 @click.option("--stickiness", type=UNIT_FLOAT, help="Chance a token keeps its topic per layer (0..1).")
 @click.option("--weights", is_flag=True, help="Also write gate weights.")

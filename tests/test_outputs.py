@@ -170,3 +170,18 @@ def test_broken_pipe_is_quiet(tmp_path, trace_file):
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert err == "" and proc.returncode in (0, 141)
+
+
+def test_tiny_file_declaring_a_huge_model_is_refused_before_allocating(tmp_path):
+    """A few tokens of a model declaring 5,000 experts: the statistics fit the cap, the solver's
+    pair-count copies would not; refused with the estimate instead of growing past 2 GB."""
+    import numpy as np
+
+    from moeplace.traces import Trace, TraceMeta
+
+    meta = TraceMeta(num_experts=5000, top_k=2, moe_layer_ids=(0, 1, 2))
+    p = tmp_path / "huge.parquet"
+    write_trace(Trace(np.array([[[1, 2]] * 3] * 4, np.uint16), meta), p)
+    assert p.stat().st_size < 10_000
+    line = _one_error_line(run("solve", str(p), "--gpus", "8", "--time-limit", "5"))
+    assert "memory cap" in line and "MOEPLACE_MAX_MEMORY" in line

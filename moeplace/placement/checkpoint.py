@@ -421,10 +421,15 @@ def _copy_others(src: Path, dst: Path, skip: set[str]) -> None:
     for p in src.iterdir():
         if p.name in skip or p.name in (INDEX, SIDECAR):
             continue
-        if p.is_dir():
-            shutil.copytree(p, dst / p.name)
-        else:
+        if p.is_symlink():
+            # Kept as a link, not followed: a link to a file outside the checkpoint (a Hub
+            # cache blob, or something that should never be copied) is not read.
+            os.symlink(os.readlink(p), dst / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, dst / p.name, symlinks=True)
+        elif p.is_file():
             shutil.copy2(p, dst / p.name)
+        # anything else (a FIFO, a socket, a device) is not checkpoint content: skipped
 
 
 def _rewrite_index(src: Path, dst: Path, renamed: dict[str, str]) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ortools.graph.python import linear_sum_assignment
 
+from moeplace._limits import memory_cap
 from moeplace.placement import Placement
 from moeplace.solvers.objective import Weights
 from moeplace.traces import RoutingStats
@@ -114,6 +115,8 @@ def _assign_exact(st: _Layers, l: int, gain: np.ndarray, cap: float,
     slot_gpu = np.arange(P) // S
     e = st.phy[l]
     if st.P != st.N:  # copies of one expert must land on distinct GPUs: not a plain assignment
+        return False
+    if 5 * 8 * P * P > memory_cap() // 2:  # five [P, P] arrays; the swap passes still run
         return False
     value = gain[e][:, slot_gpu]  # [copy, slot]
     before = value[np.arange(P), np.arange(P)].sum() + _coact_value(st, l, cz)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from moeplace._limits import check_memory
 from moeplace.errors import InfeasibleError, InputError
 from moeplace.models import KNOWN, guess_model
 from moeplace.placement import Placement, contiguous, random_placement, round_robin
@@ -92,6 +93,12 @@ def check_request(stats: RoutingStats, cluster: Cluster, time_limit: float,
     if not time_limit > 0:
         raise InputError("solve", "--time-limit", f"{time_limit} is not positive",
                          "give a time limit in seconds > 0")
+    # The search, bounds and scoring keep a few float copies of the [L, N, N] pair counts;
+    # refuse up front (with the estimate) rather than fail in the middle of a solve.
+    L = stats.num_layers
+    pairs = (stats.transitions is not None) + (stats.coactivation is not None)
+    check_memory(4 * pairs * L * N * N * 8, f"solving {L} layers x {N} experts",
+                 stats.meta.source or "solve", "num_experts")
     if current is not None and (current.num_layers, current.num_experts) != (
             stats.num_layers, stats.num_experts):
         raise InputError(current.source, "phy2log", f"current placement is {current.num_layers} "
