@@ -51,7 +51,7 @@ def run_case(name: str, fit, held, stats, cluster: Cluster, methods: list[str], 
         src = held if held is not None else fit
         if src is not None:
             s = evaluate(src, plc, show_progress=False).summary
-            row.update(imbalance=s["load_imbalance_mean"], cross_gpu=s["cross_layer_pair_fraction"],
+            row.update(imbalance=s["load_imbalance_mean"], cross_gpu=s["cross_gpu_pair_fraction"],
                        cross_node=s["cross_node_pair_fraction"], traffic_follow=s["traffic_follow"],
                        traffic_static=s["traffic_static"])
             if sim_shape is not None:

@@ -337,7 +337,7 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
             s = evaluate_stats(stats, plc)
         row = {"placement": name, "load_imbalance": s["load_imbalance_mean"],
                "load_imbalance_max": s["load_imbalance_max"],
-               "cross_gpu_pairs": s.get("cross_layer_pair_fraction", float("nan")),
+               "cross_gpu_pairs": s.get("cross_gpu_pair_fraction", float("nan")),
                "cross_node_pairs": s.get("cross_node_pair_fraction", float("nan"))}
         if trace is not None:
             row["traffic_static"] = s["traffic_static"]

@@ -44,7 +44,7 @@ def test_evaluate_json_keys(tmp_path, rng):
     r = run("evaluate", str(tmp_path / "t.parquet"), str(tmp_path / "p.json"), "--json",
             "--home", "follow", "--window", "64", "--current", str(tmp_path / "p.json"))
     d = json.loads(r.output)
-    for k in ("load_imbalance_mean", "load_imbalance_max", "cross_layer_pair_fraction",
+    for k in ("load_imbalance_mean", "load_imbalance_max", "cross_gpu_pair_fraction",
               "cross_node_pair_fraction", "traffic_static", "traffic_follow", "experts_moved"):
         assert k in d
     assert d["experts_moved"] == 0
