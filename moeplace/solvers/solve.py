@@ -176,7 +176,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                 and current.num_nodes == c.num_nodes):
             start = current  # moving away from what serves now must pay for itself
         # Keep a tenth of the budget (at most 5 s) for scoring and bounds after the search.
-        budget = time_limit - (time.perf_counter() - t0) - min(5.0, 0.1 * time_limit)
+        budget = time_limit - (time.perf_counter() - t0) - _reserve(time_limit)
         plc, rep = _multi_start(stats, start, restarts, weights=weights,
                                 balance_slack=balance_slack,
                                 time_limit=max(budget, 0.05 * time_limit), current=current,
@@ -205,14 +205,24 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         elif method == "dp":
             res = solve_dp(stats, c.num_gpus, c.num_nodes, weights=weights)
         else:
-            hint, _ = search(stats, baseline("eplb", stats, c, seed, num_groups),
-                             weights=weights, balance_slack=1.0, time_limit=min(10, time_limit))
+            # Warm start: the better of the default search and a loosely balanced one, from at
+            # most a fifth of the budget; the exact model gets the rest (building included)
+            # and returns nothing worse than this start.
+            eplb_start = baseline("eplb", stats, c, seed, num_groups)
+            hint_budget = min(10.0, 0.2 * time_limit)
+            hints = [search(stats, eplb_start, weights=weights, balance_slack=slack,
+                            time_limit=hint_budget / 2)[0] for slack in (0.0, 1.0)]
+            hint = min(hints, key=lambda h: score(stats, h, weights).total)
+            left = time_limit - (time.perf_counter() - t0) - _reserve(time_limit)
             if method == "cpsat":
                 res = solve_cpsat(stats, c.num_gpus, c.num_nodes, weights=weights,
-                                  time_limit=time_limit, hint=hint)
+                                  time_limit=max(left, 0.1), hint=hint)
             else:
                 res = solve_pulp(stats, c.num_gpus, c.num_nodes, backend=method[4:],
-                                 weights=weights, time_limit=time_limit, hint=hint)
+                                 weights=weights, time_limit=max(left, 0.1), hint=hint)
+            details.update(start="search", placement_from=res.source,
+                           proved="optimal" if res.status == "optimal" else (
+                               "lower bound" if res.bound is not None else "nothing"))
         if res.placement is None:
             raise InfeasibleError(f"{method} found no placement within {time_limit:g} s "
                                   f"(status {res.status}); raise --time-limit or use search")
@@ -228,6 +238,11 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     report = SolveReport(method, status, obj.as_dict(), bound, gap, time.perf_counter() - t0,
                          details)
     return plc, report
+
+
+def _reserve(time_limit: float) -> float:
+    """Seconds of a command's budget kept for bounds and scoring after the solver."""
+    return min(5.0, 0.1 * time_limit)
 
 
 def _label_layers(plc: Placement, stats: RoutingStats) -> None:
