@@ -33,3 +33,7 @@ class MissingDependencyError(MoeplaceError, ImportError):
 
 class InfeasibleError(MoeplaceError, ValueError):
     """The request cannot be satisfied (e.g. more GPUs than slots allow)."""
+
+
+class TimeLimitError(MoeplaceError):
+    """Work that cannot return a partial answer (e.g. a baseline) ran past ``--time-limit``."""

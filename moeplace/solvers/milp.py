@@ -222,8 +222,11 @@ def _run_highs(model: Milp, seconds: float, start: np.ndarray | None, threads: i
                ) -> tuple[str, np.ndarray | None, float | None]:
     import highspy
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    from moeplace.solvers.exact import _quiet_stdout
+
+    with _quiet_stdout():  # the library prints a banner from C++ on creation
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", float(seconds))
     h.setOptionValue("threads", int(threads))
     h.setOptionValue("random_seed", 0)

@@ -125,7 +125,7 @@ def _multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
 
 
 def baseline(method: str, stats: RoutingStats, c: Cluster, seed: int = 0,
-             num_groups: int | None = None) -> Placement:
+             num_groups: int | None = None, deadline: float | None = None) -> Placement:
     """A baseline placement (contiguous, round_robin, random, eplb) without solving or bounds."""
     L, N = stats.load.shape
     if method == "contiguous":
@@ -137,7 +137,8 @@ def baseline(method: str, stats: RoutingStats, c: Cluster, seed: int = 0,
         return round_robin(L, N, c.num_gpus, c.num_nodes)
     if method == "random":
         return random_placement(L, N, c.num_gpus, c.num_nodes, c.replicas, seed=seed)
-    return eplb(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups)
+    return eplb(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups,
+                deadline=deadline)
 
 
 def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: str = "auto",
@@ -160,6 +161,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                              time_limit=time_limit, balance_slack=balance_slack,
                              current=current, seed=seed, restarts=restarts)
     t0 = time.perf_counter()
+    deadline = time.monotonic() + time_limit
     N = stats.num_experts
     if method == "auto":
         small = c.replicas == 0 and num_states(N, c.num_gpus) <= MAX_STATES
@@ -168,10 +170,10 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     status = "heuristic"
     bound_total: float | None = None
     if method in ("contiguous", "round_robin", "random", "eplb"):
-        plc = baseline(method, stats, c, seed, num_groups)
+        plc = baseline(method, stats, c, seed, num_groups, deadline)
         status = "baseline"
     elif method == "search":
-        start = baseline("eplb", stats, c, seed, num_groups)
+        start = baseline("eplb", stats, c, seed, num_groups, deadline)
         if (current is not None and weights.migration > 0 and current.num_replicas == c.replicas
                 and current.num_nodes == c.num_nodes):
             start = current  # moving away from what serves now must pay for itself
@@ -208,7 +210,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
             # Warm start: the better of the default search and a loosely balanced one, from at
             # most a fifth of the budget; the exact model gets the rest (building included)
             # and returns nothing worse than this start.
-            eplb_start = baseline("eplb", stats, c, seed, num_groups)
+            eplb_start = baseline("eplb", stats, c, seed, num_groups, deadline)
             hint_budget = min(10.0, 0.2 * time_limit)
             hints = [search(stats, eplb_start, weights=weights, balance_slack=slack,
                             time_limit=hint_budget / 2)[0] for slack in (0.0, 1.0)]
