@@ -22,6 +22,9 @@ class _Group(click.Group):
         except MoeplaceError as exc:
             click.echo(f"moeplace: error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("moeplace: interrupted; nothing written", err=True)
+            sys.exit(130)
         except OSError as exc:
             click.echo(f"moeplace: error: {getattr(exc, 'filename', '') or ''}: "
                        f"{exc.strerror or exc}", err=True)

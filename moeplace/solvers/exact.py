@@ -160,6 +160,8 @@ def min_max_partition(load: np.ndarray, G: int, time_limit: float, workers: int 
         m.add(top >= sum(int(load[e]) * x[e][c] for e in range(N)))
     m.minimize(top)
     solver = cp_model.CpSolver()
+    # Python keeps SIGINT: Ctrl-C stops the search through stop_search (see _stoppable).
+    solver.parameters.catch_sigint_signal = False
     solver.parameters.max_time_in_seconds = max(time_limit, 0.05)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = 0
@@ -358,6 +360,8 @@ def _solve_cpsat_chain(stats: RoutingStats, G: int, *, weights: Weights, deadlin
                 for j in range(P):
                     m.add_hint(Y[l][i, j], int((i, j) == (chosen[l], chosen[l + 1])))
     solver = cp_model.CpSolver()
+    # Python keeps SIGINT: Ctrl-C stops the search through stop_search (see _stoppable).
+    solver.parameters.catch_sigint_signal = False
     # The LP is integral, so one worker running the full linear relaxation closes the gap
     # fastest: on the Mixtral trace it proves the optimum in about 20 s, where two portfolio
     # workers at the default linearisation still had a 0.5% gap after 120 s.
@@ -517,6 +521,8 @@ def _solve_cpsat_experts(stats: RoutingStats, num_gpus: int, num_nodes: int, *,
         for (l, e, g), v in x.items():
             m.add_hint(v, int(gpu[l, e] == g))
     solver = cp_model.CpSolver()
+    # Python keeps SIGINT: Ctrl-C stops the search through stop_search (see _stoppable).
+    solver.parameters.catch_sigint_signal = False
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = 0
     status = _cpsat_solve(solver, m, deadline)

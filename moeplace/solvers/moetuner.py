@@ -111,6 +111,8 @@ def _chain_cpsat(flows: list[np.ndarray], B: np.ndarray, hint: np.ndarray, time_
             for g in range(G):
                 m.add_hint(y[l][c][g], int(hint[l][c] == g))
     solver = cp_model.CpSolver()
+    # Python keeps SIGINT: Ctrl-C stops the search through stop_search (see _stoppable).
+    solver.parameters.catch_sigint_signal = False
     solver.parameters.max_time_in_seconds = max(time_limit, 0.05)
     solver.parameters.num_workers = 2
     st = run_stoppable(lambda: solver.solve(m), solver.stop_search,
