@@ -89,14 +89,14 @@ def _open(path: str, kw: dict[str, Any], in_memory_max: int | None = None) -> An
 
 
 def _stats_of(path: str, **kw: Any) -> tuple[Any, Any]:
-    """(RoutingStats, Trace or None) for any trace or statistics source; large Parquet traces
-    are streamed and come back without the trace."""
-    from moeplace.traces import RoutingStats, Trace, compute_stats
+    """(RoutingStats, Trace or TraceReader or None) for any trace or statistics source;
+    Parquet traces are streamed (a reader comes back, not the tokens)."""
+    from moeplace.traces import RoutingStats, compute_stats
 
-    obj = _open(path, kw, in_memory_max=2_000_000)
+    obj = _open(path, kw, in_memory_max=0)
     if isinstance(obj, RoutingStats):
         return obj, None
-    return compute_stats(obj), obj if isinstance(obj, Trace) else None
+    return compute_stats(obj), obj
 
 
 def _print_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> None:
@@ -225,9 +225,23 @@ def stats(trace: str, out: str, **kw: Any) -> None:
 @import_options
 def convert(src: str, dst: str, model: str, **kw: Any) -> None:
     """Import SRC (vLLM, SGLang, Megatron, .npz, Parquet) and write DST as a Parquet trace."""
-    from moeplace.traces import RoutingStats, write_trace
+    from moeplace.traces import RoutingStats, TraceReader, TraceWriter, write_trace
 
-    obj = _load(src, **kw)
+    obj = _open(src, kw, in_memory_max=0)
+    if isinstance(obj, TraceReader):  # Parquet to Parquet streams chunk by chunk
+        from moeplace._progress import Progress
+
+        meta = obj.meta.with_updates(model=model) if model else obj.meta
+        with TraceWriter(dst, meta, with_weights=obj.has_weights,
+                         token_fields=obj.token_fields) as w, \
+                Progress(obj.num_tokens, "convert", "tokens") as bar:
+            for chunk in obj.iter_chunks():
+                chunk.meta = meta
+                w.write(chunk)
+                bar.update(chunk.num_tokens)
+        click.echo(f"wrote {dst}: {obj.num_tokens:,} tokens x {meta.num_layers} layers x top-"
+                   f"{meta.top_k} of {meta.num_experts} experts")
+        return
     if isinstance(obj, RoutingStats):
         raise InputError(src, "format", "holds aggregated counts, not per-token routing",
                          "use 'moeplace stats' or pass it to solve directly")
@@ -416,7 +430,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     from moeplace.errors import TimeLimitError
     from moeplace.placement import Placement
     from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
-    from moeplace.solvers.scoring import score_placements, split_stream
+    from moeplace.solvers.scoring import score_placements, scoring_seconds, split_stream
     from moeplace.solvers.solve import baseline, check_request
     from moeplace.traces import RoutingStats, compute_stats
 
@@ -446,6 +460,10 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     # One budget from here on: solving, bounds and scoring end by the deadline (+ a margin).
     deadline = time.monotonic() + time_limit
     solve_limit = 0.75 * time_limit if show_pareto else time_limit
+    if trace is not None:  # keep up to 30% of the budget for scoring per token
+        solve_limit -= min(0.3 * time_limit, scoring_seconds(
+            trace.num_tokens, stats.num_layers, 3, _simulation(model_shape, hardware, trace)
+            is not None))
     plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
                                  time_limit=solve_limit, balance_slack=balance_slack,
                                  current=cur, seed=seed, num_groups=num_groups,

@@ -25,7 +25,7 @@ from moeplace.traces.store import as_chunks
 
 # Planning rates (conservative, one core): compiled evaluator token-layer-placement records/s,
 # reading and decoding token-layer records/s, and simulator step-layer-placements/s.
-EVAL_RATE = 4e6
+EVAL_RATE = 8e6
 EVAL_RATE_NUMPY = 3e5
 READ_RATE = 60e6
 SIM_RATE = 1500.0
@@ -76,6 +76,15 @@ def plan_sample(tokens: int, layers: int, placements: int, seconds: float,
     return max(min(1.0, seconds / cost), 1e-6)
 
 
+def scoring_seconds(tokens: int, layers: int, placements: int, simulate: bool) -> float:
+    """Planned seconds to score every token of a trace (and simulate 64 steps)."""
+    from moeplace.traces._kernels import HAVE_NUMBA
+
+    rate = EVAL_RATE if HAVE_NUMBA else EVAL_RATE_NUMPY
+    sim = 64 * layers * placements / SIM_RATE if simulate else 0.0
+    return tokens * layers * (placements / rate + 1.0 / READ_RATE) + sim
+
+
 def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]],
                      placements: dict[str, Placement], *, total_tokens: int, num_layers: int,
                      window: int = 4096, deadline: float | None = None, seed: int = 0,
@@ -119,6 +128,7 @@ def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]]
 
     eval_deadline = None if deadline is None else (
         time.monotonic() + (eval_seconds or 0.0) + 0.1 * (left or 0.0))
+    t_eval = time.monotonic()
     results = evaluate_many(feed(), plcs, window=window, sample=sample, seed=seed,
                             deadline=eval_deadline, total_tokens=total_tokens,
                             show_progress=show_progress)
@@ -126,7 +136,9 @@ def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]]
     first = results[0].summary
     scoring = {"tokens_in_trace": total_tokens, "tokens_scored": first["tokens"],
                "sample_fraction": sample, "sample_seed": seed,
-               "stopped_at_deadline": first["stopped_at_deadline"]}
+               "stopped_at_deadline": first["stopped_at_deadline"],
+               "evaluator_seconds": round(time.monotonic() - t_eval, 2)}
+    t_sim = time.monotonic()
     step_ms: dict[str, float] = {}
     if sim is not None and steps:
         from moeplace.solvers.simulator import step_time
@@ -137,4 +149,5 @@ def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]]
                 break
             step_ms[n] = 1e3 * step_time(tr, p, *sim, tokens_per_step)["step_s"]
         scoring["simulated_tokens"] = tr.num_tokens
+        scoring["simulation_seconds"] = round(time.monotonic() - t_sim, 2)
     return ScoreReport(summaries, step_ms, scoring)
