@@ -25,6 +25,7 @@ class Progress:
     def __init__(self, total: float | None, desc: str, unit: str = "it",
                  enabled: bool | None = None) -> None:
         self.done = 0.0
+        self.total = total or 0.0
         self._bar = tqdm(total=total, desc=desc, unit=unit, disable=not _on(enabled),
                          file=sys.stderr, unit_scale=True, dynamic_ncols=True, leave=False,
                          mininterval=0.2)

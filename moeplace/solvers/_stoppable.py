@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from moeplace._progress import Progress
+
 R = TypeVar("R")
 
 # How long a solver may take to wind down after being asked to stop before we stop waiting.
@@ -29,7 +31,8 @@ def check_deadline(deadline: float | None) -> None:
         raise OutOfTime
 
 
-def run_stoppable(fn: Callable[[], R], stop: Callable[[], Any], hard_deadline: float) -> R | None:
+def run_stoppable(fn: Callable[[], R], stop: Callable[[], Any], hard_deadline: float,
+                  desc: str = "solver") -> R | None:
     """``fn()`` in a daemon thread; ``stop()`` at ``hard_deadline`` (monotonic) or on Ctrl-C.
 
     Returns fn's result, or None when it had not returned ``STOP_GRACE_S`` after being stopped
@@ -47,10 +50,14 @@ def run_stoppable(fn: Callable[[], R], stop: Callable[[], Any], hard_deadline: f
     th = threading.Thread(target=target, name="moeplace-solver", daemon=True)
     th.start()
     stopped_at: float | None = None
+    t0 = time.monotonic()
+    # Time-based bar: native solvers report nothing while they run, the clock does.
+    bar = Progress(round(max(hard_deadline - t0, 0.0), 1), desc, "s")
     try:
         while th.is_alive():
             th.join(0.05)
             now = time.monotonic()
+            bar.set(round(min(now - t0, bar.total), 1))
             if stopped_at is None and now > hard_deadline:
                 stop()
                 stopped_at = now
@@ -60,6 +67,8 @@ def run_stoppable(fn: Callable[[], R], stop: Callable[[], Any], hard_deadline: f
         stop()
         th.join(STOP_GRACE_S)
         raise
+    finally:
+        bar.close()
     if "error" in box:
         raise box["error"]
     return box.get("value")

@@ -247,7 +247,7 @@ def _cpsat_solve(solver, model, deadline: float):  # type: ignore[no-untyped-def
         return None
     solver.parameters.max_time_in_seconds = float(left)
     status = run_stoppable(lambda: solver.solve(model), solver.stop_search,
-                           deadline + STOP_GRACE_S)
+                           deadline + STOP_GRACE_S, "cpsat")
     return status
 
 

@@ -244,7 +244,7 @@ def _run_highs(model: Milp, seconds: float, start: np.ndarray | None, threads: i
         sol.col_value = list(start)
         sol.value_valid = True
         h.setSolution(sol)
-    run_stoppable(h.run, h.cancelSolve, time.monotonic() + seconds + 0.5)
+    run_stoppable(h.run, h.cancelSolve, time.monotonic() + seconds + 0.5, "highs")
     ms = h.getModelStatus()
     info = h.getInfo()
     status = {highspy.HighsModelStatus.kOptimal: "optimal",
@@ -333,7 +333,7 @@ def _run_cbc(model: Milp, seconds: float, start: np.ndarray | None, threads: int
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            run_stoppable(proc.wait, proc.kill, time.monotonic() + max(left, 0.5))
+            run_stoppable(proc.wait, proc.kill, time.monotonic() + max(left, 0.5), "cbc")
         finally:
             if proc.poll() is None:
                 proc.kill()
