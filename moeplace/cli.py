@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -24,6 +25,14 @@ class _Group(click.Group):
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("moeplace: interrupted; nothing written", err=True)
+            from moeplace.solvers._stoppable import abandoned_threads
+
+            if any(t.is_alive() for t in abandoned_threads):
+                # A native solver still winds down: cleanup has run (finally blocks), so
+                # leave without interpreter teardown, which could crash under its threads.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
             sys.exit(130)
         except OSError as exc:
             click.echo(f"moeplace: error: {getattr(exc, 'filename', '') or ''}: "

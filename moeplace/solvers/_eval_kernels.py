@@ -62,28 +62,25 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
                 for l in range(L):
                     sid += 1
                     b = l & 1
-                    gs = gstamp[b]
-                    gv = gvotes[b]
-                    ns = nstamp[b]
-                    nv = nvotes[b]
+                    pb = 1 - b
                     nd_cnt = 0
                     nn_cnt = 0
                     for j in range(k):
                         g = cg_p[l, e[t, l, j], 0]
                         gbuf[j] = g
                         pend[l, g] += 1
-                        if gs[g] != sid:
-                            gs[g] = sid
-                            gv[g] = 0
+                        if gstamp[b, g] != sid:
+                            gstamp[b, g] = sid
+                            gvotes[b, g] = 0
                             dgpu[nd_cnt] = g
                             nd_cnt += 1
-                        gv[g] += 1
+                        gvotes[b, g] += 1
                         gn = nd[g]
-                        if ns[gn] != sid:
-                            ns[gn] = sid
-                            nv[gn] = 0
+                        if nstamp[b, gn] != sid:
+                            nstamp[b, gn] = sid
+                            nvotes[b, gn] = 0
                             nn_cnt += 1
-                        nv[gn] += 1
+                        nvotes[b, gn] += 1
                     cfn = nd[cf]
                     s_inter = 0
                     f_inter = 0
@@ -93,38 +90,34 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
                             s_inter += 1
                         if gn != cfn:
                             f_inter += 1
-                    s_gpus = nd_cnt - (gs[hs] == sid)
-                    f_gpus = nd_cnt - (gs[cf] == sid)
+                    s_gpus = nd_cnt - (gstamp[b, hs] == sid)
+                    f_gpus = nd_cnt - (gstamp[b, cf] == sid)
                     st[0, l] += s_gpus
                     st[1, l] += s_gpus - s_inter
                     st[2, l] += s_inter
-                    st[3, l] += nn_cnt - (ns[hn] == sid)
+                    st[3, l] += nn_cnt - (nstamp[b, hn] == sid)
                     fo[0, l] += f_gpus
                     fo[1, l] += f_gpus - f_inter
                     fo[2, l] += f_inter
-                    fo[3, l] += nn_cnt - (ns[cfn] == sid)
+                    fo[3, l] += nn_cnt - (nstamp[b, cfn] == sid)
                     if l > 0:
                         # pairs (a at l-1, b at l) on one GPU / one node: sum over b of the
                         # previous layer's experts on b's GPU / node
-                        pgs = gstamp[1 - b]
-                        pgv = gvotes[1 - b]
-                        pns = nstamp[1 - b]
-                        pnv = nvotes[1 - b]
                         same_g = 0
                         same_n = 0
                         for j in range(k):
                             g = gbuf[j]
-                            if pgs[g] == sid - 1:
-                                same_g += pgv[g]
+                            if gstamp[pb, g] == sid - 1:
+                                same_g += gvotes[pb, g]
                             gn = nd[g]
-                            if pns[gn] == sid - 1:
-                                same_n += pnv[gn]
+                            if nstamp[pb, gn] == sid - 1:
+                                same_n += nvotes[pb, gn]
                         colo[p, 0, l - 1] += same_g
                         colo[p, 1, l - 1] += same_n
                     best = 0
-                    bv = gv[gbuf[0]]
+                    bv = gvotes[b, gbuf[0]]
                     for j in range(1, k):
-                        v = gv[gbuf[j]]
+                        v = gvotes[b, gbuf[j]]
                         if v > bv or (v == bv and has_w and w[t, l, j] > w[t, l, best]):
                             best = j
                             bv = v

@@ -20,6 +20,11 @@ R = TypeVar("R")
 # How long a solver may take to wind down after being asked to stop before we stop waiting.
 STOP_GRACE_S = 1.5
 
+# Set when a native solver thread was still running as Ctrl-C gave up on it: the process must
+# then leave with os._exit after its own cleanup, since interpreter teardown while the
+# solver's C++ threads run can crash (see cli.main).
+abandoned_threads: list[threading.Thread] = []
+
 
 class OutOfTime(Exception):
     """Raised inside a solver's model building when its deadline has passed."""
@@ -66,6 +71,8 @@ def run_stoppable(fn: Callable[[], R], stop: Callable[[], Any], hard_deadline: f
     except KeyboardInterrupt:
         stop()
         th.join(STOP_GRACE_S)
+        if th.is_alive():
+            abandoned_threads.append(th)
         raise
     finally:
         bar.close()
