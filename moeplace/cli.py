@@ -439,7 +439,12 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     from moeplace.errors import TimeLimitError
     from moeplace.placement import Placement
     from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
-    from moeplace.solvers.scoring import score_placements, scoring_seconds, split_stream
+    from moeplace.solvers.scoring import (
+        held_requests,
+        score_placements,
+        scoring_seconds,
+        split_stream,
+    )
     from moeplace.solvers.solve import baseline, check_request
     from moeplace.traces import RoutingStats, compute_stats
 
@@ -455,9 +460,12 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         raise InputError(source, "format", "--holdout needs per-token routing",
                          "give a trace, not statistics")
     fit: Any = trace
+    held: Any = None
     if holdout is not None:
+        held = held_requests(trace, holdout, seed)  # the same split as Trace.split_requests
+
         def fit() -> Any:
-            return split_stream(trace, holdout, seed, "fit")
+            return split_stream(trace, held, "fit")
     stats = src if trace is None else compute_stats(
         fit() if callable(fit) else fit, coactivation=weights.coact > 0)
     held_tokens = 0 if trace is None else trace.num_tokens - stats.num_tokens
@@ -510,7 +518,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         fit_rows = _rows(rep_fit.summaries, rep_fit.step_ms, True)
         scoring["fit"] = rep_fit.scoring
         if holdout is not None:
-            rep_hold = score_placements(lambda: split_stream(trace, holdout, seed, "holdout"),
+            rep_hold = score_placements(lambda: split_stream(trace, held, "holdout"),
                                         plcs, total_tokens=held_tokens,
                                         num_layers=stats.num_layers, window=window,
                                         deadline=end, seed=seed, sim=sim,

@@ -404,8 +404,8 @@ def evaluate_many(trace: Trace | TraceReader | str | os.PathLike[str] | Iterable
     stopped = False
     try:
         for c in chunks:
-            if deadline is not None and time.monotonic() > deadline:
-                stopped = True
+            if deadline is not None and ev.tokens and time.monotonic() > deadline:
+                stopped = True  # (at least one chunk is always scored)
                 break
             n = c.num_tokens
             if sample < 1.0:

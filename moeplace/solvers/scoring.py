@@ -10,6 +10,7 @@ fraction, so no split needs the trace in memory.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,24 +41,45 @@ class ScoreReport:
     scoring: dict[str, Any] = field(default_factory=dict)
 
 
-def held_out(requests: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Whether each token's request is in the held-out share (a seeded hash of the id)."""
-    return _keep_blocks(requests.astype(np.int64).view(np.uint64), fraction, seed ^ 0x5EED)
+def request_ids(source: Trace | TraceReader) -> np.ndarray:
+    """Sorted distinct request ids of a trace; a reader reads only its ``request`` column."""
+    if isinstance(source, Trace):
+        if "request" not in source.tokens:
+            raise InputError(source.meta.source or "trace", "request",
+                             "a holdout split needs per-request ids",
+                             "record per-request metadata or drop --holdout")
+        return np.unique(source.tokens["request"])
+    if "request" not in source.token_fields:
+        raise InputError(source.path, "request", "a holdout split needs per-request ids",
+                         "record per-request metadata or drop --holdout")
+    parts = [np.unique(b.column(0).to_numpy()) for pf in source._pfs
+             for b in pf.iter_batches(batch_size=1 << 20, columns=["request"])]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
-def split_stream(source: Trace | TraceReader, fraction: float, seed: int, part: str,
-                 chunk_tokens: int = 1 << 16) -> Iterator[Trace]:
-    """The ``part`` (``"fit"`` or ``"holdout"``) of a request-level split, chunk by chunk."""
+def held_requests(source: Trace | TraceReader, fraction: float, seed: int) -> np.ndarray:
+    """The held-out request ids: the same seeded choice as ``Trace.split_requests``, found
+    with one pass over the request column instead of the trace in memory."""
     if not 0.0 < fraction < 1.0:
         raise InputError("holdout", "fraction", f"{fraction} is not in (0, 1)",
                          "pass e.g. --holdout 0.5")
-    chunks, meta, _ = as_chunks(source, chunk_tokens)
+    uniq = request_ids(source)
+    if len(uniq) < 2:
+        raise InputError(getattr(source, "path", None) or source.meta.source or "trace",
+                         "request", "a holdout split needs at least two requests",
+                         "record per-request metadata or drop --holdout")
+    rng = np.random.default_rng(seed)
+    n_hold = min(max(1, round(len(uniq) * fraction)), len(uniq) - 1)
+    return np.sort(rng.choice(uniq, size=n_hold, replace=False))
+
+
+def split_stream(source: Trace | TraceReader, held: np.ndarray, part: str,
+                 chunk_tokens: int = 1 << 16) -> Iterator[Trace]:
+    """The ``part`` (``"fit"`` or ``"holdout"``) of a request split, chunk by chunk;
+    ``held`` from ``held_requests``."""
+    chunks, _meta, _ = as_chunks(source, chunk_tokens)
     for c in chunks:
-        if "request" not in c.tokens:
-            raise InputError(meta.source or "trace", "request",
-                             "a holdout split needs per-request ids",
-                             "record per-request metadata or drop --holdout")
-        mask = held_out(c.tokens["request"], fraction, seed)
+        mask = np.isin(c.tokens["request"], held)
         if part == "fit":
             mask = ~mask
         if mask.all():
@@ -67,13 +89,18 @@ def split_stream(source: Trace | TraceReader, fraction: float, seed: int, part: 
 
 
 def plan_sample(tokens: int, layers: int, placements: int, seconds: float,
-                compiled: bool) -> float:
-    """Fraction of windows to score so the pass fits ``seconds`` (1.0 when all fits)."""
+                compiled: bool, window: int = 4096) -> float:
+    """Fraction of windows to score so the pass fits ``seconds`` (1.0 when all fits), never
+    below about 16 windows (the deadline still stops the pass)."""
     rate = EVAL_RATE if compiled else EVAL_RATE_NUMPY
     cost = tokens * layers * (placements / rate + 1.0 / READ_RATE)
     if cost <= 0 or seconds >= cost:
         return 1.0
-    return max(min(1.0, seconds / cost), 1e-6)
+    f = min(1.0, max(seconds / cost, 16 * window / max(tokens, 1)))
+    # Two significant digits, rounded down: the stated rate (and so the windows chosen for a
+    # seed) does not wobble with the milliseconds left.
+    unit = 10.0 ** (math.floor(math.log10(f)) - 1)
+    return max(math.floor(f / unit) * unit, unit)
 
 
 def scoring_seconds(tokens: int, layers: int, placements: int, simulate: bool) -> float:
@@ -107,7 +134,7 @@ def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]]
         sim_steps = int(min(64, steps_all, afford))
     eval_seconds = None if left is None else 0.7 * left
     sample = (1.0 if eval_seconds is None else
-              plan_sample(total_tokens, num_layers, P, eval_seconds, HAVE_NUMBA))
+              plan_sample(total_tokens, num_layers, P, eval_seconds, HAVE_NUMBA, window))
     chunks = source() if callable(source) else as_chunks(source, 1 << 16)[0]
     steps: list[Trace] = []
     step_frac = min(1.0, sim_steps / max(1, total_tokens // tokens_per_step)) if sim_steps else 0
