@@ -1,55 +1,61 @@
-"""A dependency-free progress bar on stderr that stays silent when stderr is not a terminal."""
+"""Progress bars on stderr (tqdm), silent when stderr is not a terminal.
+
+A thin wrapper so every phase (reading, statistics, search, bounds, scoring) shows progress the
+same way and callers can force it on or off (``enabled``).
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
+
+from tqdm import tqdm
 
 T = TypeVar("T")
 
 
+def _on(enabled: bool | None) -> bool:
+    return sys.stderr.isatty() if enabled is None else enabled
+
+
 class Progress:
-    """Counts work units and redraws at most ten times a second."""
+    """Counts work units of one phase; ``update(n)``, then ``close()`` (or use ``with``)."""
 
-    def __init__(self, total: int | None, desc: str, unit: str = "it", enabled: bool | None = None):
-        self.total = total
-        self.desc = desc
-        self.unit = unit
-        self.done = 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._start = time.perf_counter()
-        self._last = 0.0
+    def __init__(self, total: float | None, desc: str, unit: str = "it",
+                 enabled: bool | None = None) -> None:
+        self.done = 0.0
+        self.total = total or 0.0
+        self._bar = tqdm(total=total, desc=desc, unit=unit, disable=not _on(enabled),
+                         file=sys.stderr, unit_scale=True, dynamic_ncols=True, leave=False,
+                         mininterval=0.2)
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: float = 1) -> None:
         self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.1 or self.done == self.total):
-            self._last = now
-            self._draw(now)
+        self._bar.update(n)
 
-    def _draw(self, now: float) -> None:
-        rate = self.done / max(now - self._start, 1e-9)
-        if self.total:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            text = f"{self.desc} [{bar:<30}] {self.done}/{self.total} {self.unit} ({rate:,.0f}/s)"
-        else:
-            text = f"{self.desc} {self.done:,} {self.unit} ({rate:,.0f}/s)"
-        sys.stderr.write("\r" + text)
-        sys.stderr.flush()
+    def set(self, done: float) -> None:
+        """Move the bar to ``done`` (for phases that know how far along they are, e.g. time)."""
+        self.update(done - self.done)
+
+    def note(self, text: str) -> None:
+        """Show a short status after the bar (e.g. the incumbent objective)."""
+        self._bar.set_postfix_str(text, refresh=False)
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter())
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "it") -> Iterator[T]:
+def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "it",
+             enabled: bool | None = None) -> Iterator[T]:
     """Wrap an iterable, advancing the bar by one per item."""
-    bar = Progress(total, desc, unit)
+    bar = Progress(total, desc, unit, enabled)
     try:
         for item in items:
             yield item

@@ -64,6 +64,15 @@ class _Group(click.Group):
 def _interrupted(exc: KeyboardInterrupt) -> None:
     name, code = ((exc.signame, exc.exit_code) if isinstance(exc, Interrupted)
                   else ("SIGINT", 130))
+    from moeplace.solvers._stoppable import abandoned_threads
+
+    if any(t.is_alive() for t in abandoned_threads):
+        # A native solver still winds down: cleanup has run (finally blocks), so leave without
+        # interpreter teardown, which could crash under its threads.
+        click.echo(f"moeplace: error: interrupted ({name}); nothing written", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     _fail(f"interrupted ({name}); nothing written", code)
 
 
@@ -251,14 +260,14 @@ def _open(path: str, kw: dict[str, Any], in_memory_max: int | None = None) -> An
 
 
 def _stats_of(path: str, **kw: Any) -> tuple[Any, Any]:
-    """(RoutingStats, Trace or None) for any trace or statistics source; large Parquet traces
-    are streamed and come back without the trace."""
-    from moeplace.traces import RoutingStats, Trace, compute_stats
+    """(RoutingStats, Trace or TraceReader or None) for any trace or statistics source;
+    Parquet traces are streamed (a reader comes back, not the tokens)."""
+    from moeplace.traces import RoutingStats, compute_stats
 
-    obj = _open(path, kw, in_memory_max=2_000_000)
+    obj = _open(path, kw, in_memory_max=0)
     if isinstance(obj, RoutingStats):
         return obj, None
-    return compute_stats(obj), obj if isinstance(obj, Trace) else None
+    return compute_stats(obj), obj
 
 
 def _print_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> None:
@@ -449,9 +458,23 @@ def _sum_stats(a: Any, b: Any, source: str) -> Any:
 @_paths(inputs=("src",), outputs={"dst": None})
 def convert(src: str, dst: str, model: str, **kw: Any) -> None:
     """Import SRC (vLLM, SGLang, Megatron, .npz, Parquet) and write DST as a Parquet trace."""
-    from moeplace.traces import RoutingStats, write_trace
+    from moeplace.traces import RoutingStats, TraceReader, TraceWriter, write_trace
 
-    obj = _load(src, **kw)
+    obj = _open(src, kw, in_memory_max=0)
+    if isinstance(obj, TraceReader):  # Parquet to Parquet streams chunk by chunk
+        from moeplace._progress import Progress
+
+        meta = obj.meta.with_updates(model=model) if model else obj.meta
+        with TraceWriter(dst, meta, with_weights=obj.has_weights,
+                         token_fields=obj.token_fields) as w, \
+                Progress(obj.num_tokens, "convert", "tokens") as bar:
+            for chunk in obj.iter_chunks():
+                chunk.meta = meta
+                w.write(chunk)
+                bar.update(chunk.num_tokens)
+        click.echo(f"wrote {dst}: {obj.num_tokens:,} tokens x {meta.num_layers} layers x top-"
+                   f"{meta.top_k} of {meta.num_experts} experts")
+        return
     if isinstance(obj, RoutingStats):
         raise InputError(src, "format", "holds aggregated counts, not per-token routing",
                          "use 'moeplace stats' or pass it to solve directly")
@@ -556,33 +579,42 @@ def _simulation(model_shape: str | None, hardware: str, trace: Any) -> Any:
 def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
                  sim: Any = None, tokens_per_step: int = 4096) -> pd.DataFrame:
     """Evaluator metrics per placement (names as in docs/metrics.md): per-token when a trace is
-    at hand, else from stats; with a simulation profile, the simulated step time and the
-    speedup over the fastest baseline in the table."""
-    from moeplace.solvers import evaluate as run_eval
-    from moeplace.solvers import evaluate_stats
-    from moeplace.solvers.solve import BASELINES
+    at hand (one pass for all), else from stats; with a simulation profile, the simulated step
+    time and the speedup over the fastest baseline in the table."""
+    from moeplace.solvers import evaluate_many, evaluate_stats
 
+    if trace is None:
+        return _rows({n: evaluate_stats(stats, p) for n, p in plcs.items()}, {}, False)
+    res = evaluate_many(trace, list(plcs.values()), window=window, show_progress=False)
+    step_ms: dict[str, float] = {}
+    if sim is not None:
+        from moeplace.solvers.simulator import step_time
+
+        step_ms = {n: 1e3 * step_time(trace, p, *sim, tokens_per_step)["step_s"]
+                   for n, p in plcs.items()}
+    return _rows({n: r.summary for n, r in zip(plcs, res, strict=True)}, step_ms, True)
+
+
+def _rows(summaries: dict[str, dict[str, Any]], step_ms: dict[str, float],
+          per_token: bool) -> pd.DataFrame:
+    """The comparison table from evaluator summaries (and simulated step times)."""
     rows = []
-    for name, plc in plcs.items():
-        if trace is not None:
-            s = run_eval(trace, plc, window=window, show_progress=False).summary
-        else:
-            s = evaluate_stats(stats, plc)
+    for name, s in summaries.items():
         row = {"placement": name, "load_imbalance_mean": s["load_imbalance_mean"],
                "load_imbalance_max": s["load_imbalance_max"],
                "cross_gpu_pair_fraction": s.get("cross_gpu_pair_fraction", float("nan")),
                "cross_node_pair_fraction": s.get("cross_node_pair_fraction", float("nan"))}
-        if trace is not None:
+        if per_token:
             row["traffic_static"] = s["traffic_static"]
             row["traffic_follow"] = s["traffic_follow"]
-            if sim is not None:
-                from moeplace.solvers.simulator import step_time
-
-                row["step_ms"] = 1e3 * step_time(trace, plc, *sim, tokens_per_step)["step_s"]
+            if name in step_ms:
+                row["step_ms"] = step_ms[name]
         rows.append(row)
     df = pd.DataFrame(rows)
+    from moeplace.solvers.solve import BASELINES
+
     base = df[df["placement"].isin(BASELINES)]
-    if "step_ms" in df and len(base):
+    if "step_ms" in df and len(base) and df["step_ms"].notna().all():
         df["speedup"] = float(base["step_ms"].min()) / df["step_ms"]
     return df
 
@@ -624,8 +656,9 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @click.option("--replicas", type=NONNEG_INT, default=0, show_default=True,
               help="Redundant expert copies per layer (slots beyond one per expert).")
 @click.option("--method", type=click.Choice(["auto", "search", "dp", "cpsat", "ilp-cbc",
-                                             "ilp-highs", "moetuner", "eplb", "contiguous",
-                                             "round_robin", "random"]), default="auto",
+                                             "ilp-highs", "moetuner", "eplb", "eplb-distinct",
+                                             "contiguous", "round_robin", "random"]),
+              default="auto",
               show_default=True)
 @click.option("--weights", "weights_text", help="Objective weights, e.g. load=1,traffic=1,node=1,"
               "coact=0.5,migration=0.1 (coact: within-layer co-activation, for the static model).")
@@ -670,45 +703,108 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           model_shape: str | None,
           tokens_per_step: int, out: str | None, as_json: bool, **kw: Any) -> None:
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
+    import time
+
+    from moeplace.errors import TimeLimitError
     from moeplace.placement import Placement
     from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
+    from moeplace.solvers.scoring import (
+        held_requests,
+        score_placements,
+        scoring_seconds,
+        split_stream,
+    )
     from moeplace.solvers.solve import baseline, check_request, default_groups
     from moeplace.traces import RoutingStats, compute_stats
 
     weights = Weights.parse(weights_text)
     cluster = Cluster(gpus, nodes, replicas)
     cur = Placement.load(current) if current else None
-    obj = _open(source, kw)  # in memory: the holdout split and per-token scoring need it
-    trace = None if isinstance(obj, RoutingStats) else obj
-    held = None
+    if not time_limit > 0:
+        raise InputError("solve", "--time-limit", f"{time_limit} is not positive",
+                         "give a time limit in seconds > 0")
+    src = _open(source, kw, in_memory_max=0)  # Parquet is streamed, never held in memory
+    trace = None if isinstance(src, RoutingStats) else src
+    if holdout is not None and trace is None:
+        raise InputError(source, "format", "--holdout needs per-token routing",
+                         "give a trace, not statistics")
+    fit: Any = trace
+    held: Any = None
     if holdout is not None:
-        if trace is None:
-            raise InputError(source, "format", "--holdout needs per-token routing",
-                             "give a trace, not statistics")
-        trace, held = trace.split_requests(holdout, seed=seed)
-    stats = obj if trace is None else compute_stats(trace, coactivation=weights.coact > 0)
+        held = held_requests(trace, holdout, seed)  # the same split as Trace.split_requests
+
+        def fit() -> Any:
+            return split_stream(trace, held, "fit")
+    stats = src if trace is None else compute_stats(
+        fit() if callable(fit) else fit, coactivation=weights.coact > 0)
+    held_tokens = 0 if trace is None else trace.num_tokens - stats.num_tokens
+    if holdout is not None and (stats.num_tokens == 0 or held_tokens == 0):
+        raise InputError(source, "request", "a holdout split needs requests on both sides "
+                         f"(fit {stats.num_tokens:,} tokens, held out {held_tokens:,})",
+                         "record more requests, change --holdout or --seed, or drop --holdout")
     check_request(stats, cluster, time_limit, cur)
     if num_groups is None:  # the model's n_group, else 1 (as vLLM and SGLang run EPLB)
         num_groups = default_groups(stats, model_shape)
+    # One budget from here on: solving, bounds and scoring end by the deadline (+ a margin).
+    deadline = time.monotonic() + time_limit
+    solve_limit = 0.75 * time_limit if show_pareto else time_limit
+    if trace is not None:  # keep up to 30% of the budget for scoring per token
+        solve_limit -= min(0.3 * time_limit, scoring_seconds(
+            trace.num_tokens, stats.num_layers, 3, _simulation(model_shape, hardware, trace)
+            is not None))
     plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
-                                 time_limit=time_limit, balance_slack=balance_slack,
+                                 time_limit=solve_limit, balance_slack=balance_slack,
                                  current=cur, seed=seed, num_groups=num_groups,
                                  restarts=restarts, respect_groups=respect_groups)
     plc.info["report"] = rep.as_dict()
-    plcs = {rep.method: plc, **{name: baseline(name, stats, cluster, num_groups=num_groups)
-                                for name in _baselines_for(cluster) if name != rep.method}}
+    plcs = {rep.method: plc}
+    skipped: list[str] = []
+    for name in _baselines_for(cluster):
+        if name != rep.method:
+            try:
+                plcs[name] = baseline(name, stats, cluster, num_groups=num_groups,
+                                      deadline=deadline)
+            except TimeLimitError:
+                skipped.append(name)
+    front = None
+    if show_pareto:
+        slacks = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+        per = max(deadline - time.monotonic(), 0.7) / len(slacks)
+        front = pareto(stats, cluster, slacks, weights=weights, time_limit=per, seed=seed,
+                       num_groups=num_groups)
     sim = _simulation(model_shape, hardware, trace)
-    fit_rows = _metric_rows(plcs, trace, stats, window, sim, tokens_per_step)
-    hold_rows = (_metric_rows(plcs, held, None, window, sim, tokens_per_step)
-                 if held is not None else None)
-    front = pareto(stats, cluster, weights=weights, time_limit=time_limit / 4, seed=seed,
-                   num_groups=num_groups) if show_pareto else None
+    scoring: dict[str, Any] = {}
+    hold_rows = None
+    if trace is None:
+        fit_rows = _metric_rows(plcs, None, stats, window)
+    else:
+        # Scoring may use the margin the solver kept; it ends 3 s past the deadline at most.
+        end = deadline + 3.0
+        share = stats.num_tokens / max(trace.num_tokens, 1)
+        fit_end = time.monotonic() + (end - time.monotonic()) * share
+        rep_fit = score_placements(fit, plcs, total_tokens=stats.num_tokens,
+                                   num_layers=stats.num_layers, window=window,
+                                   deadline=fit_end, seed=seed, sim=sim,
+                                   tokens_per_step=tokens_per_step)
+        fit_rows = _rows(rep_fit.summaries, rep_fit.step_ms, True)
+        scoring["fit"] = rep_fit.scoring
+        if holdout is not None:
+            rep_hold = score_placements(lambda: split_stream(trace, held, "holdout"),
+                                        plcs, total_tokens=held_tokens,
+                                        num_layers=stats.num_layers, window=window,
+                                        deadline=end, seed=seed, sim=sim,
+                                        tokens_per_step=tokens_per_step)
+            hold_rows = _rows(rep_hold.summaries, rep_hold.step_ms, True)
+            scoring["holdout"] = rep_hold.scoring
+    if skipped:
+        scoring["skipped_baselines"] = skipped
     if out:
         plc.save(out)
     if as_json:
         res: dict[str, Any] = {"report": rep.as_dict(), "fit": fit_rows.to_dict("records"),
                                "cluster": {"num_gpus": gpus, "num_nodes": nodes,
-                                           "replicas": replicas}, "out": out}
+                                           "replicas": replicas}, "out": out,
+                               "scoring": scoring}
         if hold_rows is not None:
             res["holdout"] = hold_rows.to_dict("records")
         if front is not None:
@@ -727,12 +823,16 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     click.echo(f"objective {rep.objective['total']:.4f}, lower bound {b['total']:.4f}, "
                f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance_mean']:.3f}, cross-GPU "
                f">= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= {b['cross_node_pair_fraction']:.3f})")
-    label = "fitted trace" if held is not None else "trace"
-    click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}):")
+    label = "fitted trace" if holdout is not None else "trace"
+    click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}"
+               f"{_scored_note(scoring.get('fit'))}):")
     _print_table(fit_rows)
     if hold_rows is not None:
-        click.echo(f"\nheld-out requests ({held.num_tokens:,} tokens):")
+        click.echo(f"\nheld-out requests ({held_tokens:,} tokens"
+                   f"{_scored_note(scoring.get('holdout'))}):")
         _print_table(hold_rows)
+    if skipped:
+        click.echo(f"\nnot compared (time limit reached): {', '.join(skipped)}")
     if front is not None:
         click.echo("\ntraffic-versus-balance frontier (search):")
         _print_table(pd.DataFrame([{k: v for k, v in r.items() if k != "placement"}
@@ -756,6 +856,16 @@ def _migration_table(plcs: dict[str, Any], cur: Any, expert_bytes: int) -> pd.Da
 
     return pd.DataFrame([{"placement": name, **migration(p, cur, expert_bytes)}
                          for name, p in plcs.items()])
+
+
+def _scored_note(info: dict[str, Any] | None) -> str:
+    """', scored a seeded sample of ...' when scoring did not cover every token."""
+    if not info or info["tokens_scored"] >= info["tokens_in_trace"]:
+        return ""
+    why = "stopped at the time limit" if info["stopped_at_deadline"] else "to fit --time-limit"
+    return (f"; scored {info['tokens_scored']:,} of {info['tokens_in_trace']:,} tokens: whole "
+            f"windows sampled with seed {info['sample_seed']} at rate "
+            f"{info['sample_fraction']:.3g}, {why}")
 
 
 # ---- export ---------------------------------------------------------------------------------

@@ -55,3 +55,7 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class TimeLimitError(MoeplaceError):
+    """Work that cannot return a partial answer (e.g. a baseline) ran past ``--time-limit``."""

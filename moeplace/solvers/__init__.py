@@ -4,12 +4,14 @@ from moeplace.solvers.evaluator import (
     EvalResult,
     Evaluator,
     evaluate,
+    evaluate_many,
     evaluate_stats,
     migration,
     pair_fractions,
 )
 
-__all__ = ["EvalResult", "Evaluator", "evaluate", "evaluate_stats", "migration", "pair_fractions"]
+__all__ = ["EvalResult", "Evaluator", "evaluate", "evaluate_many", "evaluate_stats", "migration",
+           "pair_fractions"]
 
 from moeplace.solvers.baselines import eplb
 from moeplace.solvers.bounds import lower_bound

@@ -26,9 +26,11 @@ layer's max GPU load).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from moeplace.errors import InfeasibleError, InputError
+from moeplace.errors import InfeasibleError, InputError, TimeLimitError
 from moeplace.placement import Placement, contiguous, random_placement, round_robin
 
 __all__ = ["balanced_packing", "contiguous", "eplb", "eplb_distinct", "random_placement",
@@ -91,6 +93,8 @@ def replica_counts(load: np.ndarray, num_slots: int, max_copies: int | None = No
     N = w.shape[0]
     cnt = np.ones(N, np.int64)
     cap = max_copies or num_slots
+    if num_slots - N > N * (cap - 1):
+        raise InfeasibleError(f"{num_slots} slots exceed {N} experts x {cap} GPUs")
     for _ in range(num_slots - N):
         per = np.where(cnt < cap, w / cnt.astype(_F), -np.inf)
         if not np.isfinite(per).any():
@@ -225,19 +229,30 @@ def resolve_groups(num_groups: int | None, num_experts: int, num_nodes: int) -> 
     return g
 
 
+def _check_deadline(deadline: float | None, what: str, l: int, L: int) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeLimitError(f"{what} stopped at the time limit after {l} of {L} layers "
+                             "(raise --time-limit)")
+
+
 def eplb(load: np.ndarray, num_gpus: int, num_nodes: int = 1, replicas: int = 0,
-         num_groups: int | None = None) -> Placement:
+         num_groups: int | None = None, deadline: float | None = None) -> Placement:
     """DeepSeek EPLB (``rebalance_experts``) on per-layer loads ``[L, N]`` with ``replicas``
     extra slots per layer, as vLLM and SGLang run it.
 
     ``num_groups`` is the model's ``n_group`` (default 1: no expert groups). The hierarchical
     policy runs when it divides evenly over nodes, else the global one. Two copies of one
-    expert may share a GPU; the placement then has ``colocated=True``.
+    expert may share a GPU; the placement then has ``colocated=True``. ``deadline``
+    (``time.monotonic()``) raises ``TimeLimitError`` between layers once passed.
     """
     load = np.asarray(load)
     L, N, P = _check(load, num_gpus, num_nodes, replicas)
     g = resolve_groups(num_groups, N, num_nodes)
-    rows = np.stack([_deepseek_layer(load[l], num_gpus, num_nodes, P, g) for l in range(L)])
+    layers = []
+    for l in range(L):
+        _check_deadline(deadline, "EPLB", l, L)
+        layers.append(_deepseek_layer(load[l], num_gpus, num_nodes, P, g))
+    rows = np.stack(layers)
     per = rows.reshape(L, num_gpus, P // num_gpus)
     srt = np.sort(per, axis=2)
     colocated = bool((srt[:, :, 1:] == srt[:, :, :-1]).any()) if per.shape[2] > 1 else False
@@ -247,7 +262,7 @@ def eplb(load: np.ndarray, num_gpus: int, num_nodes: int = 1, replicas: int = 0,
 
 
 def eplb_distinct(load: np.ndarray, num_gpus: int, num_nodes: int = 1, replicas: int = 0,
-                  num_groups: int | None = None) -> Placement:
+                  num_groups: int | None = None, deadline: float | None = None) -> Placement:
     """EPLB that never puts two copies of one expert on one GPU, with replica counts chosen
     knowing that rule; groups and nodes as in ``eplb``."""
     load = np.asarray(load)
@@ -262,6 +277,7 @@ def eplb_distinct(load: np.ndarray, num_gpus: int, num_nodes: int = 1, replicas:
         M, G_dom = 1, num_gpus
     rows = []
     for l in range(L):
+        _check_deadline(deadline, "EPLB (distinct copies)", l, L)
         w = load[l].astype(np.float64)
         doms = _node_domains(load[l], M, g if M > 1 else 1)
         row: list[int] = []

@@ -14,6 +14,7 @@ co-located when some copy of each shares a GPU.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moeplace._limits import check_memory
 from moeplace._progress import Progress
 from moeplace.errors import InputError
 from moeplace.placement import Placement
+from moeplace.solvers._eval_kernels import GPUS, INTER, INTRA, NODES, _cumcount, score_into
 from moeplace.traces import RoutingStats, Trace, TraceReader
 from moeplace.traces._kernels import count_into
 from moeplace.traces.store import as_chunks
@@ -65,8 +68,8 @@ def pair_fractions(transitions: np.ndarray, placement: Placement) -> pd.DataFram
             "pairs": tot.astype(np.int64),
             "cross_gpu_pairs": cross_gpu,
             "cross_node_pairs": cross_node,
-            "cross_gpu_fraction": np.where(tot > 0, cross_gpu / tot, 0.0),
-            "cross_node_fraction": np.where(tot > 0, cross_node / tot, 0.0),
+            "cross_gpu_pair_fraction": np.where(tot > 0, cross_gpu / tot, 0.0),
+            "cross_node_pair_fraction": np.where(tot > 0, cross_node / tot, 0.0),
         })
 
 
@@ -121,46 +124,30 @@ def migration(new: Placement, current: Placement, expert_bytes: int = 0) -> dict
 
 
 # ---- per-token metrics ----------------------------------------------------------------------
-def _cumcount(keys: np.ndarray) -> np.ndarray:
-    """For each element, how many earlier elements have the same key."""
-    if keys.size == 0:
-        return keys
-    order = np.argsort(keys, kind="stable")
-    sk = keys[order]
-    starts = np.r_[0, np.flatnonzero(sk[1:] != sk[:-1]) + 1]
-    first = np.repeat(starts, np.diff(np.r_[starts, sk.size]))
-    out = np.empty_like(keys)
-    out[order] = np.arange(sk.size) - first
-    return out
-
-
-def _distinct_remote(g: np.ndarray, cur: np.ndarray) -> np.ndarray:
-    """Per row of ``g [T, k]``: number of distinct values other than ``cur [T]``."""
-    s = np.sort(g, axis=1)
-    distinct = 1 + (s[:, 1:] != s[:, :-1]).sum(axis=1)
-    return distinct - (g == cur[:, None]).any(axis=1)
-
-
 def home_gpus(requests: np.ndarray, num_gpus: int, known: dict[int, int] | None = None
               ) -> np.ndarray:
     """Static-model home GPU of each token: requests, in order of first appearance, go
     round-robin over GPUs (attention data-parallel ranks). ``known`` carries the assignment
     across chunks of one trace."""
     known = {} if known is None else known
-    uniq, inv = np.unique(requests, return_inverse=True)
-    first = np.full(len(uniq), len(requests))
-    np.minimum.at(first, inv, np.arange(len(requests)))
-    homes = np.empty(len(uniq), np.int64)
+    return _request_ordinals(requests, known) % num_gpus
+
+
+def _request_ordinals(requests: np.ndarray, known: dict[int, int]) -> np.ndarray:
+    """Each token's request, numbered in order of first appearance (``known`` carries on)."""
+    uniq, first, inv = np.unique(requests, return_index=True, return_inverse=True)
+    ords = np.empty(len(uniq), np.int64)
     for i in np.argsort(first, kind="stable"):
         r = int(uniq[i])
         if r not in known:
-            known[r] = len(known) % num_gpus
-        homes[i] = known[r]
-    return homes[inv]
+            known[r] = len(known)
+        ords[i] = known[r]
+    return ords[inv.reshape(-1)]
 
 
 class _Resolver:
-    """Maps (token, layer, expert) to the GPU that serves it, keeping round-robin state."""
+    """Maps (token, layer, expert) to the GPU that serves it, keeping round-robin state
+    (the simulator's per-step numpy path; the evaluator uses ``_eval_kernels``)."""
 
     def __init__(self, placement: Placement) -> None:
         self.p = placement
@@ -203,163 +190,257 @@ class EvalResult:
     summary: dict[str, Any]
 
 
-class Evaluator:
-    """Streaming evaluator: feed trace chunks in token order, then ``result()``."""
+def _keep_blocks(blocks: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Seeded, order-free choice of about ``fraction`` of block ids (splitmix64 of id and seed)."""
+    with np.errstate(over="ignore"):
+        z = blocks.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
-    def __init__(self, placement: Placement, num_layers: int, num_experts: int, *,
-                 window: int = DEFAULT_WINDOW, home: str = "static",
-                 source: str = "trace") -> None:
-        check_compatible(placement, num_layers, num_experts, source)
+
+class Evaluator:
+    """Streaming evaluator of one or several placements: feed trace chunks in token order,
+    then ``results()`` (one ``EvalResult`` per placement, in order) or ``result()`` (the first).
+
+    All placements are scored in the same pass, so the trace is read once however many are
+    compared; memory depends on the model shape and the number of requests, not on the trace's
+    length.
+    """
+
+    def __init__(self, placement: Placement | list[Placement], num_layers: int,
+                 num_experts: int, *, window: int = DEFAULT_WINDOW, home: str = "static",
+                 source: str = "trace", backend: str = "auto") -> None:
+        plcs = [placement] if isinstance(placement, Placement) else list(placement)
+        if not plcs:
+            raise InputError("evaluate", "placements", "none given", "pass at least one placement")
+        for p in plcs:
+            check_compatible(p, num_layers, num_experts, source)
         if window < 1:
             raise InputError("evaluate", "window", f"{window} < 1", "pass --window >= 1")
         if home not in HOME_MODELS:
             raise InputError("evaluate", "home", f"{home!r} unknown", f"use one of {HOME_MODELS}")
-        self.p = placement
-        self.L, self.N, self.G = num_layers, num_experts, placement.num_gpus
-        self.n_per_node = placement.gpus_per_node
+        self.placements = plcs
+        self.L, self.N = num_layers, num_experts
         self.window = window
         self.home = home
+        self.backend = backend
+        P, L, N = len(plcs), num_layers, num_experts
+        C = max(int(p.logcnt().max()) for p in plcs)
+        self.G = np.array([p.num_gpus for p in plcs], np.int64)
+        Gmax = int(self.G.max())
+        # Transition counts are needed only to score replicated placements' pair fractions;
+        # the kernel counts co-located pairs itself for placements without replicas.
+        self.do_colo = np.array([p.num_replicas == 0 for p in plcs])
+        need_trans = L > 1 and not self.do_colo.all()
+        check_memory(4.0 * P * L * N * (C + 5) + 8.0 * (need_trans * (L - 1) * N * N
+                                                       + 2 * P * L * Gmax),
+                     "the evaluator's tables", source, "num_experts")
+        self.copy_gpu = np.full((P, L, N, C), -1, np.int32)
+        self.cnt = np.zeros((P, L, N), np.int32)
+        self.node_of = np.zeros((P, Gmax), np.int32)
+        for i, p in enumerate(plcs):
+            l2p = p.log2phy()
+            self.copy_gpu[i, :, :, :l2p.shape[2]] = np.where(l2p >= 0, l2p // p.slots_per_gpu, -1)
+            self.cnt[i] = p.logcnt()
+            self.node_of[i, :p.num_gpus] = np.arange(p.num_gpus) // p.gpus_per_node
+        self.rr = np.zeros((P, 2, L, N), np.int64)  # round-robin counters carried across chunks
+        self.colo = np.zeros((P, 2, max(L - 1, 0)), np.int64)
+        self.top_k = 0
         self.tokens = 0
-        self.gpu_load = np.zeros((self.L, self.G), np.int64)
-        self.win_sum = np.zeros(self.L)
-        self.win_max = np.zeros(self.L)
-        self.win_count = 0
-        self._pending = np.zeros((self.L, self.G), np.int64)  # partial window carried over
+        self.pending = np.zeros((P, L, Gmax), np.int64)  # the open window's loads
         self._pending_tokens = 0
-        self.trans = np.zeros((max(self.L - 1, 0), self.N, self.N), np.int64)
-        self.traffic = {k: np.zeros(self.L, np.int64) for k in (
-            "static_gpus", "static_intra", "static_inter", "static_nodes",
-            "follow_gpus", "follow_intra", "follow_inter", "follow_nodes")}
-        self._homes: dict[int, int] = {}
-        self._res = {m: _Resolver(placement) for m in HOME_MODELS}
+        self.gpu_load = np.zeros((P, L, Gmax), np.int64)
+        self.win_sum = np.zeros((P, L))
+        self.win_max = np.zeros((P, L))
+        self.win_count = 0
+        self.traffic = np.zeros((P, 2, 4, L), np.int64)
+        self.trans = np.zeros((L - 1, N, N), np.int64) if need_trans else None
+        self._scratch = np.zeros((L, N), np.int64) if need_trans else None
+        self._known: dict[int, int] = {}
+        self._next_token = 0
 
-    def _home_of(self, trace: Trace) -> np.ndarray:
-        return home_gpus(trace.request_ids(), self.G, self._homes)
-
-    def _count_traffic(self, prefix: str, l: int, g: np.ndarray, cur: np.ndarray) -> None:
-        node = g // self.n_per_node
-        cnode = cur // self.n_per_node
-        remote = _distinct_remote(g, cur)
-        # Remote GPUs on other nodes = distinct (gpu) values whose node differs.
-        s = np.sort(np.where(node != cnode[:, None], g, -1), axis=1)
-        inter = (s[:, 1:] != s[:, :-1]).sum(axis=1) + (s[:, 0] >= 0)
-        self.traffic[f"{prefix}_gpus"][l] += int(remote.sum())
-        self.traffic[f"{prefix}_inter"][l] += int(inter.sum())
-        self.traffic[f"{prefix}_intra"][l] += int((remote - inter).sum())
-        self.traffic[f"{prefix}_nodes"][l] += int(_distinct_remote(node, cnode).sum())
+    def _homes(self, trace: Trace) -> np.ndarray:
+        """``[P, T]`` home GPU of each token under each placement."""
+        if "request" in trace.tokens:
+            ords = _request_ordinals(trace.tokens["request"], self._known)
+        else:  # every token its own request, numbered in order: no table to keep
+            ords = self._next_token + np.arange(trace.num_tokens, dtype=np.int64)
+        self._next_token += trace.num_tokens
+        return ords[None, :] % self.G[:, None]
 
     def add(self, trace: Trace) -> None:
+        """Score one chunk (tokens in trace order) for every placement."""
         e = trace.experts
-        T, L, k = e.shape
+        T, L, _k = e.shape
         if (L, trace.num_experts) != (self.L, self.N):
             raise InputError(trace.meta.source or "trace", "experts", "chunk shape changed",
                              "evaluate one trace at a time")
-        home = self._home_of(trace)
-        count_into(e, np.zeros((L, self.N), np.int64), self.trans if L > 1 else None, None)
-        # static: every layer served relative to the home GPU
-        gs = np.empty((T, L, k), np.int64)
-        for l in range(L):
-            gs[:, l] = self._res["static"].layer(l, e[:, l], home)
-            self._count_traffic("static", l, gs[:, l], home)
-        # follow: the token moves to the GPU that ran most of its experts
-        gf = np.empty((T, L, k), np.int64)
-        cur = home.copy()
-        w = trace.weights
-        if w is None:  # ties go to the first-listed expert
-            tie = np.broadcast_to(-np.arange(k) * 1e-3, (T, L, k))
-        else:  # ties go to the highest-weight expert (weights scaled below one vote)
-            tie = w * (1e-3 / (np.abs(w).sum(axis=2, keepdims=True) + 1e-30))
-        for l in range(L):
-            g = gf[:, l] = self._res["follow"].layer(l, e[:, l], cur)
-            self._count_traffic("follow", l, g, cur)
-            votes = (g[:, :, None] == g[:, None, :]).sum(axis=2)
-            cur = g[np.arange(T), np.argmax(votes + tie[:, l], axis=1)]
-        gl = gs if self.home == "static" else gf
-        self._add_load(gl)
-        self.tokens += T
-
-    def _add_load(self, g: np.ndarray) -> None:
-        T, L, _ = g.shape
-        G = self.G
-        lg = (g + (np.arange(L) * G)[None, :, None]).reshape(T, -1)
-        self.gpu_load += np.bincount(lg.ravel(), minlength=L * G).reshape(L, G)
+        if T == 0:
+            return
+        if self.top_k and trace.top_k != self.top_k:
+            raise InputError(trace.meta.source or "trace", "top_k", "chunk top-k changed",
+                             "evaluate one trace at a time")
+        self.top_k = trace.top_k
+        homes = self._homes(trace)
+        if self.trans is not None:
+            count_into(e, self._scratch, self.trans, None)
+        load_model = HOME_MODELS.index(self.home)
         start = 0
-        while start < T:
-            take = min(self.window - self._pending_tokens, T - start)
-            block = lg[start:start + take]
-            self._pending += np.bincount(block.ravel(), minlength=L * G).reshape(L, G)
-            self._pending_tokens += take
-            start += take
+        while start < T:  # windows are flushed exactly at their boundary
+            stop = min(T, start + self.window - self._pending_tokens)
+            w = None if trace.weights is None else trace.weights[start:stop]
+            score_into(e[start:stop], w, np.ascontiguousarray(homes[:, start:stop]),
+                       self.copy_gpu, self.cnt, self.rr, self.node_of, load_model,
+                       self.pending, self.traffic, self.colo, self.do_colo, self.backend)
+            self._pending_tokens += stop - start
+            start = stop
             if self._pending_tokens == self.window:
                 self._flush_window()
+        self.tokens += T
 
     def _flush_window(self) -> None:
-        imb = imbalance(self._pending.astype(np.float64))
-        self.win_sum += imb
-        self.win_max = np.maximum(self.win_max, imb)
+        for i, G in enumerate(self.G):
+            imb = imbalance(self.pending[i, :, :G].astype(np.float64))
+            self.win_sum[i] += imb
+            self.win_max[i] = np.maximum(self.win_max[i], imb)
         self.win_count += 1
-        self._pending[:] = 0
+        self.gpu_load += self.pending
+        self.pending[:] = 0
         self._pending_tokens = 0
 
-    def result(self) -> EvalResult:
+    def results(self) -> list[EvalResult]:
+        """One result per placement, in the order given."""
         if self.tokens == 0:
             raise InputError("evaluate", "trace", "no tokens", "evaluate a non-empty trace")
         if self._pending_tokens:
             self._flush_window()
-        L = self.L
-        imb = imbalance(self.gpu_load.astype(np.float64))
+        return [self._result(i) for i in range(len(self.placements))]
+
+    def result(self) -> EvalResult:
+        """The first placement's result."""
+        return self.results()[0]
+
+    def _result(self, i: int) -> EvalResult:
+        p, L, G = self.placements[i], self.L, int(self.G[i])
+        imb = imbalance(self.gpu_load[i, :, :G].astype(np.float64))
+        wmean = self.win_sum[i] / self.win_count
         df = pd.DataFrame({"layer": np.arange(L), "tokens": self.tokens,
                            "load_imbalance": imb,
-                           "window_imbalance_mean": self.win_sum / self.win_count,
-                           "window_imbalance_max": self.win_max})
-        pf = pair_fractions(self.trans, self.p) if L > 1 else None
+                           "window_imbalance_mean": wmean,
+                           "window_imbalance_max": self.win_max[i]})
         cg = np.full(L, np.nan)
         cn = np.full(L, np.nan)
-        if pf is not None:
-            cg[:-1] = pf["cross_gpu_fraction"].to_numpy()
-            cn[:-1] = pf["cross_node_fraction"].to_numpy()
+        cross: tuple[float, float] | None = None
+        if L > 1 and self.do_colo[i]:
+            pairs = float(self.tokens * self.top_k * self.top_k)
+            cg[:-1] = 1.0 - self.colo[i, 0] / pairs
+            cn[:-1] = 1.0 - self.colo[i, 1] / pairs
+            tot = pairs * (L - 1)
+            cross = 1.0 - self.colo[i, 0].sum() / tot, 1.0 - self.colo[i, 1].sum() / tot
+        elif L > 1:
+            assert self.trans is not None
+            pf = pair_fractions(self.trans, p)
+            cg[:-1] = pf["cross_gpu_pair_fraction"].to_numpy()
+            cn[:-1] = pf["cross_node_pair_fraction"].to_numpy()
+            tot = pf["pairs"].sum()
+            cross = ((float(pf["cross_gpu_pairs"].sum() / tot), float(pf["cross_node_pairs"].sum()
+                                                                     / tot)) if tot else (0.0, 0.0))
         df["cross_gpu_pair_fraction_to_next"] = cg
         df["cross_node_pair_fraction_to_next"] = cn
-        for key, arr in self.traffic.items():
-            df[f"traffic_{key}"] = arr
+        parts = {"gpus": GPUS, "intra": INTRA, "inter": INTER, "nodes": NODES}
+        for m, model in enumerate(HOME_MODELS):
+            for name, j in parts.items():
+                df[f"traffic_{model}_{name}"] = self.traffic[i, m, j]
         tl = self.tokens * L
         summary: dict[str, Any] = {
             "tokens": self.tokens, "num_layers": L, "num_experts": self.N,
-            "num_gpus": self.G, "num_nodes": self.p.num_nodes, "window": self.window,
+            "num_gpus": G, "num_nodes": p.num_nodes, "window": self.window,
             "home": self.home,
             "load_imbalance_mean": float(imb.mean()), "load_imbalance_max": float(imb.max()),
-            "window_imbalance_mean": float((self.win_sum / self.win_count).mean()),
-            "window_imbalance_max": float(self.win_max.max()),
+            "window_imbalance_mean": float(wmean.mean()),
+            "window_imbalance_max": float(self.win_max[i].max()),
         }
-        if pf is not None:
-            tot = pf["pairs"].sum()
-            summary["cross_gpu_pair_fraction"] = float(pf["cross_gpu_pairs"].sum() / tot)
-            summary["cross_node_pair_fraction"] = float(pf["cross_node_pairs"].sum() / tot)
-        for m in HOME_MODELS:
-            summary[f"traffic_{m}"] = float(self.traffic[f"{m}_gpus"].sum() / tl)
-            summary[f"traffic_{m}_inter_node"] = float(self.traffic[f"{m}_inter"].sum() / tl)
-            summary[f"traffic_{m}_intra_node"] = float(self.traffic[f"{m}_intra"].sum() / tl)
-            summary[f"traffic_{m}_remote_nodes"] = float(self.traffic[f"{m}_nodes"].sum() / tl)
-            summary[f"traffic_{m}_total"] = int(self.traffic[f"{m}_gpus"].sum())
+        if cross is not None:
+            summary["cross_gpu_pair_fraction"] = float(cross[0])
+            summary["cross_node_pair_fraction"] = float(cross[1])
+        for m, model in enumerate(HOME_MODELS):
+            t = self.traffic[i, m].sum(axis=1)
+            summary[f"traffic_{model}"] = float(t[GPUS] / tl)
+            summary[f"traffic_{model}_inter_node"] = float(t[INTER] / tl)
+            summary[f"traffic_{model}_intra_node"] = float(t[INTRA] / tl)
+            summary[f"traffic_{model}_remote_nodes"] = float(t[NODES] / tl)
+            summary[f"traffic_{model}_total"] = int(t[GPUS])
         return EvalResult(df, summary)
+
+
+def evaluate_many(trace: Trace | TraceReader | str | os.PathLike[str] | Iterable[Trace],
+                  placements: list[Placement], *, window: int = DEFAULT_WINDOW,
+                  home: str = "static", chunk_tokens: int = 1 << 16,
+                  show_progress: bool | None = None, sample: float = 1.0, seed: int = 0,
+                  deadline: float | None = None, total_tokens: int | None = None,
+                  backend: str = "auto") -> list[EvalResult]:
+    """Score several placements in one streaming pass; one result per placement, in order.
+
+    ``sample < 1`` scores a seeded choice of about that fraction of the trace's windows (whole
+    windows of ``window`` consecutive tokens, chosen by hashing the window's index with
+    ``seed``); ``deadline`` (a ``time.monotonic()`` instant) stops scoring there. Either way the
+    summaries say what was scored: ``tokens`` scored, ``sample_fraction``, ``sample_seed``,
+    ``stopped_at_deadline``.
+    """
+    if not 0.0 < sample <= 1.0:
+        raise InputError("evaluate", "sample", f"{sample} is not in (0, 1]", "pass 0 < sample <= 1")
+    if window < 1:
+        raise InputError("evaluate", "window", f"{window} < 1", "pass --window >= 1")
+    # Reader chunks are multiples of the window so windows never straddle chunks unevenly.
+    step = max(window, (chunk_tokens // window) * window)
+    chunks, meta, total = as_chunks(trace, step)
+    total = total_tokens if total_tokens is not None else total
+    ev = Evaluator(placements, meta.num_layers, meta.num_experts, window=window, home=home,
+                   source=meta.source or "trace", backend=backend)
+    bar = Progress(total, "scoring", "tokens", enabled=show_progress)
+    offset = 0
+    stopped = False
+    try:
+        for c in chunks:
+            if deadline is not None and ev.tokens and time.monotonic() > deadline:
+                stopped = True  # (at least one chunk is always scored)
+                break
+            n = c.num_tokens
+            if sample < 1.0:
+                blocks = (offset + np.arange(n)) // window
+                keep = _keep_blocks(blocks, sample, seed)
+                offset += n
+                bar.update(n)
+                if not keep.any():
+                    continue
+                c = c if keep.all() else c.select(keep)
+            else:
+                bar.update(n)
+            ev.add(c)
+    finally:
+        bar.close()
+    if ev.tokens == 0:
+        raise InputError(meta.source or "trace", "sample", "no tokens were scored "
+                         f"(sample {sample:g} of the windows, deadline passed: {stopped})",
+                         "raise the time limit or the sample fraction")
+    res = ev.results()
+    for r in res:
+        r.summary.update(sample_fraction=sample, sample_seed=seed, stopped_at_deadline=stopped)
+    return res
 
 
 def evaluate(trace: Trace | TraceReader | str | os.PathLike[str] | Iterable[Trace],
              placement: Placement, *, window: int = DEFAULT_WINDOW, home: str = "static",
              current: Placement | None = None, expert_bytes: int = 0,
-             chunk_tokens: int = 1 << 16, show_progress: bool | None = None) -> EvalResult:
+             chunk_tokens: int = 1 << 16, show_progress: bool | None = None,
+             backend: str = "auto") -> EvalResult:
     """Score ``placement`` on a per-token trace (in memory, a Parquet path, or chunks)."""
-    # Reader chunks are multiples of the window so windows never straddle chunks unevenly.
-    step = max(window, (chunk_tokens // window) * window) if window > 0 else chunk_tokens
-    chunks, meta, total = as_chunks(trace, step)
-    ev = Evaluator(placement, meta.num_layers, meta.num_experts, window=window, home=home,
-                   source=meta.source or "trace")
-    bar = Progress(total, "evaluate", "tokens", enabled=show_progress)
-    for c in chunks:
-        ev.add(c)
-        bar.update(c.num_tokens)
-    bar.close()
-    res = ev.result()
+    res = evaluate_many(trace, [placement], window=window, home=home, chunk_tokens=chunk_tokens,
+                        show_progress=show_progress, backend=backend)[0]
+    for key in ("sample_fraction", "sample_seed", "stopped_at_deadline"):
+        res.summary.pop(key)
     if current is not None:
         res.summary.update(migration(placement, current, expert_bytes))
     return res

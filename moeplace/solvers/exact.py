@@ -22,6 +22,7 @@ import numpy as np
 
 from moeplace.errors import InputError
 from moeplace.placement import Placement
+from moeplace.solvers._stoppable import STOP_GRACE_S, OutOfTime, check_deadline, run_stoppable
 from moeplace.solvers.objective import Weights
 from moeplace.traces import RoutingStats
 
@@ -30,13 +31,24 @@ BACKENDS = ("cpsat", "cbc", "highs")
 
 @dataclass
 class ExactResult:
-    """Solver outcome: placement, status, objective (incumbent), bound, gap, seconds."""
+    """Solver outcome: placement, status, objective (incumbent), bound, gap, seconds.
+
+    ``status`` is ``"optimal"`` only when the solver proved it; ``bound`` (when known) is a
+    proven lower bound. ``source`` says whether the placement is the solver's or the warm start
+    it was given (kept because the solver found nothing better in time).
+    """
 
     placement: Placement | None
     status: str
     objective: float | None
     bound: float | None
     seconds: float
+    source: str = "solver"
+
+    @property
+    def proved(self) -> bool:
+        """Whether the solver proved anything: optimality or a lower bound."""
+        return self.status == "optimal" or self.bound is not None
 
     @property
     def gap(self) -> float | None:
@@ -148,6 +160,8 @@ def min_max_partition(load: np.ndarray, G: int, time_limit: float, workers: int 
         m.add(top >= sum(int(load[e]) * x[e][c] for e in range(N)))
     m.minimize(top)
     solver = cp_model.CpSolver()
+    # Python keeps SIGINT: Ctrl-C stops the search through stop_search (see _stoppable).
+    solver.parameters.catch_sigint_signal = False
     solver.parameters.max_time_in_seconds = max(time_limit, 0.05)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = 0
@@ -204,32 +218,63 @@ def chain_applies(num_layers: int, num_experts: int, num_gpus: int, num_nodes: i
             and P * P * math.factorial(num_gpus) * num_gpus * 8 <= 1 << 30)
 
 
+def keep_better(stats: RoutingStats, res: ExactResult, hint: Placement | None, weights: Weights,
+                method: str, t0: float) -> ExactResult:
+    """Score the solver's placement exactly and return the warm start instead whenever it
+    scores better (or the solver has none): no exact method returns worse than its start."""
+    from moeplace.solvers.objective import score
+
+    obj = score(stats, res.placement, weights).total if res.placement is not None else None
+    if hint is not None:
+        hint_obj = score(stats, hint, weights).total
+        if obj is None or hint_obj < obj - 1e-12:
+            plc = Placement(hint.phy2log, hint.num_gpus, hint.num_nodes, hint.num_experts,
+                            info={"method": method})
+            bound = None if res.bound is None else min(res.bound, hint_obj)
+            status = res.status if res.status != "optimal" else "feasible"
+            return ExactResult(plc, status, hint_obj, bound, time.perf_counter() - t0,
+                               "warm start")
+    bound = None if res.bound is None or obj is None else min(res.bound, obj)
+    return ExactResult(res.placement, res.status, obj, bound, time.perf_counter() - t0,
+                       res.source)
+
+
+def _cpsat_solve(solver, model, deadline: float):  # type: ignore[no-untyped-def]
+    """Solve with what is left of the budget, stoppable by Ctrl-C (returns None when the
+    budget was gone before the search could start)."""
+    left = deadline - time.monotonic()
+    if left <= 0.05:
+        return None
+    solver.parameters.max_time_in_seconds = float(left)
+    status = run_stoppable(lambda: solver.solve(model), solver.stop_search,
+                           deadline + STOP_GRACE_S, "cpsat")
+    return status
+
+
 def _finish_cpsat(stats: RoutingStats, solver, status, plc_fn, weights: Weights, const: float,
                   n_terms: int, scale: float, t0: float, hint: Placement | None) -> ExactResult:
     """Common tail of both CP-SAT models: decode, score exactly, and bound (``n_terms``: most
     objective terms nonzero at once, each off by at most half a unit after scaling). A warm
-    start that scores better than what CP-SAT returns (it may drop a partial hint) is kept."""
+    start that scores better than what CP-SAT returns (it may drop a partial hint, or run out
+    of time) is kept."""
     from ortools.sat.python import cp_model
 
-    from moeplace.solvers.objective import score
-
+    if status is None:
+        return keep_better(stats, ExactResult(None, "time limit", None, None, 0.0), hint, weights,
+                           "cpsat", t0)
     name = solver.status_name(status).lower()
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return ExactResult(None, name, None, None, time.perf_counter() - t0)
-    plc = plc_fn()
-    true_obj = score(stats, plc, weights).total
-    if hint is not None and status != cp_model.OPTIMAL:
-        hint_obj = score(stats, hint, weights).total
-        if hint_obj < true_obj:
-            plc, true_obj = Placement(hint.phy2log, hint.num_gpus, hint.num_nodes,
-                                      hint.num_experts, info={"method": "cpsat"}), hint_obj
+        name = "time limit" if name == "unknown" else name
+        return keep_better(stats, ExactResult(None, name, None, None, 0.0), hint, weights,
+                           "cpsat", t0)
     # Rounding each coefficient moves the scaled objective by at most 0.5/scale per term.
     slack = 0.5 * n_terms / scale
-    bound = min(solver.best_objective_bound / scale + const - slack, true_obj)
-    return ExactResult(plc, name, true_obj, bound, time.perf_counter() - t0)
+    bound = solver.best_objective_bound / scale + const - slack
+    return keep_better(stats, ExactResult(plc_fn(), name, None, bound, 0.0), hint, weights,
+                       "cpsat", t0)
 
 
-def _solve_cpsat_chain(stats: RoutingStats, G: int, *, weights: Weights, time_limit: float,
+def _solve_cpsat_chain(stats: RoutingStats, G: int, *, weights: Weights, deadline: float,
                        hint: Placement | None, scale: float) -> ExactResult:
     """CP-SAT over one unordered partition per layer, consecutive layers linked by a flow.
 
@@ -269,6 +314,7 @@ def _solve_cpsat_chain(stats: RoutingStats, G: int, *, weights: Weights, time_li
         else:
             coact = None
     for l in range(L):
+        check_deadline(deadline)
         m.add_exactly_one(X[l])
         cost = np.zeros(P)
         if mean[l] > 0 and weights.load:
@@ -282,6 +328,7 @@ def _solve_cpsat_chain(stats: RoutingStats, G: int, *, weights: Weights, time_li
     Y: list[np.ndarray] = []
     best_perm: list[np.ndarray] = []
     for l in range(L - 1):
+        check_deadline(deadline)
         Yl = np.array([[m.new_bool_var("") for _ in range(P)] for _ in range(P)], dtype=object)
         Y.append(Yl)
         for i in range(P):
@@ -308,18 +355,20 @@ def _solve_cpsat_chain(stats: RoutingStats, G: int, *, weights: Weights, time_li
             for i in range(P):
                 m.add_hint(X[l][i], int(i == chosen[l]))
         for l in range(L - 1):
+            check_deadline(deadline)
             for i in range(P):
                 for j in range(P):
                     m.add_hint(Y[l][i, j], int((i, j) == (chosen[l], chosen[l + 1])))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit)
+    # Python keeps SIGINT: Ctrl-C stops the search through stop_search (see _stoppable).
+    solver.parameters.catch_sigint_signal = False
     # The LP is integral, so one worker running the full linear relaxation closes the gap
     # fastest: on the Mixtral trace it proves the optimum in about 20 s, where two portfolio
     # workers at the default linearisation still had a 0.5% gap after 120 s.
     solver.parameters.num_workers = 1
     solver.parameters.linearization_level = 2
     solver.parameters.random_seed = 0
-    status = solver.solve(m)
+    status = _cpsat_solve(solver, m, deadline)
 
     def decode() -> Placement:
         # GPU g keeps block g of layer 0's partition and follows the arcs' matchings from there.
@@ -354,7 +403,6 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
     ``chain_applies``. ``workers`` applies to the expert-level model; the chain model runs one
     worker, which proves its integral LP fastest.
     """
-    from ortools.sat.python import cp_model
 
     _check(stats, num_gpus, num_nodes)
     L, N = stats.load.shape
@@ -363,9 +411,16 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
         raise InputError("solve", "--method", "the partition-chain model needs one node (or "
                          f"node=0), at most {MAX_CHAIN_GPUS} GPUs and at most "
                          f"{MAX_CHAIN_ARCS:,} arcs", "use the expert formulation")
+    t0 = time.perf_counter()
+    # One budget: model building counts against the time limit too.
+    deadline = time.monotonic() + time_limit
     if formulation == "chain" or (formulation == "auto" and chain_ok):
-        res = _solve_cpsat_chain(stats, num_gpus, weights=weights, time_limit=time_limit,
-                                 hint=hint, scale=scale)
+        try:
+            res = _solve_cpsat_chain(stats, num_gpus, weights=weights, deadline=deadline,
+                                     hint=hint, scale=scale)
+        except OutOfTime:
+            res = keep_better(stats, ExactResult(None, "time limit (model not built)", None,
+                                                 None, 0.0), hint, weights, "cpsat", t0)
         if res.placement is not None and num_nodes > 1:
             res.placement = Placement(res.placement.phy2log, num_gpus, num_nodes, N,
                                       info=res.placement.info)
@@ -374,7 +429,21 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
         raise InputError("solve", "--weights", "the expert-level CP-SAT model has no "
                          "co-activation term (the partition-chain model, for small one-node "
                          "instances, has)", "use --method dp or search with coact=")
-    t0 = time.perf_counter()
+    try:
+        return _solve_cpsat_experts(stats, num_gpus, num_nodes, weights=weights,
+                                    deadline=deadline, hint=hint, workers=workers, scale=scale,
+                                    t0=t0)
+    except OutOfTime:
+        return keep_better(stats, ExactResult(None, "time limit (model not built)", None, None,
+                                              0.0), hint, weights, "cpsat", t0)
+
+
+def _solve_cpsat_experts(stats: RoutingStats, num_gpus: int, num_nodes: int, *,
+                         weights: Weights, deadline: float, hint: Placement | None,
+                         workers: int, scale: float, t0: float) -> ExactResult:
+    """The expert-level CP-SAT model (x[l,e,g] with pair variables)."""
+    from ortools.sat.python import cp_model
+
     L, N = stats.load.shape
     G, M = num_gpus, num_nodes
     n, S = G // M, N // G
@@ -398,10 +467,12 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
     obj_terms = []
     const = 0.0
     Ms = []
+    budget = deadline - time.monotonic()
     for l in range(L):
+        check_deadline(deadline)
         # Valid floor: some GPU holds the heaviest expert plus S-1 others, none is below mean.
         floor = max(int(np.ceil(mean[l])), int(load[l].max() + np.sort(load[l])[: S - 1].sum()),
-                    _min_max_load(load[l], G, min(2.0, time_limit / (4 * L))))
+                    _min_max_load(load[l], G, min(1.0, budget / (4 * L))))
         Ml = m.new_int_var(min(floor, int(load[l].sum())), int(load[l].sum()), f"M{l}")
         Ms.append(Ml)
         for g in range(G):
@@ -412,7 +483,9 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
     tot = sum(p[3] for p in pairs)
     if tot > 0 and (weights.traffic or (weights.node and M > 1)):
         zs: dict[tuple[int, int, int, int], object] = {}
-        for l, a, b, c in pairs:
+        for i_pair, (l, a, b, c) in enumerate(pairs):
+            if i_pair % 1024 == 0:
+                check_deadline(deadline)
             if weights.traffic:
                 const += weights.traffic * c / tot
                 for g in range(G):
@@ -448,10 +521,11 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
         for (l, e, g), v in x.items():
             m.add_hint(v, int(gpu[l, e] == g))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit)
+    # Python keeps SIGINT: Ctrl-C stops the search through stop_search (see _stoppable).
+    solver.parameters.catch_sigint_signal = False
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = 0
-    status = solver.solve(m)
+    status = _cpsat_solve(solver, m, deadline)
 
     def decode() -> Placement:
         xv = np.zeros((L, N, G))
@@ -466,101 +540,9 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
 def solve_pulp(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *, backend: str = "cbc",
                weights: Weights = Weights(), time_limit: float = 60.0,
                hint: Placement | None = None) -> ExactResult:
-    """Solve the MILP with PuLP (CBC or HiGHS)."""
-    import pulp
+    """Solve the MILP with CBC or HiGHS (see ``milp.solve_milp``; the name is historical: the
+    model is built with numpy, not PuLP, so building fits in the time limit)."""
+    from moeplace.solvers.milp import solve_milp
 
-    _check(stats, num_gpus, num_nodes)
-    t0 = time.perf_counter()
-    L, N = stats.load.shape
-    G, M = num_gpus, num_nodes
-    n, S = G // M, N // G
-    prob = pulp.LpProblem("moeplace", pulp.LpMinimize)
-    x = pulp.LpVariable.dicts("x", (range(L), range(N), range(G)), cat="Binary")
-    for l in range(L):
-        for e in range(N):
-            prob += pulp.lpSum(x[l][e][g] for g in range(G)) == 1
-        for g in range(G):
-            prob += pulp.lpSum(x[l][e][g] for e in range(N)) == S
-    if M == 1:
-        for e in range(N):
-            for g in range(e + 1, G):
-                prob += x[0][e][g] == 0
-    else:
-        prob += x[0][0][0] == 1
-    load = stats.load.astype(np.float64)
-    mean = load.sum(axis=1) / G
-    terms = []
-    const = 0.0
-    for l in range(L):
-        Ml = pulp.LpVariable(f"M{l}", lowBound=0)
-        for g in range(G):
-            prob += Ml >= pulp.lpSum(float(load[l, e]) * x[l][e][g] for e in range(N))
-        if mean[l] > 0 and weights.load:
-            terms.append(weights.load / (L * mean[l]) * Ml)
-    pairs = _pairs(stats)
-    tot = sum(p[3] for p in pairs)
-    k = 0
-    if tot > 0 and weights.traffic:
-        # Same reformulation-linearisation as the CP-SAT model (see solve_cpsat).
-        for l in range(L - 1):
-            z = {(a, b, g): pulp.LpVariable(f"y{l}_{a}_{b}_{g}", 0, 1) for a in range(N)
-                 for b in range(N) for g in range(G)}
-            for (a, b, g), v in z.items():
-                prob += v <= x[l][a][g]
-                prob += v <= x[l + 1][b][g]
-            for g in range(G):
-                for a in range(N):
-                    prob += pulp.lpSum(z[a, b, g] for b in range(N)) == S * x[l][a][g]
-                for b in range(N):
-                    prob += pulp.lpSum(z[a, b, g] for a in range(N)) == S * x[l + 1][b][g]
-            T = stats.transitions[l]
-            for a, b in zip(*np.nonzero(T), strict=True):
-                const += weights.traffic * T[a, b] / tot
-                terms += [-weights.traffic * float(T[a, b]) / tot * z[a, b, g] for g in range(G)]
-    if tot > 0:
-        for l, a, b, c in pairs:
-            if weights.node and M > 1:
-                const += weights.node * c / tot
-                for node in range(M):
-                    zn = pulp.LpVariable(f"z{k}", 0, 1)
-                    k += 1
-                    rng_g = range(node * n, (node + 1) * n)
-                    prob += zn <= pulp.lpSum(x[l][a][g] for g in rng_g)
-                    prob += zn <= pulp.lpSum(x[l + 1][b][g] for g in rng_g)
-                    terms.append(-weights.node * c / tot * zn)
-    prob += pulp.lpSum(terms)
-    if hint is not None:
-        gpu = canonical_gpu(hint)
-        for l in range(L):
-            for e in range(N):
-                for g in range(G):
-                    x[l][e][g].setInitialValue(int(gpu[l, e] == g))
-    if backend == "cbc":
-        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=hint is not None,
-                                   threads=2)
-    elif backend == "highs":
-        solver = pulp.HiGHS(msg=False, timeLimit=time_limit)
-    else:
-        raise InputError("solve", "--method", f"unknown PuLP backend {backend!r}",
-                         "use ilp-cbc or ilp-highs")
-    with _quiet_stdout():  # HiGHS prints a banner from C++ even with msg=False
-        prob.solve(solver)
-    status = {pulp.LpSolutionOptimal: "optimal", pulp.LpSolutionIntegerFeasible: "feasible"}.get(
-        prob.sol_status, pulp.LpStatus[prob.status].lower())
-    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return ExactResult(None, status, None, None, time.perf_counter() - t0)
-    xv = np.array([[[round(x[l][e][g].value() or 0) for g in range(G)] for e in range(N)]
-                   for l in range(L)])
-    plc = _placement_from(xv, G, M, f"ilp-{backend}")
-    from moeplace.solvers.objective import score
-
-    obj = score(stats, plc, weights).total
-    bound = None
-    if prob.sol_status == pulp.LpSolutionOptimal:
-        bound = obj
-    elif backend == "highs":
-        try:
-            bound = float(solver.solverModel.getInfo().mip_dual_bound) + const
-        except Exception:  # bound unavailable from this highspy version
-            bound = None
-    return ExactResult(plc, status, obj, bound, time.perf_counter() - t0)
+    return solve_milp(stats, num_gpus, num_nodes, backend=backend, weights=weights,
+                      time_limit=time_limit, hint=hint)

@@ -18,6 +18,7 @@ from ortools.graph.python import linear_sum_assignment
 from ortools.sat.python import cp_model
 
 from moeplace.placement import Placement
+from moeplace.solvers._stoppable import STOP_GRACE_S, run_stoppable
 from moeplace.solvers.exact import min_max_partition
 from moeplace.solvers.objective import Weights
 from moeplace.traces import RoutingStats
@@ -110,9 +111,12 @@ def _chain_cpsat(flows: list[np.ndarray], B: np.ndarray, hint: np.ndarray, time_
             for g in range(G):
                 m.add_hint(y[l][c][g], int(hint[l][c] == g))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit
+    # Python keeps SIGINT: Ctrl-C stops the search through stop_search (see _stoppable).
+    solver.parameters.catch_sigint_signal = False
+    solver.parameters.max_time_in_seconds = max(time_limit, 0.05)
     solver.parameters.num_workers = 2
-    st = solver.solve(m)
+    st = run_stoppable(lambda: solver.solve(m), solver.stop_search,
+                       time.monotonic() + max(time_limit, 0.05) + STOP_GRACE_S)
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return hint, "stage 2 sequential"
     out = np.array([[next(g for g in range(G) if solver.value(y[l][c][g])) for c in range(G)]

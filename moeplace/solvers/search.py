@@ -19,6 +19,7 @@ import numpy as np
 from ortools.graph.python import linear_sum_assignment
 
 from moeplace._limits import memory_cap
+from moeplace._progress import Progress
 from moeplace.placement import Placement
 from moeplace.solvers.objective import Weights
 from moeplace.traces import RoutingStats
@@ -241,7 +242,8 @@ def _swap_pass(st: _Layers, l: int, gain: np.ndarray, cap: float, w: Weights,
 def search(stats: RoutingStats, start: Placement, *, weights: Weights = Weights(),
            balance_slack: float = 0.0, time_limit: float = 30.0, max_sweeps: int = 50,
            current: Placement | None = None, seed: int = 0,
-           cap: np.ndarray | None = None) -> tuple[Placement, SearchReport]:
+           cap: np.ndarray | None = None,
+           show_progress: bool | None = None) -> tuple[Placement, SearchReport]:
     """Improve ``start`` (same cluster, replica counts kept) on traffic and balance."""
     t0 = time.perf_counter()
     st = _Layers(stats, start)
@@ -262,6 +264,8 @@ def search(stats: RoutingStats, start: Placement, *, weights: Weights = Weights(
     mig_unit = weights.migration / st.phy.size
     rng = np.random.default_rng(seed)
     layers = np.arange(st.L)
+    # Time-based bar: the search runs until it converges or its time limit.
+    bar = Progress(round(time_limit, 1), "search", "s", enabled=show_progress)
     for sweep in range(max_sweeps):
         changed = 0
         order = layers if sweep % 2 == 0 else layers[::-1]
@@ -282,9 +286,12 @@ def search(stats: RoutingStats, start: Placement, *, weights: Weights = Weights(
             n = _swap_pass(st, int(l), g, float(cap[l]), weights, float(mean[l]), cz)
             rep.swaps += n
             changed += n
+            bar.set(round(min(time.perf_counter() - t0, time_limit), 1))
+        bar.note(f"sweep {sweep + 1}, {rep.swaps} swaps")
         rep.sweeps = sweep + 1
         if rep.stopped == "time limit" or changed == 0:
             break
+    bar.close()
     rep.seconds = time.perf_counter() - t0
     out = Placement(st.phy, start.num_gpus, start.num_nodes, start.num_experts,
                     moe_layer_ids=start.moe_layer_ids,

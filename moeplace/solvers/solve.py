@@ -148,7 +148,7 @@ def _multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
 
 
 def baseline(method: str, stats: RoutingStats, c: Cluster, seed: int = 0,
-             num_groups: int | None = None) -> Placement:
+             num_groups: int | None = None, deadline: float | None = None) -> Placement:
     """A baseline placement (contiguous, round_robin, random, eplb, eplb-distinct) without
     solving or bounds; ``num_groups`` defaults to the model's (``default_groups``)."""
     L, N = stats.load.shape
@@ -164,8 +164,10 @@ def baseline(method: str, stats: RoutingStats, c: Cluster, seed: int = 0,
     if num_groups is None:
         num_groups = default_groups(stats)
     if method == "eplb-distinct":
-        return eplb_distinct(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups)
-    return eplb(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups)
+        return eplb_distinct(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups,
+                             deadline=deadline)
+    return eplb(stats.load, c.num_gpus, c.num_nodes, c.replicas, num_groups=num_groups,
+                deadline=deadline)
 
 
 def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: str = "auto",
@@ -188,6 +190,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                              time_limit=time_limit, balance_slack=balance_slack,
                              current=current, seed=seed, restarts=restarts)
     t0 = time.perf_counter()
+    deadline = time.monotonic() + time_limit
     N = stats.num_experts
     if method == "auto":
         small = c.replicas == 0 and num_states(N, c.num_gpus) <= MAX_STATES
@@ -196,17 +199,17 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     status = "heuristic"
     bound_total: float | None = None
     if method in BASELINES:
-        plc = baseline(method, stats, c, seed, num_groups)
+        plc = baseline(method, stats, c, seed, num_groups, deadline)
         status = "baseline"
     elif method == "search":
         # The search keeps copies of one expert on distinct GPUs, so it starts from the
         # rule-respecting EPLB.
-        start = baseline("eplb-distinct", stats, c, seed, num_groups)
+        start = baseline("eplb-distinct", stats, c, seed, num_groups, deadline)
         if (current is not None and weights.migration > 0 and current.num_replicas == c.replicas
                 and current.num_nodes == c.num_nodes and not current.colocated):
             start = current  # moving away from what serves now must pay for itself
         # Keep a tenth of the budget (at most 5 s) for scoring and bounds after the search.
-        budget = time_limit - (time.perf_counter() - t0) - min(5.0, 0.1 * time_limit)
+        budget = time_limit - (time.perf_counter() - t0) - _reserve(time_limit)
         plc, rep = _multi_start(stats, start, restarts, weights=weights,
                                 balance_slack=balance_slack,
                                 time_limit=max(budget, 0.05 * time_limit), current=current,
@@ -235,14 +238,24 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         elif method == "dp":
             res = solve_dp(stats, c.num_gpus, c.num_nodes, weights=weights)
         else:
-            hint, _ = search(stats, baseline("eplb-distinct", stats, c, seed, num_groups),
-                             weights=weights, balance_slack=1.0, time_limit=min(10, time_limit))
+            # Warm start: the better of the default search and a loosely balanced one, from at
+            # most a fifth of the budget; the exact model gets the rest (building included)
+            # and returns nothing worse than this start.
+            eplb_start = baseline("eplb-distinct", stats, c, seed, num_groups, deadline)
+            hint_budget = min(10.0, 0.2 * time_limit)
+            hints = [search(stats, eplb_start, weights=weights, balance_slack=slack,
+                            time_limit=hint_budget / 2)[0] for slack in (0.0, 1.0)]
+            hint = min(hints, key=lambda h: score(stats, h, weights).total)
+            left = time_limit - (time.perf_counter() - t0) - _reserve(time_limit)
             if method == "cpsat":
                 res = solve_cpsat(stats, c.num_gpus, c.num_nodes, weights=weights,
-                                  time_limit=time_limit, hint=hint)
+                                  time_limit=max(left, 0.1), hint=hint)
             else:
                 res = solve_pulp(stats, c.num_gpus, c.num_nodes, backend=method[4:],
-                                 weights=weights, time_limit=time_limit, hint=hint)
+                                 weights=weights, time_limit=max(left, 0.1), hint=hint)
+            details.update(start="search", placement_from=res.source,
+                           proved="optimal" if res.status == "optimal" else (
+                               "lower bound" if res.bound is not None else "nothing"))
         if res.placement is None:
             raise InfeasibleError(f"{method} found no placement within {time_limit:g} s "
                                   f"(status {res.status}); raise --time-limit or use search")
@@ -258,6 +271,11 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     report = SolveReport(method, status, obj.as_dict(), bound, gap, time.perf_counter() - t0,
                          details)
     return plc, report
+
+
+def _reserve(time_limit: float) -> float:
+    """Seconds of a command's budget kept for bounds and scoring after the solver."""
+    return min(5.0, 0.1 * time_limit)
 
 
 def _label_layers(plc: Placement, stats: RoutingStats) -> None:

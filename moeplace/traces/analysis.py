@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moeplace.errors import InputError
 from moeplace.traces.stats import RoutingStats
+from moeplace.traces.store import TraceReader
 from moeplace.traces.trace import Trace
 
 
@@ -78,23 +80,39 @@ def top_transitions(stats: RoutingStats, n: int = 10) -> pd.DataFrame:
                          "share_of_expert": flat[idx] / np.maximum(out_tot[l, a], 1)})
 
 
-def drift(trace: Trace, windows: int = 8) -> pd.DataFrame:
+def drift(trace: Trace | TraceReader, windows: int = 8) -> pd.DataFrame:
     """Per window of consecutive tokens: Jensen-Shannon divergence (bits) of each layer's load
-    from the whole trace's, averaged over layers; large values mean placements go stale."""
-    T, L, _ = trace.experts.shape
-    N = trace.num_experts
+    from the whole trace's, averaged over layers; large values mean placements go stale.
+    A reader is streamed (one pass, memory of ``windows`` load tables)."""
+    from moeplace.traces.store import as_chunks
+
+    chunks, meta, T = as_chunks(trace, 1 << 16, weights=False, token_fields=False)
+    if T is None:
+        raise InputError(meta.source or "trace", "experts", "drift needs the token count",
+                         "pass a trace or a reader")
+    L, N = meta.num_layers, meta.num_experts
     windows = max(1, min(windows, T))
     bounds = np.linspace(0, T, windows + 1).astype(int)
     offs = (np.arange(L) * N)[None, :, None]
+    counts = np.zeros((windows, L, N), np.int64)
+    start = 0
+    for c in chunks:
+        e = c.experts
+        stop = start + len(e)
+        for w in range(windows):  # the part of this chunk inside window w
+            lo, hi = max(bounds[w], start), min(bounds[w + 1], stop)
+            if lo < hi:
+                counts[w] += np.bincount((e[lo - start:hi - start].astype(np.int64) + offs)
+                                         .ravel(), minlength=L * N).reshape(L, N)
+        start = stop
 
-    def dist(e: np.ndarray) -> np.ndarray:
-        c = np.bincount((e.astype(np.int64) + offs).ravel(), minlength=L * N).reshape(L, N)
+    def dist(c: np.ndarray) -> np.ndarray:
         return c / np.maximum(c.sum(axis=1, keepdims=True), 1)
 
-    whole = dist(trace.experts)
+    whole = dist(counts.sum(axis=0))
     rows = []
     for w in range(windows):
-        part = dist(trace.experts[bounds[w]:bounds[w + 1]])
+        part = dist(counts[w])
         m = (part + whole) / 2
         js = _entropy_bits(m) - (_entropy_bits(part) + _entropy_bits(whole)) / 2
         rows.append({"window": w, "start_token": bounds[w], "tokens": bounds[w + 1] - bounds[w],

@@ -1,0 +1,180 @@
+"""Score several placements on a streamed trace within a time budget, stating what was scored.
+
+One pass over the trace feeds the evaluator (all placements at once) and, when a hardware
+profile is given, collects a seeded sample of serving steps for the step-time simulator. When
+the whole trace would not fit the budget, a seeded sample of whole windows is scored instead
+(and said so); the deadline is a hard stop either way. A request-level holdout split is a
+streaming mask: a request is held out when a hash of its id and the seed falls below the
+fraction, so no split needs the trace in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import InputError
+from moeplace.placement import Placement
+from moeplace.solvers.evaluator import _keep_blocks, evaluate_many
+from moeplace.traces import Trace, TraceReader
+from moeplace.traces.store import as_chunks
+
+# Planning rates (conservative, one core): compiled evaluator token-layer-placement records/s,
+# reading and decoding token-layer records/s, and simulator step-layer-placements/s.
+EVAL_RATE = 8e6
+EVAL_RATE_NUMPY = 3e5
+READ_RATE = 60e6
+SIM_RATE = 1500.0
+
+
+@dataclass
+class ScoreReport:
+    """Per-placement evaluator summaries (and simulated step times) plus what was scored."""
+
+    summaries: dict[str, dict[str, Any]]
+    step_ms: dict[str, float] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=dict)
+
+
+def request_ids(source: Trace | TraceReader) -> np.ndarray:
+    """Sorted distinct request ids of a trace; a reader reads only its ``request`` column."""
+    if isinstance(source, Trace):
+        if "request" not in source.tokens:
+            raise InputError(source.meta.source or "trace", "request",
+                             "a holdout split needs per-request ids",
+                             "record per-request metadata or drop --holdout")
+        return np.unique(source.tokens["request"])
+    if "request" not in source.token_fields:
+        raise InputError(source.path, "request", "a holdout split needs per-request ids",
+                         "record per-request metadata or drop --holdout")
+    parts = [np.unique(b.column(0).to_numpy()) for pf in source._pfs
+             for b in pf.iter_batches(batch_size=1 << 20, columns=["request"])]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+def held_requests(source: Trace | TraceReader, fraction: float, seed: int) -> np.ndarray:
+    """The held-out request ids: the same seeded choice as ``Trace.split_requests``, found
+    with one pass over the request column instead of the trace in memory."""
+    if not 0.0 < fraction < 1.0:
+        raise InputError("holdout", "fraction", f"{fraction} is not in (0, 1)",
+                         "pass e.g. --holdout 0.5")
+    uniq = request_ids(source)
+    if len(uniq) < 2:
+        raise InputError(getattr(source, "path", None) or source.meta.source or "trace",
+                         "request", "a holdout split needs at least two requests",
+                         "record per-request metadata or drop --holdout")
+    rng = np.random.default_rng(seed)
+    n_hold = min(max(1, round(len(uniq) * fraction)), len(uniq) - 1)
+    return np.sort(rng.choice(uniq, size=n_hold, replace=False))
+
+
+def split_stream(source: Trace | TraceReader, held: np.ndarray, part: str,
+                 chunk_tokens: int = 1 << 16) -> Iterator[Trace]:
+    """The ``part`` (``"fit"`` or ``"holdout"``) of a request split, chunk by chunk;
+    ``held`` from ``held_requests``."""
+    chunks, _meta, _ = as_chunks(source, chunk_tokens)
+    for c in chunks:
+        mask = np.isin(c.tokens["request"], held)
+        if part == "fit":
+            mask = ~mask
+        if mask.all():
+            yield c
+        elif mask.any():
+            yield c.select(mask)
+
+
+def plan_sample(tokens: int, layers: int, placements: int, seconds: float,
+                compiled: bool, window: int = 4096) -> float:
+    """Fraction of windows to score so the pass fits ``seconds`` (1.0 when all fits), never
+    below about 16 windows (the deadline still stops the pass)."""
+    rate = EVAL_RATE if compiled else EVAL_RATE_NUMPY
+    cost = tokens * layers * (placements / rate + 1.0 / READ_RATE)
+    if cost <= 0 or seconds >= cost:
+        return 1.0
+    f = min(1.0, max(seconds / cost, 16 * window / max(tokens, 1)))
+    # Two significant digits, rounded down: the stated rate (and so the windows chosen for a
+    # seed) does not wobble with the milliseconds left.
+    unit = 10.0 ** (math.floor(math.log10(f)) - 1)
+    return max(math.floor(f / unit) * unit, unit)
+
+
+def scoring_seconds(tokens: int, layers: int, placements: int, simulate: bool) -> float:
+    """Planned seconds to score every token of a trace (and simulate 64 steps)."""
+    from moeplace.traces._kernels import HAVE_NUMBA
+
+    rate = EVAL_RATE if HAVE_NUMBA else EVAL_RATE_NUMPY
+    sim = 64 * layers * placements / SIM_RATE if simulate else 0.0
+    return tokens * layers * (placements / rate + 1.0 / READ_RATE) + sim
+
+
+def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]],
+                     placements: dict[str, Placement], *, total_tokens: int, num_layers: int,
+                     window: int = 4096, deadline: float | None = None, seed: int = 0,
+                     sim: tuple[Any, Any] | None = None, tokens_per_step: int = 4096,
+                     show_progress: bool | None = None) -> ScoreReport:
+    """Evaluate every placement in one pass (sampled when the budget requires), and simulate
+    the step time on a seeded sample of steps. ``source`` is a trace, a reader, or a function
+    returning a fresh chunk iterator (e.g. ``split_stream``)."""
+    from moeplace.traces._kernels import HAVE_NUMBA
+
+    names = list(placements)
+    plcs = [placements[n] for n in names]
+    P = len(plcs)
+    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    # The simulator's share of the budget: at most 64 steps, fewer when time is short.
+    sim_steps = 0
+    if sim is not None:
+        steps_all = max(1, total_tokens // tokens_per_step)
+        afford = (0.25 * left * SIM_RATE / (num_layers * P)) if left is not None else 64
+        sim_steps = int(min(64, steps_all, afford))
+    eval_seconds = None if left is None else 0.7 * left
+    sample = (1.0 if eval_seconds is None else
+              plan_sample(total_tokens, num_layers, P, eval_seconds, HAVE_NUMBA, window))
+    chunks = source() if callable(source) else as_chunks(source, 1 << 16)[0]
+    steps: list[Trace] = []
+    step_frac = min(1.0, sim_steps / max(1, total_tokens // tokens_per_step)) if sim_steps else 0
+
+    def feed() -> Iterator[Trace]:
+        off = 0
+        kept = 0
+        for c in chunks:
+            if step_frac and kept < (sim_steps + 1) * tokens_per_step:
+                # whole serving steps: tokens_per_step consecutive tokens, chosen by seed
+                blk = (off + np.arange(c.num_tokens)) // tokens_per_step
+                keep = _keep_blocks(blk, step_frac, seed + 1)
+                if keep.any():
+                    steps.append(c.select(keep))
+                    kept += int(keep.sum())
+            off += c.num_tokens
+            yield c
+
+    eval_deadline = None if deadline is None else (
+        time.monotonic() + (eval_seconds or 0.0) + 0.1 * (left or 0.0))
+    t_eval = time.monotonic()
+    results = evaluate_many(feed(), plcs, window=window, sample=sample, seed=seed,
+                            deadline=eval_deadline, total_tokens=total_tokens,
+                            show_progress=show_progress)
+    summaries = {n: r.summary for n, r in zip(names, results, strict=True)}
+    first = results[0].summary
+    scoring = {"tokens_in_trace": total_tokens, "tokens_scored": first["tokens"],
+               "sample_fraction": sample, "sample_seed": seed,
+               "stopped_at_deadline": first["stopped_at_deadline"],
+               "evaluator_seconds": round(time.monotonic() - t_eval, 2)}
+    t_sim = time.monotonic()
+    step_ms: dict[str, float] = {}
+    if sim is not None and steps:
+        from moeplace.solvers.simulator import step_time
+
+        tr = Trace.concat(steps)
+        for n, p in zip(names, plcs, strict=True):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            step_ms[n] = 1e3 * step_time(tr, p, *sim, tokens_per_step)["step_s"]
+        scoring["simulated_tokens"] = tr.num_tokens
+        scoring["simulation_seconds"] = round(time.monotonic() - t_sim, 2)
+    return ScoreReport(summaries, step_ms, scoring)
