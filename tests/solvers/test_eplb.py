@@ -139,7 +139,7 @@ def test_colocated_placement_is_valid_input(tmp_path):
                meta=TraceMeta(num_experts=6, top_k=1, moe_layer_ids=(0,)))
     ev = Evaluator(p, 1, 6, window=40)
     ev.add(tr)
-    assert ev.gpu_load[0, :2].tolist() == [13, 12] and ev.gpu_load.sum() == 40
+    assert ev.gpu_load[0, 0, :2].tolist() == [13, 12] and ev.gpu_load.sum() == 40  # [placement, L, G]
     assert evaluate(tr, p, window=40, show_progress=False).summary["tokens"] == 40
     # stack exports and readers accept it
     export_placement(p, "sglang", tmp_path / "m.json", moe_layer_ids=[0])
