@@ -782,18 +782,19 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         end = deadline + 3.0
         share = stats.num_tokens / max(trace.num_tokens, 1)
         fit_end = time.monotonic() + (end - time.monotonic()) * share
-        rep_fit = score_placements(fit, plcs, total_tokens=stats.num_tokens,
+        rep_fit = score_placements(trace, plcs, total_tokens=stats.num_tokens,
                                    num_layers=stats.num_layers, window=window,
                                    deadline=fit_end, seed=seed, sim=sim,
-                                   tokens_per_step=tokens_per_step)
+                                   tokens_per_step=tokens_per_step,
+                                   split=None if held is None else (held, "fit"))
         fit_rows = _rows(rep_fit.summaries, rep_fit.step_ms, True)
         scoring["fit"] = rep_fit.scoring
         if holdout is not None:
-            rep_hold = score_placements(lambda: split_stream(trace, held, "holdout"),
-                                        plcs, total_tokens=held_tokens,
+            rep_hold = score_placements(trace, plcs, total_tokens=held_tokens,
                                         num_layers=stats.num_layers, window=window,
                                         deadline=end, seed=seed, sim=sim,
-                                        tokens_per_step=tokens_per_step)
+                                        tokens_per_step=tokens_per_step,
+                                        split=(held, "holdout"))
             hold_rows = _rows(rep_hold.summaries, rep_hold.step_ms, True)
             scoring["holdout"] = rep_hold.scoring
     if skipped:
@@ -864,7 +865,7 @@ def _scored_note(info: dict[str, Any] | None) -> str:
         return ""
     why = "stopped at the time limit" if info["stopped_at_deadline"] else "to fit --time-limit"
     return (f"; scored {info['tokens_scored']:,} of {info['tokens_in_trace']:,} tokens: whole "
-            f"windows sampled with seed {info['sample_seed']} at rate "
+            f"{info['sample_unit']} sampled with seed {info['sample_seed']} at rate "
             f"{info['sample_fraction']:.3g}, {why}")
 
 

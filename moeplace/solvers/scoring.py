@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,10 +74,14 @@ def held_requests(source: Trace | TraceReader, fraction: float, seed: int) -> np
 
 
 def split_stream(source: Trace | TraceReader, held: np.ndarray, part: str,
-                 chunk_tokens: int = 1 << 16) -> Iterator[Trace]:
+                 chunk_tokens: int = 1 << 16,
+                 row_groups: set[tuple[int, int]] | None = None) -> Iterator[Trace]:
     """The ``part`` (``"fit"`` or ``"holdout"``) of a request split, chunk by chunk;
-    ``held`` from ``held_requests``."""
-    chunks, _meta, _ = as_chunks(source, chunk_tokens)
+    ``held`` from ``held_requests``; ``row_groups`` limits a reader to those groups."""
+    if row_groups is not None and isinstance(source, TraceReader):
+        chunks: Iterator[Trace] = source.iter_chunks(chunk_tokens, row_groups=row_groups)
+    else:
+        chunks = as_chunks(source, chunk_tokens)[0]
     for c in chunks:
         mask = np.isin(c.tokens["request"], held)
         if part == "fit":
@@ -86,6 +90,18 @@ def split_stream(source: Trace | TraceReader, held: np.ndarray, part: str,
             yield c
         elif mask.any():
             yield c.select(mask)
+
+
+def sample_row_groups(reader: TraceReader, fraction: float, seed: int
+                      ) -> tuple[set[tuple[int, int]], int]:
+    """A seeded choice of about ``fraction`` of a reader's row groups (at least one) and
+    their tokens: a sample that skips the rest of the file instead of reading it."""
+    groups = reader.row_groups()
+    keep = _keep_blocks(np.arange(len(groups)), fraction, seed)
+    if not keep.any():
+        keep[0] = True
+    chosen = {(fi, g) for (fi, g, _n), k in zip(groups, keep, strict=True) if k}
+    return chosen, sum(n for (fi, g, n) in groups if (fi, g) in chosen)
 
 
 def plan_sample(tokens: int, layers: int, placements: int, seconds: float,
@@ -112,14 +128,19 @@ def scoring_seconds(tokens: int, layers: int, placements: int, simulate: bool) -
     return tokens * layers * (placements / rate + 1.0 / READ_RATE) + sim
 
 
-def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]],
-                     placements: dict[str, Placement], *, total_tokens: int, num_layers: int,
-                     window: int = 4096, deadline: float | None = None, seed: int = 0,
+def score_placements(source: Trace | TraceReader, placements: dict[str, Placement], *,
+                     total_tokens: int, num_layers: int, window: int = 4096,
+                     deadline: float | None = None, seed: int = 0,
                      sim: tuple[Any, Any] | None = None, tokens_per_step: int = 4096,
+                     split: tuple[np.ndarray, str] | None = None,
                      show_progress: bool | None = None) -> ScoreReport:
     """Evaluate every placement in one pass (sampled when the budget requires), and simulate
-    the step time on a seeded sample of steps. ``source`` is a trace, a reader, or a function
-    returning a fresh chunk iterator (e.g. ``split_stream``)."""
+    the step time on a seeded sample of steps.
+
+    ``split = (held request ids, "fit" | "holdout")`` scores one side of a request split.
+    A Parquet reader is sampled by whole row groups (the others are never read); an in-memory
+    trace by whole windows. ``total_tokens`` is the size of what is scored when unsampled.
+    """
     from moeplace.traces._kernels import HAVE_NUMBA
 
     names = list(placements)
@@ -135,9 +156,24 @@ def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]]
     eval_seconds = None if left is None else 0.7 * left
     sample = (1.0 if eval_seconds is None else
               plan_sample(total_tokens, num_layers, P, eval_seconds, HAVE_NUMBA, window))
-    chunks = source() if callable(source) else as_chunks(source, 1 << 16)[0]
+    unit = "windows"
+    window_sample = sample
+    expected = total_tokens
+    groups = None
+    if sample < 1.0 and isinstance(source, TraceReader):
+        groups, in_groups = sample_row_groups(source, sample, seed)
+        unit, window_sample = "row groups", 1.0
+        expected = round(total_tokens * in_groups / max(source.num_tokens, 1))
+    if split is not None:
+        chunks = split_stream(source, split[0], split[1], row_groups=groups)
+    elif groups is not None:
+        assert isinstance(source, TraceReader)
+        chunks = source.iter_chunks(1 << 16, row_groups=groups)
+    else:
+        chunks = as_chunks(source, 1 << 16)[0]
     steps: list[Trace] = []
-    step_frac = min(1.0, sim_steps / max(1, total_tokens // tokens_per_step)) if sim_steps else 0
+    n_steps = max(1, expected // tokens_per_step)
+    step_frac = min(1.0, sim_steps / n_steps) if sim_steps else 0
 
     def feed() -> Iterator[Trace]:
         off = 0
@@ -156,15 +192,17 @@ def score_placements(source: Trace | TraceReader | Callable[[], Iterator[Trace]]
     eval_deadline = None if deadline is None else (
         time.monotonic() + (eval_seconds or 0.0) + 0.1 * (left or 0.0))
     t_eval = time.monotonic()
-    results = evaluate_many(feed(), plcs, window=window, sample=sample, seed=seed,
-                            deadline=eval_deadline, total_tokens=total_tokens,
+    results = evaluate_many(feed(), plcs, window=window, sample=window_sample, seed=seed,
+                            deadline=eval_deadline, total_tokens=expected,
                             show_progress=show_progress)
     summaries = {n: r.summary for n, r in zip(names, results, strict=True)}
     first = results[0].summary
     scoring = {"tokens_in_trace": total_tokens, "tokens_scored": first["tokens"],
-               "sample_fraction": sample, "sample_seed": seed,
+               "sample_fraction": sample, "sample_unit": unit, "sample_seed": seed,
                "stopped_at_deadline": first["stopped_at_deadline"],
                "evaluator_seconds": round(time.monotonic() - t_eval, 2)}
+    for s in summaries.values():
+        s["sample_fraction"] = sample
     t_sim = time.monotonic()
     step_ms: dict[str, float] = {}
     if sim is not None and steps:

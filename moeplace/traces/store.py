@@ -286,9 +286,16 @@ class TraceReader:
         self.dtype = np.dtype(self.header["experts_dtype"]).newbyteorder("<")
         self.num_tokens = sum(pf.metadata.num_rows for pf in self._pfs)
 
+    def row_groups(self) -> list[tuple[int, int, int]]:
+        """``(file index, row group index, tokens)`` of every row group, in trace order."""
+        return [(fi, g, pf.metadata.row_group(g).num_rows) for fi, pf in enumerate(self._pfs)
+                for g in range(pf.metadata.num_row_groups)]
+
     def iter_chunks(self, chunk_tokens: int = DEFAULT_CHUNK, *, weights: bool = True,
-                    token_fields: bool = True) -> Iterator[Trace]:
-        """Yield consecutive chunks of at most ``chunk_tokens`` tokens, in file order."""
+                    token_fields: bool = True,
+                    row_groups: set[tuple[int, int]] | None = None) -> Iterator[Trace]:
+        """Yield consecutive chunks of at most ``chunk_tokens`` tokens, in file order;
+        ``row_groups`` (``(file, group)`` pairs) reads only those, skipping the rest on disk."""
         cols = ["experts"]
         if weights and self.has_weights:
             cols.append("weights")
@@ -302,9 +309,15 @@ class TraceReader:
         # Declared widths drive every chunk's size: check one chunk against the cap first.
         check_memory(3 * row * min(chunk_tokens, max(self.num_tokens, 1)),
                      f"a chunk of {chunk_tokens} tokens x {L} layers x top-{k}", self.path, "meta")
-        for f, pf in zip(self.files, self._pfs, strict=True):
+        for fi, (f, pf) in enumerate(zip(self.files, self._pfs, strict=True)):
+            groups = None
+            if row_groups is not None:
+                groups = [g for g in range(pf.metadata.num_row_groups) if (fi, g) in row_groups]
+                if not groups:
+                    continue
             try:
-                for batch in pf.iter_batches(batch_size=chunk_tokens, columns=cols):
+                for batch in pf.iter_batches(batch_size=chunk_tokens, columns=cols,
+                                             row_groups=groups):
                     yield self._decode(batch, L, k, f)
             except (pa.ArrowException, OSError, ValueError) as exc:
                 if isinstance(exc, InputError):

@@ -59,3 +59,27 @@ def test_short_budget_scores_a_stated_seeded_sample(rng):
     assert 0 < past.scoring["tokens_scored"] < 4000
     assert past.scoring["tokens_scored"] % 10 == 0  # whole windows
     assert past.summaries == again.summaries  # seeded
+
+
+def test_reader_sample_reads_only_chosen_row_groups(tmp_path, rng):
+    """A Parquet trace is sampled by whole row groups; the result equals evaluating exactly
+    those groups, and the holdout side is sampled the same way."""
+    tr = random_trace(rng, 6000, 3, 16, 2, requests=30)
+    path = write_trace(tr, tmp_path / "t.parquet", row_group_tokens=200)
+    reader = open_trace(path)
+    plcs = {"a": contiguous(3, 16, 4, 2)}
+    rep = score_placements(reader, plcs, total_tokens=6 * 10**7, num_layers=3, window=50,
+                           deadline=time.monotonic() + 1.0, seed=4)
+    info = rep.scoring
+    assert info["sample_unit"] == "row groups" and info["sample_fraction"] < 1.0
+    from moeplace.solvers.scoring import sample_row_groups
+
+    groups, n = sample_row_groups(reader, info["sample_fraction"], 4)
+    assert info["tokens_scored"] == n and 0 < n < 6000 and n % 200 == 0
+    sub = Trace.concat(list(reader.iter_chunks(row_groups=groups)))
+    want = evaluate(sub, plcs["a"], window=50).summary
+    assert rep.summaries["a"]["traffic_static_total"] == want["traffic_static_total"]
+    held = held_requests(reader, 0.5, 1)
+    hold = score_placements(reader, plcs, total_tokens=3 * 10**7, num_layers=3, window=50,
+                            deadline=time.monotonic() + 1.0, seed=4, split=(held, "holdout"))
+    assert 0 < hold.scoring["tokens_scored"] < n
