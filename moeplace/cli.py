@@ -683,6 +683,9 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
               help="Tokens per window for windowed load imbalance.")
 @click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0, show_default=True,
               help="Bytes of one expert's weights, for migration bytes with --current.")
+@click.option("--ray", "ray_address", metavar="ADDRESS|local",
+              help="search: run the restarts as Ray tasks on this cluster ('local': start one "
+              "here; needs moeplace[ray]); the best is kept, ties to the lowest seed.")
 @click.option("--pareto", "show_pareto", is_flag=True,
               help="Print the traffic-versus-balance frontier of the search.")
 @click.option("--hardware", default="h100-nvlink", show_default=True,
@@ -699,156 +702,168 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None,
           respect_groups: int | None, seed: int,
-          restarts: int, window: int, expert_bytes: int, show_pareto: bool, hardware: str,
+          restarts: int, window: int, expert_bytes: int, ray_address: str | None,
+          show_pareto: bool, hardware: str,
           model_shape: str | None,
           tokens_per_step: int, out: str | None, as_json: bool, **kw: Any) -> None:
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
-    import time
+    import contextlib
 
-    from moeplace.errors import TimeLimitError
-    from moeplace.placement import Placement
-    from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
-    from moeplace.solvers.scoring import (
-        held_requests,
-        score_placements,
-        scoring_seconds,
-        split_stream,
-    )
-    from moeplace.solvers.solve import baseline, check_request, default_groups
-    from moeplace.traces import RoutingStats, compute_stats
+    session: Any = contextlib.nullcontext()
+    runner = None
+    if ray_address:
+        from moeplace.service.fleet import ray_restart_runner, ray_session
 
-    weights = Weights.parse(weights_text)
-    cluster = Cluster(gpus, nodes, replicas)
-    cur = Placement.load(current) if current else None
-    if not time_limit > 0:
-        raise InputError("solve", "--time-limit", f"{time_limit} is not positive",
-                         "give a time limit in seconds > 0")
-    src = _open(source, kw, in_memory_max=0)  # Parquet is streamed, never held in memory
-    trace = None if isinstance(src, RoutingStats) else src
-    if holdout is not None and trace is None:
-        raise InputError(source, "format", "--holdout needs per-token routing",
-                         "give a trace, not statistics")
-    fit: Any = trace
-    held: Any = None
-    if holdout is not None:
-        held = held_requests(trace, holdout, seed)  # the same split as Trace.split_requests
+        # Connected before the budget starts, so Ray's start-up is not taken from --time-limit.
+        session, runner = ray_session(ray_address), ray_restart_runner
+    with session:
+        import time
 
-        def fit() -> Any:
-            return split_stream(trace, held, "fit")
-    stats = src if trace is None else compute_stats(
-        fit() if callable(fit) else fit, coactivation=weights.coact > 0)
-    held_tokens = 0 if trace is None else trace.num_tokens - stats.num_tokens
-    if holdout is not None and (stats.num_tokens == 0 or held_tokens == 0):
-        raise InputError(source, "request", "a holdout split needs requests on both sides "
-                         f"(fit {stats.num_tokens:,} tokens, held out {held_tokens:,})",
-                         "record more requests, change --holdout or --seed, or drop --holdout")
-    check_request(stats, cluster, time_limit, cur)
-    if num_groups is None:  # the model's n_group, else 1 (as vLLM and SGLang run EPLB)
-        num_groups = default_groups(stats, model_shape)
-    # One budget from here on: solving, bounds and scoring end by the deadline (+ a margin).
-    deadline = time.monotonic() + time_limit
-    solve_limit = 0.75 * time_limit if show_pareto else time_limit
-    if trace is not None:  # keep up to 30% of the budget for scoring per token
-        solve_limit -= min(0.3 * time_limit, scoring_seconds(
-            trace.num_tokens, stats.num_layers, 3, _simulation(model_shape, hardware, trace)
-            is not None))
-    plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
-                                 time_limit=solve_limit, balance_slack=balance_slack,
-                                 current=cur, seed=seed, num_groups=num_groups,
-                                 restarts=restarts, respect_groups=respect_groups)
-    plc.info["report"] = rep.as_dict()
-    plcs = {rep.method: plc}
-    skipped: list[str] = []
-    for name in _baselines_for(cluster):
-        if name != rep.method:
-            try:
-                plcs[name] = baseline(name, stats, cluster, num_groups=num_groups,
-                                      deadline=deadline)
-            except TimeLimitError:
-                skipped.append(name)
-    front = None
-    if show_pareto:
-        slacks = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-        per = max(deadline - time.monotonic(), 0.7) / len(slacks)
-        front = pareto(stats, cluster, slacks, weights=weights, time_limit=per, seed=seed,
-                       num_groups=num_groups)
-    sim = _simulation(model_shape, hardware, trace)
-    scoring: dict[str, Any] = {}
-    hold_rows = None
-    if trace is None:
-        fit_rows = _metric_rows(plcs, None, stats, window)
-    else:
-        # Scoring may use the margin the solver kept; it ends 3 s past the deadline at most.
-        end = deadline + 3.0
-        share = stats.num_tokens / max(trace.num_tokens, 1)
-        fit_end = time.monotonic() + (end - time.monotonic()) * share
-        rep_fit = score_placements(trace, plcs, total_tokens=stats.num_tokens,
-                                   num_layers=stats.num_layers, window=window,
-                                   deadline=fit_end, seed=seed, sim=sim,
-                                   tokens_per_step=tokens_per_step,
-                                   split=None if held is None else (held, "fit"))
-        fit_rows = _rows(rep_fit.summaries, rep_fit.step_ms, True)
-        scoring["fit"] = rep_fit.scoring
+        from moeplace.errors import TimeLimitError
+        from moeplace.placement import Placement
+        from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
+        from moeplace.solvers.scoring import (
+            held_requests,
+            score_placements,
+            scoring_seconds,
+            split_stream,
+        )
+        from moeplace.solvers.solve import baseline, check_request, default_groups
+        from moeplace.traces import RoutingStats, compute_stats
+
+        weights = Weights.parse(weights_text)
+        cluster = Cluster(gpus, nodes, replicas)
+        cur = Placement.load(current) if current else None
+        if not time_limit > 0:
+            raise InputError("solve", "--time-limit", f"{time_limit} is not positive",
+                             "give a time limit in seconds > 0")
+        src = _open(source, kw, in_memory_max=0)  # Parquet is streamed, never held in memory
+        trace = None if isinstance(src, RoutingStats) else src
+        if holdout is not None and trace is None:
+            raise InputError(source, "format", "--holdout needs per-token routing",
+                             "give a trace, not statistics")
+        fit: Any = trace
+        held: Any = None
         if holdout is not None:
-            rep_hold = score_placements(trace, plcs, total_tokens=held_tokens,
-                                        num_layers=stats.num_layers, window=window,
-                                        deadline=end, seed=seed, sim=sim,
-                                        tokens_per_step=tokens_per_step,
-                                        split=(held, "holdout"))
-            hold_rows = _rows(rep_hold.summaries, rep_hold.step_ms, True)
-            scoring["holdout"] = rep_hold.scoring
-    if skipped:
-        scoring["skipped_baselines"] = skipped
-    if out:
-        plc.save(out)
-    if as_json:
-        res: dict[str, Any] = {"report": rep.as_dict(), "fit": fit_rows.to_dict("records"),
-                               "cluster": {"num_gpus": gpus, "num_nodes": nodes,
-                                           "replicas": replicas}, "out": out,
-                               "scoring": scoring}
+            held = held_requests(trace, holdout, seed)  # the same split as Trace.split_requests
+
+            def fit() -> Any:
+                return split_stream(trace, held, "fit")
+        stats = src if trace is None else compute_stats(
+            fit() if callable(fit) else fit, coactivation=weights.coact > 0)
+        held_tokens = 0 if trace is None else trace.num_tokens - stats.num_tokens
+        if holdout is not None and (stats.num_tokens == 0 or held_tokens == 0):
+            raise InputError(source, "request", "a holdout split needs requests on both sides "
+                             f"(fit {stats.num_tokens:,} tokens, held out {held_tokens:,})",
+                             "record more requests, change --holdout or --seed, or drop --holdout")
+        check_request(stats, cluster, time_limit, cur)
+        if num_groups is None:  # the model's n_group, else 1 (as vLLM and SGLang run EPLB)
+            num_groups = default_groups(stats, model_shape)
+        # One budget from here on: solving, bounds and scoring end by the deadline (+ a margin).
+        deadline = time.monotonic() + time_limit
+        solve_limit = 0.75 * time_limit if show_pareto else time_limit
+        if trace is not None:  # keep up to 30% of the budget for scoring per token
+            solve_limit -= min(0.3 * time_limit, scoring_seconds(
+                trace.num_tokens, stats.num_layers, 3, _simulation(model_shape, hardware, trace)
+                is not None))
+        plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
+                                     time_limit=solve_limit, balance_slack=balance_slack,
+                                     current=cur, seed=seed, num_groups=num_groups,
+                                     restarts=restarts, respect_groups=respect_groups,
+                                     restart_runner=runner)
+        plc.info["report"] = rep.as_dict()
+        plcs = {rep.method: plc}
+        skipped: list[str] = []
+        for name in _baselines_for(cluster):
+            if name != rep.method:
+                try:
+                    plcs[name] = baseline(name, stats, cluster, num_groups=num_groups,
+                                          deadline=deadline)
+                except TimeLimitError:
+                    skipped.append(name)
+        front = None
+        if show_pareto:
+            slacks = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+            per = max(deadline - time.monotonic(), 0.7) / len(slacks)
+            front = pareto(stats, cluster, slacks, weights=weights, time_limit=per, seed=seed,
+                           num_groups=num_groups)
+        sim = _simulation(model_shape, hardware, trace)
+        scoring: dict[str, Any] = {}
+        hold_rows = None
+        if trace is None:
+            fit_rows = _metric_rows(plcs, None, stats, window)
+        else:
+            # Scoring may use the margin the solver kept; it ends 3 s past the deadline at most.
+            end = deadline + 3.0
+            share = stats.num_tokens / max(trace.num_tokens, 1)
+            fit_end = time.monotonic() + (end - time.monotonic()) * share
+            rep_fit = score_placements(trace, plcs, total_tokens=stats.num_tokens,
+                                       num_layers=stats.num_layers, window=window,
+                                       deadline=fit_end, seed=seed, sim=sim,
+                                       tokens_per_step=tokens_per_step,
+                                       split=None if held is None else (held, "fit"))
+            fit_rows = _rows(rep_fit.summaries, rep_fit.step_ms, True)
+            scoring["fit"] = rep_fit.scoring
+            if holdout is not None:
+                rep_hold = score_placements(trace, plcs, total_tokens=held_tokens,
+                                            num_layers=stats.num_layers, window=window,
+                                            deadline=end, seed=seed, sim=sim,
+                                            tokens_per_step=tokens_per_step,
+                                            split=(held, "holdout"))
+                hold_rows = _rows(rep_hold.summaries, rep_hold.step_ms, True)
+                scoring["holdout"] = rep_hold.scoring
+        if skipped:
+            scoring["skipped_baselines"] = skipped
+        if out:
+            plc.save(out)
+        if as_json:
+            res: dict[str, Any] = {"report": rep.as_dict(), "fit": fit_rows.to_dict("records"),
+                                   "cluster": {"num_gpus": gpus, "num_nodes": nodes,
+                                               "replicas": replicas}, "out": out,
+                                   "scoring": scoring}
+            if hold_rows is not None:
+                res["holdout"] = hold_rows.to_dict("records")
+            if front is not None:
+                res["pareto"] = [{k: v for k, v in r.items() if k != "placement"} for r in front]
+            gains = strongest_baseline_gains(fit_rows, rep.method)
+            if len(gains):
+                res["vs_strongest_baseline"] = gains.to_dict("records")
+            if cur is not None:
+                res["migration"] = _migration_table(plcs, cur, expert_bytes).to_dict("records")
+            _echo_json(res)
+            return
+        b = rep.bound
+        click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
+                   f"{f' in {nodes} nodes' if nodes > 1 else ''}"
+                   f"{f' with {replicas} replicas per layer' if replicas else ''}")
+        click.echo(f"objective {rep.objective['total']:.4f}, lower bound {b['total']:.4f}, "
+                   f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance_mean']:.3f}, cross-GPU "
+                   f">= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= {b['cross_node_pair_fraction']:.3f})")
+        label = "fitted trace" if holdout is not None else "trace"
+        click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}"
+                   f"{_scored_note(scoring.get('fit'))}):")
+        _print_table(fit_rows)
         if hold_rows is not None:
-            res["holdout"] = hold_rows.to_dict("records")
+            click.echo(f"\nheld-out requests ({held_tokens:,} tokens"
+                       f"{_scored_note(scoring.get('holdout'))}):")
+            _print_table(hold_rows)
+        if skipped:
+            click.echo(f"\nnot compared (time limit reached): {', '.join(skipped)}")
         if front is not None:
-            res["pareto"] = [{k: v for k, v in r.items() if k != "placement"} for r in front]
-        gains = strongest_baseline_gains(fit_rows, rep.method)
+            click.echo("\ntraffic-versus-balance frontier (search):")
+            _print_table(pd.DataFrame([{k: v for k, v in r.items() if k != "placement"}
+                                       for r in front]))
+        gains = strongest_baseline_gains(hold_rows if hold_rows is not None else fit_rows,
+                                         rep.method)
         if len(gains):
-            res["vs_strongest_baseline"] = gains.to_dict("records")
+            click.echo(f"\n{rep.method} against the strongest baseline on each metric (lower is "
+                       "better; change < 0 is a gain):")
+            _print_table(gains)
         if cur is not None:
-            res["migration"] = _migration_table(plcs, cur, expert_bytes).to_dict("records")
-        _echo_json(res)
-        return
-    b = rep.bound
-    click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
-               f"{f' in {nodes} nodes' if nodes > 1 else ''}"
-               f"{f' with {replicas} replicas per layer' if replicas else ''}")
-    click.echo(f"objective {rep.objective['total']:.4f}, lower bound {b['total']:.4f}, "
-               f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance_mean']:.3f}, cross-GPU "
-               f">= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= {b['cross_node_pair_fraction']:.3f})")
-    label = "fitted trace" if holdout is not None else "trace"
-    click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}"
-               f"{_scored_note(scoring.get('fit'))}):")
-    _print_table(fit_rows)
-    if hold_rows is not None:
-        click.echo(f"\nheld-out requests ({held_tokens:,} tokens"
-                   f"{_scored_note(scoring.get('holdout'))}):")
-        _print_table(hold_rows)
-    if skipped:
-        click.echo(f"\nnot compared (time limit reached): {', '.join(skipped)}")
-    if front is not None:
-        click.echo("\ntraffic-versus-balance frontier (search):")
-        _print_table(pd.DataFrame([{k: v for k, v in r.items() if k != "placement"}
-                                   for r in front]))
-    gains = strongest_baseline_gains(hold_rows if hold_rows is not None else fit_rows,
-                                     rep.method)
-    if len(gains):
-        click.echo(f"\n{rep.method} against the strongest baseline on each metric (lower is "
-                   "better; change < 0 is a gain):")
-        _print_table(gains)
-    if cur is not None:
-        click.echo(f"\nmigration from {current}:")
-        _print_table(_migration_table(plcs, cur, expert_bytes))
-    if out:
-        click.echo(f"\nwrote {out}")
+            click.echo(f"\nmigration from {current}:")
+            _print_table(_migration_table(plcs, cur, expert_bytes))
+        if out:
+            click.echo(f"\nwrote {out}")
 
 
 def _migration_table(plcs: dict[str, Any], cur: Any, expert_bytes: int) -> pd.DataFrame:

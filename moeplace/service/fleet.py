@@ -197,6 +197,13 @@ def restarts_on_ray(stats: RoutingStats, start: Any, restarts: int, seed: int,
             raise
 
 
+def ray_restart_runner(stats: RoutingStats, start: Any, restarts: int, seed: int,
+                       kw: dict[str, Any]) -> list[Any]:
+    """``solve_with_report(restart_runner=...)`` hook: the restarts as tasks on the Ray session
+    the caller opened (``ray_session``)."""
+    return restarts_on_ray(stats, start, restarts, seed, **kw)
+
+
 def best_of(stats: RoutingStats, results: list[Any], weights: Any, current: Any = None
             ) -> int:
     """Index of the best ``(placement, report)`` by the objective; ties to the lowest index."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -110,9 +111,15 @@ def check_request(stats: RoutingStats, cluster: Cluster, time_limit: float,
                          "compare placements on one cluster")
 
 
+# Runs ``restarts`` searches from seeds seed, seed+1, ... somewhere else (e.g. Ray tasks, see
+# moeplace.service.fleet) and returns their ``(placement, report)`` results in seed order.
+RestartRunner = Callable[[RoutingStats, Placement, int, int, dict[str, Any]], list[Any]]
+
+
 def _multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
-                 **kw: Any) -> tuple[Placement, Any]:
-    """Run the search from several seeds in parallel processes and keep the best.
+                 runner: RestartRunner | None = None, **kw: Any) -> tuple[Placement, Any]:
+    """Run the search from several seeds in parallel processes (or through ``runner``) and
+    keep the best.
 
     One restart by default: on 2 cores two parallel restarts of the DeepSeek-V3-shape search
     found the same objective (3.938 vs 3.938) and, sharing the cores, ran out of time sooner;
@@ -122,13 +129,15 @@ def _multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
     if restarts is None:
         restarts = 1
     seed = kw.pop("seed", 0)
-    if restarts <= 1:
+    if runner is not None:
+        results = runner(stats, start, restarts, seed, kw)
+    elif restarts <= 1:
         plc, rep = search(stats, start, seed=seed, **kw)
         rep.restarts = 1
         return plc, rep
     # fork: spawn would re-run the caller's __main__, which breaks in REPLs and piped scripts.
     # Solver threads have finished by now (CP-SAT joins its workers before returning).
-    if "fork" in multiprocessing.get_all_start_methods():
+    elif "fork" in multiprocessing.get_all_start_methods():
         try:
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=min(restarts, cores), mp_context=ctx) as pool:
@@ -175,8 +184,13 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                       balance_slack: float = 0.0, current: Placement | None = None,
                       seed: int = 0, num_groups: int | None = None,
                       restarts: int | None = None,
-                      respect_groups: int | None = None) -> tuple[Placement, SolveReport]:
+                      respect_groups: int | None = None,
+                      restart_runner: RestartRunner | None = None
+                      ) -> tuple[Placement, SolveReport]:
     """Solve and return the placement with its report (objective, bound, gap, time).
+
+    ``restart_runner`` runs the search's restarts elsewhere (``moeplace.service.fleet``'s Ray
+    runner); the best result is kept with ties to the lowest seed either way.
 
     ``respect_groups=n_group`` only moves whole routing groups (DeepSeek's group-limited
     routing), so the placement can be applied to a checkpoint; see ``solvers.groups``.
@@ -213,7 +227,7 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
         plc, rep = _multi_start(stats, start, restarts, weights=weights,
                                 balance_slack=balance_slack,
                                 time_limit=max(budget, 0.05 * time_limit), current=current,
-                                seed=seed)
+                                seed=seed, runner=restart_runner)
         details.update(sweeps=rep.sweeps, swaps=rep.swaps, relabels=rep.relabels,
                        assignments=rep.assignments, stopped=rep.stopped, restarts=rep.restarts,
                        start="current" if start is current else "eplb-distinct")
