@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeplace._validate import MAX_EXPERTS, MAX_GPUS, MAX_LAYERS, MAX_TOP_K
 from moeplace.errors import InputError, MoeplaceError
-from moeplace.service.jobs import MAX_TIME_LIMIT, JobManager
+from moeplace.service.jobs import GRACE_S, MAX_TIME_LIMIT, JobManager
 from moeplace.service.store import Conflict, NotFound, Policy, Store
 
 log = logging.getLogger("moeplace.service")
@@ -182,9 +182,12 @@ class Metrics:
 # ---- the app --------------------------------------------------------------------------------------
 def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy | None = None,
                max_upload: int = DEFAULT_MAX_UPLOAD, max_json: int = DEFAULT_MAX_JSON,
-               max_workers: int = 1, clock: Any = time.time) -> FastAPI:
+               max_workers: int = 1, job_grace_s: float = GRACE_S,
+               clock: Any = time.time) -> FastAPI:
     """The service over ``data_dir`` (created if missing). ``token`` set: every ``/v1`` call and
-    ``/metrics`` need ``Authorization: Bearer <token>``; ``/healthz`` stays open."""
+    ``/metrics`` need ``Authorization: Bearer <token>``; ``/healthz`` stays open.
+    ``max_workers`` solve jobs run at once (0: jobs queue but none starts); a job's worker is
+    killed ``job_grace_s`` after its time limit."""
     state: dict[str, Any] = {}
     metrics = Metrics()
 
@@ -192,7 +195,9 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
     async def lifespan(app: FastAPI) -> Any:
         store = Store(data_dir, policy or Policy(), clock)
         state["store"] = store
-        state["jobs"] = JobManager(store, max_workers=max_workers, on_finish=metrics.solved)
+        state["jobs"] = JobManager(store, max_workers=max_workers, grace_s=job_grace_s,
+                                   on_finish=metrics.solved)
+        app.state.store, app.state.jobs = store, state["jobs"]  # for embedding and tests
         try:
             yield
         finally:

@@ -1,0 +1,209 @@
+"""The service in process (FastAPI's TestClient, no network): windows and expiry on a fake clock,
+job cancellation and time limits, Parquet uploads, and the OpenAPI schema fuzzed for 5xx."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moeplace.placement import contiguous
+from moeplace.service.app import create_app
+from moeplace.service.store import Policy
+from moeplace.traces import write_trace
+from tests.conftest import random_trace
+from tests.service.server_util import deployment, stats_batches
+
+TOKEN = "in-process"
+H = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _wait(c: TestClient, job: str, states: tuple[str, ...], timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        j = c.get(f"/v1/jobs/{job}", headers=H).json()
+        if j["state"] in states:
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job}: {j}")
+
+
+def test_windows_expire_by_stated_policy(tmp_path):
+    clock = Clock(1000.0)  # window 100 with 10 s windows
+    app = create_app(tmp_path / "d", TOKEN, clock=clock,
+                     policy=Policy(window_seconds=10, retain_windows=3, recent_windows=2))
+    bodies, loads, toks = stats_batches(tmp_path, 3, seed=11)
+    with TestClient(app) as c:
+        assert c.post("/v1/deployments", json=deployment("w"), headers=H).status_code == 201
+        for i, t in enumerate((1000.0, 1010.0, 1025.0)):  # windows 100, 101, 102
+            clock.t = t
+            r = c.post(f"/v1/deployments/w/stats?batch_id={i}", content=bodies[i], headers=H)
+            assert r.json()["window"] == 100 + i
+        s = c.get("/v1/deployments/w/stats", headers=H).json()
+        assert [w["window"] for w in s["windows"]] == [100, 101, 102]
+        assert s["tokens"] == sum(toks) and s["recent_windows"] == [101, 102]
+        assert np.array_equal(s["load"], loads[0] + loads[1] + loads[2])
+        assert s["policy"]["retain_windows"] == 3
+
+        clock.t = 1030.0  # window 103: the newest 3 are 101..103, so window 100 expires
+        s = c.get("/v1/deployments/w/stats", headers=H).json()
+        assert [w["window"] for w in s["windows"]] == [101, 102]
+        assert s["tokens"] == toks[1] + toks[2]
+        assert np.array_equal(s["load"], loads[1] + loads[2])
+        assert not (tmp_path / "d" / "stats" / "w" / "100").exists()
+        # A late retry of the expired batch is recognised, not counted again.
+        r = c.post("/v1/deployments/w/stats?batch_id=0", content=bodies[0], headers=H)
+        assert r.json()["duplicate"] and c.get("/v1/deployments/w/stats",
+                                                headers=H).json()["tokens"] == toks[1] + toks[2]
+        # Solves use the recent windows' files only.
+        job = c.post("/v1/deployments/w/solve", json={"time_limit": 5}, headers=H).json()["job"]
+        j = _wait(c, job, ("done", "failed"))
+        assert j["state"] == "done" and j["report"]["tokens"] == toks[1] + toks[2], j
+
+    # Restart on the same directory: the same sums, rebuilt from the files.
+    with TestClient(create_app(tmp_path / "d", TOKEN, clock=clock,
+                               policy=Policy(10, 3, 2))) as c:
+        s = c.get("/v1/deployments/w/stats", headers=H).json()
+        assert s["tokens"] == toks[1] + toks[2]
+        assert c.get("/v1/deployments/w/placements/latest", headers=H).status_code == 200
+
+
+def test_cancel_queued_and_running_and_time_limit(tmp_path):
+    app = create_app(tmp_path / "d", TOKEN, max_workers=1, job_grace_s=0.0)
+    bodies, _, _ = stats_batches(tmp_path, 1, seed=12)
+    with TestClient(app) as c:
+        c.post("/v1/deployments", json=deployment("j"), headers=H)
+        c.post("/v1/deployments/j/stats?batch_id=a", content=bodies[0], headers=H)
+        # With no grace a 10 ms limit cannot be met (the worker alone takes longer to start):
+        # the job is stopped and failed with the reason.
+        j1 = c.post("/v1/deployments/j/solve", json={"time_limit": 0.01}, headers=H).json()
+        j2 = c.post("/v1/deployments/j/solve", json={"time_limit": 60}, headers=H).json()
+        assert j2["state"] == "queued"
+        r = c.delete(f"/v1/jobs/{j2['job']}", headers=H).json()
+        assert r["state"] == "cancelled"
+        j = _wait(c, j1["job"], ("done", "failed", "cancelled"))
+        assert j["state"] == "failed" and "time limit" in j["error"], j
+        assert _wait(c, j2["job"], ("cancelled",))["version"] is None
+        # A running job is stopped by DELETE.
+        j3 = c.post("/v1/deployments/j/solve", json={"time_limit": 300, "method": "search"},
+                    headers=H).json()
+        _wait(c, j3["job"], ("running",))
+        assert c.delete(f"/v1/jobs/{j3['job']}", headers=H).json()["state"] == "cancelled"
+        time.sleep(0.5)
+        j = c.get(f"/v1/jobs/{j3['job']}", headers=H).json()
+        assert j["state"] == "cancelled" and j["version"] is None
+        assert c.get("/v1/deployments/j/placements", headers=H).json()["placements"] == []
+        assert not list((tmp_path / "d" / "jobs").iterdir())  # worker directories removed
+
+
+def test_parquet_shard_upload(tmp_path):
+    rng = np.random.default_rng(13)
+    tr = random_trace(rng, 300, 4, 16, 2)
+    write_trace(tr, tmp_path / "shard.parquet")
+    body = (tmp_path / "shard.parquet").read_bytes()
+    want = np.stack([np.bincount(tr.experts[:, l, :].ravel(), minlength=16) for l in range(4)])
+    with TestClient(create_app(tmp_path / "d", TOKEN)) as c:
+        c.post("/v1/deployments", json={**deployment("pq"), "moe_layer_ids": [0, 1, 2, 3]},
+               headers=H)
+        r = c.post("/v1/deployments/pq/stats?batch_id=p", content=body, headers=H)
+        assert r.status_code == 200 and r.json()["tokens"] == 300, r.text
+        s = c.get("/v1/deployments/pq/stats", headers=H).json()
+        assert np.array_equal(s["load"], want)
+        assert c.post("/v1/deployments/pq/stats?batch_id=q", content=body[:-100],
+                      headers=H).status_code == 422
+    # The stored file is the statistics, which a restart reads back.
+    with TestClient(create_app(tmp_path / "d", TOKEN)) as c:
+        assert np.array_equal(c.get("/v1/deployments/pq/stats", headers=H).json()["load"], want)
+
+
+# ---- schema fuzzing: every operation of the OpenAPI schema, random parameters and bodies -----
+@pytest.fixture(scope="module")
+def fuzz_client(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz")
+    bodies, _, _ = stats_batches(d, 1, seed=14)
+    # max_workers=0: fuzzed solves queue but never start a worker.
+    app = create_app(d / "data", TOKEN, max_workers=0, max_upload=1 << 20, max_json=64 << 10)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.post("/v1/deployments", json=deployment("fz"), headers=H)
+        c.post("/v1/deployments/fz/stats?batch_id=seed", content=bodies[0], headers=H)
+        # Placement version 1, stored the way a finished job stores it, marked current, so the
+        # placement, export and drift operations are fuzzed past their "not found" answers.
+        plc = contiguous(4, 16, 4)
+        plc.moe_layer_ids = (1, 2, 3, 4)
+        app.state.store.add_placement("fz", plc.to_dict(), {"method": "contiguous"}, None)
+        assert c.post("/v1/deployments/fz/placements/1/current", headers=H).status_code == 200
+        yield c, bodies[0]
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70)
+                     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+                     lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=12), ch,
+                                                                          max_size=5), max_leaves=12)
+_ids = st.sampled_from(["fz", "nope", "latest", "current", "1", "0", "-1", "j_x", ".", "%00",
+                        "9" * 30]) | st.text(max_size=30)
+_scalar = (st.none() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False, allow_infinity=False)
+           | st.text(max_size=30) | st.booleans())
+
+
+def _deployment_like() -> st.SearchStrategy[dict]:
+    good = deployment("g")
+    return st.fixed_dictionaries({}, optional={k: st.just(v) | _json for k, v in good.items()})
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_openapi_operations_never_5xx(fuzz_client, data):
+    c, stats_body = fuzz_client
+    schema = c.app.openapi()
+    ops = [(p, m, op) for p, item in schema["paths"].items() for m, op in item.items()]
+    path, method, op = data.draw(st.sampled_from(ops))
+    url = path
+    query = {}
+    for prm in op.get("parameters", []):
+        if prm["in"] == "path":
+            url = url.replace("{" + prm["name"] + "}",
+                              urllib.parse.quote(str(data.draw(_ids)), safe=""))
+        elif prm["in"] == "query" and data.draw(st.booleans()):
+            v = data.draw(_scalar)
+            if v is not None:
+                query[prm["name"]] = v
+    kw = {}
+    if method in ("post", "put", "patch"):
+        kind = data.draw(st.sampled_from(["json", "deployment", "solve", "bytes", "stats",
+                                          "none"]))
+        if kind == "json":
+            kw["json"] = data.draw(_json)
+        elif kind == "deployment":
+            kw["json"] = data.draw(_deployment_like())
+        elif kind == "solve":
+            kw["json"] = data.draw(st.fixed_dictionaries({}, optional={
+                "time_limit": _scalar, "method": st.sampled_from(["auto", "search", "eplb", "x"]),
+                "replicas": _scalar, "current": _scalar, "weights": _scalar, "seed": _scalar}))
+        elif kind == "bytes":
+            kw["content"] = data.draw(st.binary(max_size=2000))
+        elif kind == "stats":
+            b = bytearray(stats_body)
+            for _ in range(data.draw(st.integers(0, 4))):
+                b[data.draw(st.integers(0, len(b) - 1))] = data.draw(st.integers(0, 255))
+            kw["content"] = bytes(b)
+    headers = H if data.draw(st.integers(0, 9)) else {}
+    r = c.request(method.upper(), url, params=query, headers=headers, **kw)
+    assert r.status_code < 500, (method, url, query, r.status_code, r.text)
+    if r.status_code >= 400 and url.startswith("/v1"):
+        err = r.json()["error"]
+        assert isinstance(err, str) and "\n" not in err
