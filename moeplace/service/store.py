@@ -296,7 +296,7 @@ class Store:
                 fh.write(body)
                 fh.flush()
                 os.fsync(fh.fileno())
-            stats, raw = parse_stats(final, src)
+            stats, raw = parse_stats(final, src, spec)
             check_shape(stats, spec, src)
             if not raw:  # a trace shard: keep its statistics, which is what start-up re-reads
                 stats.save(final)
@@ -497,19 +497,58 @@ class Store:
         return None if v is None else int(v)
 
 
-def parse_stats(path: Path, source: str) -> tuple[RoutingStats, bool]:
-    """A statistics upload: a ``moeplace stats`` .npz (zip) or a Parquet trace shard; the flag
-    says whether the file is already the statistics .npz."""
+def parse_stats(path: Path, source: str, spec: dict[str, Any] | None = None
+                ) -> tuple[RoutingStats, bool]:
+    """A statistics upload: a ``moeplace stats`` .npz, a Parquet trace shard, or an SGLang
+    expert-distribution recorder dump (torch ``.pt``, needs torch); the flag says whether the
+    file is already the statistics .npz (the others are stored as their statistics)."""
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic.startswith(b"PK"):
+        if spec is not None and _is_torch_zip(path):
+            return _sglang_dump(path, source, spec), False
         return RoutingStats.load_npz(path), True
     if magic == b"PAR1":
         from moeplace.traces import compute_stats
 
         return compute_stats(path, coactivation=False, show_progress=False), False
-    raise InputError(source, "body", "is neither a moeplace stats .npz nor a Parquet trace shard",
-                     "send the file moeplace stats --out writes (or a trace .parquet shard)")
+    raise InputError(source, "body", "is not a moeplace stats .npz, a Parquet trace shard or an "
+                     "SGLang expert-distribution dump",
+                     "send the file moeplace stats --out writes, or one of the others")
+
+
+def _is_torch_zip(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # load_npz gives the one-line reason
+
+
+def _sglang_dump(path: Path, source: str, spec: dict[str, Any]) -> RoutingStats:
+    """An SGLang recorder dump in the deployment's shape. ``stat`` dumps state neither top-k nor
+    tokens: with the deployment's top-k, every MoE layer must count the same multiple of it
+    (each token adds top-k to each layer), which gives the tokens exactly; else 422."""
+    from dataclasses import replace
+
+    from moeplace.traces import Trace, compute_stats
+    from moeplace.traces.importers.sglang import read_sglang_dump
+
+    got = read_sglang_dump(path, num_experts=spec["num_experts"],
+                           moe_layer_ids=list(spec["moe_layer_ids"]), model=spec.get("model", ""))
+    if isinstance(got, Trace):
+        return compute_stats(got, coactivation=False, show_progress=False)
+    k = spec["top_k"]
+    sums = got.load.sum(axis=1)
+    if len(set(sums.tolist())) != 1 or int(sums[0]) % k:
+        raise InputError(source, "logical_count", f"MoE layers count {int(sums.min())}.."
+                         f"{int(sums.max())} assignments, not one multiple of top_k={k}",
+                         "send the stat dump of this deployment unmodified")
+    extra = {key: v for key, v in got.meta.extra.items() if key != "top_k_unknown"}
+    meta = replace(got.meta, top_k=k, extra=extra, source=source)
+    return RoutingStats(meta, int(sums[0]) // k, got.load)
 
 
 def check_shape(stats: RoutingStats, spec: dict[str, Any], source: str) -> None:

@@ -209,3 +209,56 @@ def test_openapi_operations_never_5xx(fuzz_client, data):
     if r.status_code >= 400 and url.startswith("/v1"):
         err = r.json()["error"]
         assert isinstance(err, str) and "\n" not in err
+
+
+def test_sglang_dump_uploads(tmp_path):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(15)
+    HID, N, k = 5, 16, 2  # hidden layer 0 dense, MoE layers 1..4
+    tr = random_trace(rng, 40, 4, N, k)
+    counts = np.zeros((3, HID, N), np.int32)  # three forward passes, summed by the importer
+    for f, part in enumerate(np.array_split(tr.experts, 3)):
+        for l in range(4):
+            counts[f, l + 1] = np.bincount(part[:, l, :].ravel(), minlength=N)
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(counts),
+                "average_utilization_rate_over_window": None}, tmp_path / "stat.pt")
+    bad = counts.copy()
+    bad[0, 2, 0] += 1  # layer 2 now counts one assignment more than a whole token's
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(bad)}, tmp_path / "bad.pt")
+    with TestClient(create_app(tmp_path / "d", TOKEN)) as c:
+        c.post("/v1/deployments", json=deployment("sg"), headers=H)
+        r = c.post("/v1/deployments/sg/stats?batch_id=d1",
+                   content=(tmp_path / "stat.pt").read_bytes(), headers=H)
+        assert r.status_code == 200 and r.json()["tokens"] == 40, r.text
+        want = np.stack([np.bincount(tr.experts[:, l, :].ravel(), minlength=N) for l in range(4)])
+        assert np.array_equal(c.get("/v1/deployments/sg/stats", headers=H).json()["load"], want)
+        r = c.post("/v1/deployments/sg/stats?batch_id=d2",
+                   content=(tmp_path / "bad.pt").read_bytes(), headers=H)
+        assert r.status_code == 422 and "multiple of top_k=2" in r.json()["error"]
+
+
+def test_sglang_per_token_dump_upload(tmp_path):
+    """A per_token dump: physical slots mapped back to logical experts, counted per token."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(16)
+    HID, N, k = 5, 16, 2
+    tr = random_trace(rng, 30, 4, N, k)
+    p2l = np.tile(np.r_[np.arange(N), [0, 1, 2, 3]], (HID, 1))  # 16 experts + 4 redundant slots
+    p2l[2] = np.r_[np.arange(N)[::-1], [5, 6, 7, 8]]
+    slot = [{int(e): s for s, e in list(enumerate(row))[::-1]} for row in p2l]
+    ids = np.full((HID, 30, 8), -1, np.int32)
+    for h in range(1, HID):
+        for j in range(30):
+            ids[h, j, :k] = [slot[h][int(e)] for e in tr.experts[j, h - 1]]
+    dump = {"records": [{"forward_pass_id": 0, "rank": 0,
+                         "topk_ids_of_layer": torch.from_numpy(ids), "positions": torch.arange(30),
+                         "forward_mode": "DECODE", "extend_seq_lens": None}],
+            "last_physical_to_logical_map": torch.from_numpy(p2l)}
+    torch.save(dump, tmp_path / "tok.pt")
+    want = np.stack([np.bincount(tr.experts[:, l, :].ravel(), minlength=N) for l in range(4)])
+    with TestClient(create_app(tmp_path / "d", TOKEN)) as c:
+        c.post("/v1/deployments", json=deployment("pt"), headers=H)
+        r = c.post("/v1/deployments/pt/stats?batch_id=t",
+                   content=(tmp_path / "tok.pt").read_bytes(), headers=H)
+        assert r.status_code == 200 and r.json()["tokens"] == 30, r.text
+        assert np.array_equal(c.get("/v1/deployments/pt/stats", headers=H).json()["load"], want)
