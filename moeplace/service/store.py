@@ -138,12 +138,15 @@ class Store:
         self.clock = clock
         self.root.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
+        self._all_readers: list[sqlite3.Connection] = []
         self.db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False,
                                   isolation_level=None, timeout=30)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self._migrate()
+        self._readers = threading.local()  # WAL: readers never wait for a writer's commit
+        self.latest: dict[str, int] = {}  # newest placement version (GET .../latest, no query)
         self.aggs: dict[str, _Agg] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self._load()
@@ -190,12 +193,22 @@ class Store:
             self.db.execute("COMMIT")
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self.lock:
-            return self.db.execute(sql, args).fetchall()
+        """A read on this thread's own connection: it sees every committed write and does not
+        wait for the writer's lock (an upload's commit fsync) in WAL mode."""
+        db = getattr(self._readers, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.root / DB_NAME, isolation_level=None, timeout=30)
+            db.row_factory = sqlite3.Row
+            self._readers.db = db
+            self._all_readers.append(db)
+        return db.execute(sql, args).fetchall()
 
     def close(self) -> None:
         with self.lock:
             self.db.close()
+            for db in self._all_readers:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
 
     # ---- start-up ----------------------------------------------------------------------------
     def _load(self) -> None:
@@ -203,13 +216,23 @@ class Store:
         for r in self.query("SELECT id, spec FROM deployments"):
             self.specs[r["id"]] = json.loads(r["spec"])
             self.aggs[r["id"]] = _Agg()
+        for r in self.query("SELECT deployment, MAX(version) AS v FROM placements "
+                            "GROUP BY deployment"):
+            self.latest[r["deployment"]] = int(r["v"])
         referenced: set[str] = set()
         for r in self.query("SELECT deployment, window, tokens, file FROM batches "
                             "WHERE file IS NOT NULL ORDER BY deployment, window"):
             referenced.add(r["file"])
-            with np.load(self.root / r["file"], allow_pickle=False) as z:
-                load = z["load"].astype(np.int64)
-                has_tr = "transitions" in z.files
+            try:
+                with np.load(self.root / r["file"], allow_pickle=False) as z:
+                    load = z["load"].astype(np.int64)
+                    has_tr = "transitions" in z.files
+            except (OSError, ValueError, KeyError) as exc:
+                # Committed uploads are never removed by the service: refuse to start rather than
+                # serve totals that silently miss an acknowledged upload.
+                raise InputError(self.root / r["file"], "file", f"an acknowledged upload of "
+                                 f"deployment {r['deployment']!r} cannot be read ({exc})",
+                                 "restore the data directory from a backup") from None
             self._add_to_window(r["deployment"], r["window"], int(r["tokens"]), load, has_tr)
         stats_dir = self.root / "stats"
         if stats_dir.is_dir():
@@ -254,10 +277,9 @@ class Store:
     def deployment(self, dep: str) -> dict[str, Any]:
         spec = self.spec(dep)
         rows = self.query("SELECT created, current_version FROM deployments WHERE id = ?", (dep,))
-        latest = self.query("SELECT MAX(version) AS v FROM placements WHERE deployment = ?",
-                            (dep,))[0]["v"]
         return {"id": dep, **spec, "created": rows[0]["created"],
-                "current_version": rows[0]["current_version"], "latest_version": latest}
+                "current_version": rows[0]["current_version"],
+                "latest_version": self.latest.get(dep)}
 
     def deployments(self) -> list[dict[str, Any]]:
         return [self.deployment(d) for d in sorted(self.specs)]
@@ -449,15 +471,14 @@ class Store:
             with self.tx() as db:
                 db.execute("INSERT INTO placements (deployment, version, job, created, report) "
                            "VALUES (?, ?, ?, ?, ?)", (dep, v, job, self.clock(), json.dumps(report)))
+            self.latest[dep] = v
         return v
 
     def resolve_version(self, dep: str, version: str) -> int:
         self.spec(dep)
         if version in ("latest", "current"):
-            col = "MAX(version)" if version == "latest" else None
-            if col:
-                v = self.query("SELECT MAX(version) AS v FROM placements WHERE deployment = ?",
-                               (dep,))[0]["v"]
+            if version == "latest":
+                v = self.latest.get(dep)
             else:
                 v = self.query("SELECT current_version AS v FROM deployments WHERE id = ?",
                                (dep,))[0]["v"]
@@ -507,6 +528,8 @@ def parse_stats(path: Path, source: str, spec: dict[str, Any] | None = None
     if magic.startswith(b"PK"):
         if spec is not None and _is_torch_zip(path):
             return _sglang_dump(path, source, spec), False
+        if spec is not None:
+            _precheck_npz(path, source, spec)
         return RoutingStats.load_npz(path), True
     if magic == b"PAR1":
         from moeplace.traces import compute_stats
@@ -515,6 +538,29 @@ def parse_stats(path: Path, source: str, spec: dict[str, Any] | None = None
     raise InputError(source, "body", "is not a moeplace stats .npz, a Parquet trace shard or an "
                      "SGLang expert-distribution dump",
                      "send the file moeplace stats --out writes, or one of the others")
+
+
+def _precheck_npz(path: Path, source: str, spec: dict[str, Any]) -> None:
+    """Refuse statistics of another shape from their header alone, before ``load_npz`` reads
+    (and may allocate up to the memory cap for) arrays the deployment would refuse anyway.
+    Anything unusual is left to ``load_npz``, which reports it."""
+    from moeplace._validate import NpzMembers
+
+    with NpzMembers(path) as z:
+        if "header" not in z:
+            return
+        hshape, hdtype = z.header("header")
+        if hshape != () or hdtype.kind not in "US" or hdtype.itemsize > 1 << 20:
+            return
+        try:
+            header = json.loads(str(z.read("header")))
+            meta = TraceMeta.from_dict(header["meta"], source)
+        except (ValueError, KeyError, TypeError):
+            return
+    if (meta.num_layers, meta.num_experts) != (spec["num_layers"], spec["num_experts"]):
+        raise InputError(source, "header.meta", f"{meta.num_layers} layers x {meta.num_experts} "
+                         f"experts, but deployment {spec['name']!r} has {spec['num_layers']} x "
+                         f"{spec['num_experts']}", "upload statistics of the deployment's model")
 
 
 def _is_torch_zip(path: Path) -> bool:

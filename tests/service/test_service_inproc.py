@@ -262,3 +262,18 @@ def test_sglang_per_token_dump_upload(tmp_path):
                    content=(tmp_path / "tok.pt").read_bytes(), headers=H)
         assert r.status_code == 200 and r.json()["tokens"] == 30, r.text
         assert np.array_equal(c.get("/v1/deployments/pt/stats", headers=H).json()["load"], want)
+
+
+def test_start_refuses_a_lost_acknowledged_upload(tmp_path):
+    from moeplace.errors import InputError
+    from moeplace.service.store import Store
+
+    bodies, _, _ = stats_batches(tmp_path, 1, seed=17)
+    with TestClient(create_app(tmp_path / "d", TOKEN)) as c:
+        c.post("/v1/deployments", json=deployment("lost"), headers=H)
+        assert c.post("/v1/deployments/lost/stats?batch_id=a", content=bodies[0],
+                      headers=H).status_code == 200
+    (f,) = (tmp_path / "d" / "stats" / "lost").rglob("*.npz")
+    f.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="acknowledged upload of deployment 'lost'"):
+        Store(tmp_path / "d")
