@@ -941,14 +941,16 @@ def serve(data: str, host: str, port: int, token_file: str | None, window_second
         from moeplace.errors import MissingDependencyError
 
         raise MissingDependencyError("fastapi and uvicorn", "moeplace serve", "service") from None
-    from moeplace.service.store import Policy
+    from moeplace.service.store import Policy, Store
 
     token = _service_token(token_file)
+    policy = Policy(window_seconds, retain_windows, recent_windows)
+    store = Store(data, policy)  # a data directory it cannot use fails here, as one line
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"moeplace serve: warning: listening on {host} without a token; anyone who "
                    "reaches the port can change placements", err=True)
-    app = create_app(data, token, policy=Policy(window_seconds, retain_windows, recent_windows),
-                     max_upload=int(max_upload_mb * (1 << 20)), max_workers=solve_workers)
+    app = create_app(data, token, policy=policy, max_upload=int(max_upload_mb * (1 << 20)),
+                     max_workers=solve_workers, opened_store=store)
     click.echo(f"moeplace serve: http://{host}:{port} (data {data}, "
                f"{'token required' if token else 'no token'})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

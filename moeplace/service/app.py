@@ -184,26 +184,28 @@ class Metrics:
 def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy | None = None,
                max_upload: int = DEFAULT_MAX_UPLOAD, max_json: int = DEFAULT_MAX_JSON,
                max_workers: int = 1, job_grace_s: float = GRACE_S, upload_concurrency: int = 2,
-               clock: Any = time.time) -> FastAPI:
+               clock: Any = time.time, opened_store: Store | None = None) -> FastAPI:
     """The service over ``data_dir`` (created if missing). ``token`` set: every ``/v1`` call and
     ``/metrics`` need ``Authorization: Bearer <token>``; ``/healthz`` stays open.
     ``max_workers`` solve jobs run at once (0: jobs queue but none starts); a job's worker is
-    killed ``job_grace_s`` after its time limit."""
+    killed ``job_grace_s`` after its time limit. ``opened_store``: an already opened ``Store`` of
+    ``data_dir`` (``moeplace serve`` opens it first, so a bad data directory is one line)."""
     state: dict[str, Any] = {}
     metrics = Metrics()
+    opened = [opened_store] if opened_store is not None else []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        store = Store(data_dir, policy or Policy(), clock)
-        state["store"] = store
-        state["jobs"] = JobManager(store, max_workers=max_workers, grace_s=job_grace_s,
+        st = opened.pop() if opened else Store(data_dir, policy or Policy(), clock)
+        state["store"] = st
+        state["jobs"] = JobManager(st, max_workers=max_workers, grace_s=job_grace_s,
                                    on_finish=metrics.solved)
-        app.state.store, app.state.jobs = store, state["jobs"]  # for embedding and tests
+        app.state.store, app.state.jobs = st, state["jobs"]  # for embedding and tests
         try:
             yield
         finally:
             state["jobs"].stop()
-            store.close()
+            st.close()
 
     app = FastAPI(title="moeplace placement service", version="1", lifespan=lifespan,
                   docs_url=None, redoc_url=None)

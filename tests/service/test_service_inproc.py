@@ -277,3 +277,26 @@ def test_start_refuses_a_lost_acknowledged_upload(tmp_path):
     f.write_bytes(b"garbage")
     with pytest.raises(InputError, match="acknowledged upload of deployment 'lost'"):
         Store(tmp_path / "d")
+
+
+def test_serve_fails_as_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    from click.testing import CliRunner
+
+    from moeplace.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(main, ["serve", "--data", str(tmp_path / "afile"), "--port", "1"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "error" in r.output, r.output
+    real = builtins.__import__
+
+    def no_uvicorn(name, *a, **kw):
+        if name == "uvicorn":
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_uvicorn)
+    r = CliRunner().invoke(main, ["serve", "--data", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "pip install 'moeplace[service]'" in r.output, r.output
+    assert r.output.count("\n") == 1
