@@ -929,9 +929,12 @@ _service_option = click.option("--service", default="http://127.0.0.1:8750", sho
 @click.option("--max-upload-mb", type=POS_FLOAT, default=256.0, show_default=True)
 @click.option("--solve-workers", type=_Number(int, 1, 64), default=1, show_default=True,
               help="Solve jobs that run at once (each in its own process).")
+@click.option("--resolve-every", type=POS_FLOAT, help="Re-solve each deployment with new "
+              "uploads every this many seconds (default: only on request).")
+@click.option("--resolve-time-limit", type=POS_FLOAT, default=60.0, show_default=True)
 def serve(data: str, host: str, port: int, token_file: str | None, window_seconds: float,
           retain_windows: int, recent_windows: int, max_upload_mb: float,
-          solve_workers: int) -> None:
+          solve_workers: int, resolve_every: float | None, resolve_time_limit: float) -> None:
     """Run the placement service (FastAPI on uvicorn) over the state in --data."""
     try:
         import uvicorn
@@ -950,7 +953,8 @@ def serve(data: str, host: str, port: int, token_file: str | None, window_second
         click.echo(f"moeplace serve: warning: listening on {host} without a token; anyone who "
                    "reaches the port can change placements", err=True)
     app = create_app(data, token, policy=policy, max_upload=int(max_upload_mb * (1 << 20)),
-                     max_workers=solve_workers, opened_store=store)
+                     max_workers=solve_workers, opened_store=store, resolve_every=resolve_every,
+                     resolve_time_limit=resolve_time_limit)
     click.echo(f"moeplace serve: http://{host}:{port} (data {data}, "
                f"{'token required' if token else 'no token'})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -184,12 +184,15 @@ class Metrics:
 def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy | None = None,
                max_upload: int = DEFAULT_MAX_UPLOAD, max_json: int = DEFAULT_MAX_JSON,
                max_workers: int = 1, job_grace_s: float = GRACE_S, upload_concurrency: int = 2,
-               clock: Any = time.time, opened_store: Store | None = None) -> FastAPI:
+               clock: Any = time.time, opened_store: Store | None = None,
+               resolve_every: float | None = None, resolve_time_limit: float = 60.0) -> FastAPI:
     """The service over ``data_dir`` (created if missing). ``token`` set: every ``/v1`` call and
     ``/metrics`` need ``Authorization: Bearer <token>``; ``/healthz`` stays open.
     ``max_workers`` solve jobs run at once (0: jobs queue but none starts); a job's worker is
     killed ``job_grace_s`` after its time limit. ``opened_store``: an already opened ``Store`` of
-    ``data_dir`` (``moeplace serve`` opens it first, so a bad data directory is one line)."""
+    ``data_dir`` (``moeplace serve`` opens it first, so a bad data directory is one line).
+    ``resolve_every``: seconds between scheduled re-solves of deployments with new uploads
+    (each with ``resolve_time_limit``); None: only on request."""
     state: dict[str, Any] = {}
     metrics = Metrics()
     opened = [opened_store] if opened_store is not None else []
@@ -199,7 +202,8 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
         st = opened.pop() if opened else Store(data_dir, policy or Policy(), clock)
         state["store"] = st
         state["jobs"] = JobManager(st, max_workers=max_workers, grace_s=job_grace_s,
-                                   on_finish=metrics.solved)
+                                   on_finish=metrics.solved, resolve_every=resolve_every,
+                                   resolve_time_limit=resolve_time_limit)
         app.state.store, app.state.jobs = st, state["jobs"]  # for embedding and tests
         try:
             yield

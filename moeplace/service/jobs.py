@@ -114,8 +114,14 @@ class JobManager:
     """Queue, run, time-limit and cancel solve jobs; state lives in the store's ``jobs`` table."""
 
     def __init__(self, store: Store, max_workers: int = 1, grace_s: float = GRACE_S,
-                 on_finish: Callable[[str, str, float], None] | None = None) -> None:
+                 on_finish: Callable[[str, str, float], None] | None = None,
+                 resolve_every: float | None = None, resolve_time_limit: float = 60.0) -> None:
         self.store = store
+        # Scheduled re-solves: every ``resolve_every`` s, each deployment with uploads newer than
+        # its newest job (and no job queued or running) gets a solve of its recent windows.
+        self.resolve_every = resolve_every
+        self.resolve_time_limit = resolve_time_limit
+        self.next_resolve = time.monotonic() + (resolve_every or 0)
         self.max_workers = max_workers
         self.grace_s = grace_s
         self.on_finish = on_finish
@@ -231,6 +237,9 @@ class JobManager:
         while not self.stopping:
             try:
                 self._reap()
+                if self.resolve_every and time.monotonic() >= self.next_resolve:
+                    self.next_resolve = time.monotonic() + self.resolve_every
+                    self._schedule()
                 self._start_queued()
             except Exception:  # never let the dispatcher die; the next tick retries
                 import traceback
@@ -238,6 +247,27 @@ class JobManager:
                 traceback.print_exc()
             self.wake.wait(0.2)
             self.wake.clear()
+
+    def _schedule(self) -> list[str]:
+        """Queue a re-solve for every deployment with new uploads; returns the jobs queued."""
+        from moeplace.errors import MoeplaceError
+
+        queued = []
+        for dep in list(self.store.specs):
+            up = self.store.query("SELECT MAX(created) AS t FROM batches WHERE deployment = ?",
+                                  (dep,))[0]["t"]
+            last = self.store.query("SELECT MAX(created) AS t, SUM(state IN ('queued', 'running'))"
+                                    " AS busy FROM jobs WHERE deployment = ?", (dep,))[0]
+            if up is None or (last["t"] is not None and (up <= last["t"] or last["busy"])):
+                continue
+            try:
+                j = self.submit(dep, {"time_limit": self.resolve_time_limit, "method": "auto",
+                                      "replicas": None, "current": True, "weights": None,
+                                      "seed": 0, "scheduled": True})
+            except MoeplaceError:  # e.g. its recent windows expired: nothing to solve
+                continue
+            queued.append(j["job"])
+        return queued
 
     def _start_queued(self) -> None:
         while len(self.procs) < self.max_workers:

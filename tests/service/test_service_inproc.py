@@ -300,3 +300,32 @@ def test_serve_fails_as_one_line(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["serve", "--data", str(tmp_path / "d")])
     assert r.exit_code == 2 and "pip install 'moeplace[service]'" in r.output, r.output
     assert r.output.count("\n") == 1
+
+
+def test_scheduled_resolves_only_after_new_uploads(tmp_path):
+    bodies, _, toks = stats_batches(tmp_path, 2, seed=18)
+    app = create_app(tmp_path / "d", TOKEN, resolve_every=0.3, resolve_time_limit=5)
+
+    def jobs() -> list[dict]:
+        return app.state.store.query("SELECT id, state, params FROM jobs ORDER BY created")
+
+    def settle(n: int) -> None:
+        end = time.monotonic() + 60
+        while len(jobs()) < n or any(j["state"] in ("queued", "running") for j in jobs()):
+            assert time.monotonic() < end, [dict(j) for j in jobs()]
+            time.sleep(0.1)
+
+    with TestClient(app) as c:
+        c.post("/v1/deployments", json=deployment("sch"), headers=H)
+        c.post("/v1/deployments", json=deployment("idle"), headers=H)  # no uploads: never solved
+        c.post("/v1/deployments/sch/stats?batch_id=a", content=bodies[0], headers=H)
+        settle(1)
+        time.sleep(1.0)  # several scheduler ticks without new uploads: no new job
+        assert len(jobs()) == 1 and jobs()[0]["state"] == "done"
+        assert '"scheduled": true' in jobs()[0]["params"]
+        c.post("/v1/deployments/sch/stats?batch_id=b", content=bodies[1], headers=H)
+        settle(2)
+        time.sleep(1.0)
+        assert [j["state"] for j in jobs()] == ["done", "done"]
+        p = c.get("/v1/deployments/sch/placements", headers=H).json()["placements"]
+        assert [x["version"] for x in p] == [1, 2] and p[1]["report"]["tokens"] == sum(toks)
