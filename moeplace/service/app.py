@@ -10,6 +10,8 @@ means a bug in the service, never bad input.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -24,7 +26,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -93,6 +95,21 @@ class _Gate:
         self.max_upload = max_upload
         self.max_json = max_json
 
+    def _authorized(self, auth: bytes) -> bool:
+        """``Bearer <token>``, or (for browsers on the status page) HTTP Basic with the token as
+        the password; compared in constant time."""
+        assert self.token is not None
+        scheme, _, given = auth.partition(b" ")
+        if scheme.lower() == b"bearer":
+            return hmac.compare_digest(given.strip(), self.token)
+        if scheme.lower() == b"basic":
+            try:
+                _, _, password = base64.b64decode(given.strip(), validate=True).partition(b":")
+            except (ValueError, binascii.Error):
+                return False
+            return hmac.compare_digest(password, self.token)
+        return False
+
     @staticmethod
     async def _reply(send: Any, status: int, msg: str, headers: list[Any] | None = None) -> None:
         body = json.dumps({"error": msg}).encode()
@@ -107,12 +124,11 @@ class _Gate:
             return
         path: str = scope["path"]
         headers = dict(scope.get("headers") or [])
-        if self.token is not None and (path.startswith("/v1") or path == "/metrics"):
-            auth = headers.get(b"authorization", b"")
-            scheme, _, given = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+        if self.token is not None and (path.startswith(("/v1", "/status")) or path == "/metrics"):
+            if not self._authorized(headers.get(b"authorization", b"")):
+                challenge = b'Basic realm="moeplace"' if path.startswith("/status") else b"Bearer"
                 await self._reply(send, 401, "missing or wrong bearer token (Authorization: "
-                                  "Bearer <token>)", [(b"www-authenticate", b"Bearer")])
+                                  "Bearer <token>)", [(b"www-authenticate", challenge)])
                 return
         cap = (self.max_upload if scope["method"] == "POST" and path.endswith("/stats")
                else self.max_json)
@@ -421,6 +437,35 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
             "rule": "rebalance when the fresh placement lowers load_imbalance_mean on the recent "
                     "windows by at least `threshold` (relative); otherwise keep",
         }
+
+    # ---- status page ----------------------------------------------------------------------------------
+    @app.get("/status/{dep}", response_class=HTMLResponse)
+    def status_page(dep: str) -> str:
+        """Server-rendered HTML: traffic and load imbalance over the retained windows, and the
+        placement versions. Browsers authenticate with HTTP Basic (any user, the token)."""
+        from moeplace.placement import contiguous
+        from moeplace.service.status import render_status
+        from moeplace.solvers import evaluate_stats
+        from moeplace.traces import RoutingStats
+
+        s = store()
+        d = s.deployment(dep)
+        c = d["cluster"]
+        wins = s.window_loads(dep)
+        meta = s.meta(dep)
+        base = contiguous(d["num_layers"], d["num_experts"], c["num_gpus"], c["num_nodes"],
+                          replicas=c["replicas"])
+        cur = (load_placement(dep, d["current_version"]) if d["current_version"] is not None
+               else None)
+
+        def imb(plc: Any, tokens: int, load: Any) -> float:
+            return evaluate_stats(RoutingStats(meta, tokens, load), plc)["load_imbalance_mean"]
+
+        windows = [{"window": w, "start": w * s.policy.window_seconds, "tokens": t, "batches": b}
+                   for w, t, b, _ in wins]
+        return render_status(d, windows, s.placements(dep),
+                             None if cur is None else [imb(cur, t, ld) for _, t, _, ld in wins],
+                             [imb(base, t, ld) for _, t, _, ld in wins])
 
     # ---- metrics --------------------------------------------------------------------------------------
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -416,6 +416,14 @@ class Store:
         return {"deployment": dep, "tokens": tokens, "load": load.tolist(), "windows": out,
                 "recent_windows": recent, "policy": self.policy.as_dict()}
 
+    def window_loads(self, dep: str) -> list[tuple[int, int, int, np.ndarray]]:
+        """``(window, tokens, batches, load copy)`` of each retained window, oldest first."""
+        self.spec(dep)
+        self.expire()
+        with self.lock:
+            return [(w, x.tokens, x.batches, x.load.copy())
+                    for w, x in sorted(self.aggs[dep].windows.items())]
+
     def recent_load(self, dep: str) -> RoutingStats | None:
         """Load-only statistics of the recent windows (what drift scores on); None if empty."""
         spec = self.spec(dep)
