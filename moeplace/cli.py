@@ -1034,5 +1034,43 @@ def pull_placement(service: str, deployment: str, version: str, fmt: str, solve_
     click.echo(f"wrote {out}: {deployment} placement version {v} ({fmt})")
 
 
+
+@main.command()
+@click.option("--sglang", required=True, help="URL of the SGLang server to record.")
+@click.option("--dump-dir", type=click.Path(file_okay=False),
+              default=lambda: os.environ.get("SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR", "/tmp"),
+              show_default="$SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR or /tmp",
+              help="Where that SGLang server writes its dumps (the collector runs on its host).")
+@_service_option
+@click.option("--deployment", required=True, help="Deployment id (its name).")
+@click.option("--every", type=POS_FLOAT, default=60.0, show_default=True, help="Seconds between dumps.")
+@click.option("--cycles", type=POS_INT, help="Stop after this many dumps (default: run until stopped).")
+@click.option("--ranks", default="0", show_default=True,
+              help="per_token dumps: ranks to upload, comma-separated, or 'all' (data-parallel "
+                   "attention: every rank has its own tokens). stat dumps are always uploaded.")
+@click.option("--no-start", is_flag=True, help="Do not (re)start SGLang's recorder first.")
+@click.option("--keep", is_flag=True, help="Keep dumps after they are uploaded.")
+@click.option("--sglang-api-key", envvar="SGLANG_API_KEY", help="SGLang's --api-key, if set.")
+@_token_option
+def collect(sglang: str, dump_dir: str, service: str, deployment: str, every: float,
+            cycles: int | None, ranks: str, no_start: bool, keep: bool,
+            sglang_api_key: str | None, token_file: str | None) -> None:
+    """Upload SGLang expert-distribution dumps to a placement service, one every --every s."""
+    from moeplace.service import Client
+    from moeplace.service.collect import collect as run
+
+    with Client(service, _service_token(token_file)) as c:
+        c.deployment(deployment)  # a wrong id fails now, as one line, not after the first dump
+        rep = run(sglang, dump_dir, c, deployment, every=every, cycles=cycles,
+                  ranks=None if ranks.strip() == "all" else [r.strip() for r in ranks.split(",")],
+                  start=not no_start, keep=keep, sglang_api_key=sglang_api_key,
+                  log=lambda m: click.echo(m, err=True))
+    click.echo(f"{rep.cycles} dumps: {len(rep.uploaded)} uploaded ({rep.tokens:,} tokens), "
+               f"{len(rep.duplicates)} already counted, {len(rep.rejected)} refused, "
+               f"{len(rep.errors)} errors")
+    if rep.rejected or rep.errors:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
