@@ -44,6 +44,9 @@ def _watch_parent(parent: int) -> None:
 def run_worker(job_dir: str, parent: int) -> None:
     """Worker process body: read ``input.json``, solve, write ``result.json`` or ``error.json``."""
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    # Solves are background work: on a busy machine the API's requests go first.
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
     d = Path(job_dir)
     try:
         spec = json.loads((d / "input.json").read_text())
