@@ -231,7 +231,7 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
                   docs_url=None, redoc_url=None)
     app.add_middleware(_Gate, token=token, max_upload=max_upload, max_json=max_json)
     exports: OrderedDict[tuple[str, int, str], tuple[bytes, str, str]] = OrderedDict()
-    placements: dict[tuple[str, int], Any] = {}
+    placements: OrderedDict[tuple[str, int], Any] = OrderedDict()  # parsed, LRU
     cache_lock = threading.Lock()
 
     def store() -> Store:
@@ -336,10 +336,14 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
         key = (dep, version)
         with cache_lock:
             hit = placements.get(key)
+            if hit is not None:
+                placements.move_to_end(key)
         if hit is None:
             hit = Placement.load(store().placement_path(dep, version))
             with cache_lock:
                 placements[key] = hit
+                while len(placements) > 64:
+                    placements.popitem(last=False)
         return hit
 
     def render(dep: str, version: int, fmt: str) -> tuple[bytes, str, str]:
