@@ -72,6 +72,9 @@ class DeploymentIn(BaseModel):
     model: str = Field("", max_length=200)
     expert_bytes: int | None = Field(None, ge=0, le=1 << 40,
                                      description="bytes of one expert's weights (migration cost)")
+    model_shape: str | None = Field(None, max_length=40, description="bundled model shape for "
+                                    "simulated speedups (default: guessed from `model`)")
+    hardware: str = Field("h100-nvlink", max_length=40, description="bundled hardware profile")
 
 
 class SolveIn(BaseModel):

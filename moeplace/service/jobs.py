@@ -84,6 +84,7 @@ def _solve(spec: dict[str, Any]) -> dict[str, Any]:
                                  time_limit=spec["time_limit"], current=use_current,
                                  seed=spec.get("seed", 0))
     report = rep.as_dict()
+    report["simulation"] = _simulate(spec, plc, current, stats)
     report["tokens"] = stats.num_tokens
     report["batches"] = len(files)
     report["metrics"] = evaluate_stats(stats, plc)
@@ -111,6 +112,34 @@ def _start_worker(job_dir: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT, env=env, close_fds=True)
     finally:
         log.close()
+
+
+def _simulate(spec: dict[str, Any], plc: Any, current: Any, stats: Any) -> dict[str, Any]:
+    """Simulated step-time speedup of the new placement over the current one (else over EPLB)
+    on the newest uploaded trace shard; the reason when it cannot be simulated. The simulator
+    needs per-token routing, which statistics alone do not carry."""
+    from moeplace.solvers.simulator import Hardware, ModelShape, guess_shape, speedup
+
+    shards = [f for f in spec.get("shards", []) if Path(f).exists()]
+    if not shards:
+        return {"speedup": None, "reason": "no Parquet trace shard in the recent windows (the "
+                "simulator needs per-token routing; statistics carry counts only)"}
+    name = spec.get("model_shape") or guess_shape(spec.get("model") or "")
+    if name is None:
+        return {"speedup": None, "reason": "model shape unknown: set the deployment's model_shape"}
+    from moeplace.solvers import eplb
+    from moeplace.traces import read_trace
+
+    trace = read_trace(shards[-1])
+    if current is not None and current.num_gpus == plc.num_gpus:
+        base, base_name = current, "current"
+    else:
+        base = eplb(stats.load, plc.num_gpus, plc.num_nodes, plc.num_replicas)
+        base_name = "eplb"
+    hw = Hardware.load(spec.get("hardware") or "h100-nvlink")
+    return {"speedup": speedup(trace, plc, base, hw, ModelShape.named(name)),
+            "over": base_name, "model_shape": name, "hardware": hw.name,
+            "tokens": trace.num_tokens, "shard": Path(shards[-1]).name}
 
 
 class JobManager:
@@ -285,19 +314,25 @@ class JobManager:
             d = self.jobs_dir / job
             d.mkdir(parents=True, exist_ok=True)
             # Inputs are hard-linked so that expiry during the solve cannot pull them away.
-            linked = []
+            linked, shards = [], []
             for i, f in enumerate(files):
-                dst = d / f"in{i}.npz"
-                try:
-                    os.link(f, dst)
-                except OSError:
-                    shutil.copyfile(f, dst)
-                linked.append(str(dst))
+                for src, dst, out in ((Path(f), d / f"in{i}.npz", linked),
+                                      (Path(f).with_suffix(".parquet"), d / f"in{i}.parquet",
+                                       shards)):
+                    if not src.exists():
+                        continue  # only trace-shard uploads have a .parquet
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copyfile(src, dst)
+                    out.append(str(dst))
             inp = {"files": linked, "cluster": params["cluster"], "method": params["method"],
                    "time_limit": params["time_limit"], "weights": params.get("weights"),
                    "seed": params.get("seed", 0), "use_current": bool(params.get("current")),
                    "current": (str(self.store.placement_path(dep, cur_v)) if cur_v else None),
-                   "current_version": cur_v, "expert_bytes": spec.get("expert_bytes")}
+                   "current_version": cur_v, "expert_bytes": spec.get("expert_bytes"),
+                   "shards": shards, "model": spec.get("model"),
+                   "model_shape": spec.get("model_shape"), "hardware": spec.get("hardware")}
             (d / "input.json").write_text(json.dumps(inp))
             now = self.store.clock()
             with self.store.tx() as db:

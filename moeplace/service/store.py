@@ -115,6 +115,15 @@ def check_spec(spec: dict[str, Any]) -> None:
                          f"{max(ids)}", "give the model's num_hidden_layers")
     if k > N:
         raise InputError(src, "top_k", f"{k} > {N} experts", "top_k lies in 1..num_experts")
+    shape, hw = spec.get("model_shape"), spec.get("hardware")
+    if shape is not None:
+        from moeplace.solvers.simulator import ModelShape
+
+        ModelShape.named(shape)
+    if hw is not None and (not re.fullmatch(r"[a-z0-9-]{1,40}", hw) or not (
+            Path(__file__).resolve().parents[1] / "data" / "hardware" / f"{hw}.json").is_file()):
+        raise InputError(src, "hardware", f"{hw!r:.60} is not a bundled hardware profile",
+                         "use h100-nvlink or h100-ib")
     c = spec["cluster"]
     G, M, R = c["num_gpus"], c["num_nodes"], c["replicas"]
     if G % M:
@@ -223,6 +232,7 @@ class Store:
         for r in self.query("SELECT deployment, window, tokens, file FROM batches "
                             "WHERE file IS NOT NULL ORDER BY deployment, window"):
             referenced.add(r["file"])
+            referenced.add(str(Path(r["file"]).with_suffix(".parquet")))  # its trace shard, if any
             try:
                 with np.load(self.root / r["file"], allow_pickle=False) as z:
                     load = z["load"].astype(np.int64)
@@ -313,20 +323,26 @@ class Store:
         # refusal half-way) is deleted here or at the next start, never counted.
         src = f"upload {batch_id!r:.60}"
         self._ensure_dir(final.parent)
+        # A Parquet trace shard is kept beside its statistics (``<uuid>.parquet``): solves
+        # simulate step times on it. Other uploads are the statistics file itself.
+        shard = final.with_suffix(".parquet") if body[:4] == b"PAR1" else None
+        first = shard or final
         try:
-            with open(final, "xb") as fh:
+            with open(first, "xb") as fh:
                 fh.write(body)
                 fh.flush()
                 os.fsync(fh.fileno())
-            stats, raw = parse_stats(final, src, spec)
+            stats, raw = parse_stats(first, src, spec)
             check_shape(stats, spec, src)
-            if not raw:  # a trace shard: keep its statistics, which is what start-up re-reads
+            if not raw:  # a shard or a dump: store its statistics, which start-up re-reads
                 stats.save(final)
                 with open(final, "rb") as fh:
                     os.fsync(fh.fileno())
             _fsync_dir(final.parent)
         except BaseException:
             final.unlink(missing_ok=True)
+            if shard is not None:
+                shard.unlink(missing_ok=True)
             raise
         tokens = int(stats.num_tokens)
         try:
@@ -394,6 +410,7 @@ class Store:
                 del self.aggs[d].windows[w]
         for r in rows:  # after the commit: a crash here leaves orphans, removed at next start
             (self.root / r["file"]).unlink(missing_ok=True)
+            (self.root / r["file"]).with_suffix(".parquet").unlink(missing_ok=True)
         for d, w in old:
             shutil.rmtree(self.root / "stats" / d / str(w), ignore_errors=True)
 

@@ -128,9 +128,11 @@ def test_parquet_shard_upload(tmp_path):
         assert np.array_equal(s["load"], want)
         assert c.post("/v1/deployments/pq/stats?batch_id=q", content=body[:-100],
                       headers=H).status_code == 422
-    # The stored file is the statistics, which a restart reads back.
+    # The stored file is the statistics, which a restart reads back; the shard stays beside it.
     with TestClient(create_app(tmp_path / "d", TOKEN)) as c:
         assert np.array_equal(c.get("/v1/deployments/pq/stats", headers=H).json()["load"], want)
+    kept = sorted(p.suffix for p in (tmp_path / "d" / "stats" / "pq").rglob("*.*"))
+    assert kept == [".npz", ".parquet"]
 
 
 # ---- schema fuzzing: every operation of the OpenAPI schema, random parameters and bodies -----
@@ -329,3 +331,42 @@ def test_scheduled_resolves_only_after_new_uploads(tmp_path):
         assert [j["state"] for j in jobs()] == ["done", "done"]
         p = c.get("/v1/deployments/sch/placements", headers=H).json()["placements"]
         assert [x["version"] for x in p] == [1, 2] and p[1]["report"]["tokens"] == sum(toks)
+
+
+def test_simulated_speedup_from_trace_shards(tmp_path):
+    from moeplace.placement import Placement
+    from moeplace.solvers import eplb
+    from moeplace.solvers.simulator import Hardware, ModelShape, speedup
+
+    rng = np.random.default_rng(19)
+    tr = random_trace(rng, 400, 4, 16, 2, requests=8)
+    write_trace(tr, tmp_path / "shard.parquet")
+    bodies, _, _ = stats_batches(tmp_path, 1, seed=19)
+    ids = {"moe_layer_ids": [0, 1, 2, 3], "num_hidden_layers": 4}
+    with TestClient(create_app(tmp_path / "d", TOKEN)) as c:
+        for bad in ({"model_shape": "gpt-9"}, {"hardware": "../../etc/passwd"},
+                    {"hardware": "h200-imaginary"}):
+            r = c.post("/v1/deployments", json={**deployment("x"), **bad}, headers=H)
+            assert r.status_code == 422, r.text
+        c.post("/v1/deployments", json={**deployment("sim"), **ids,
+                                        "model_shape": "deepseek-v2-lite"}, headers=H)
+        c.post("/v1/deployments", json=deployment("nosim"), headers=H)
+        c.post("/v1/deployments/sim/stats?batch_id=s", content=(tmp_path / "shard.parquet")
+               .read_bytes(), headers=H)
+        c.post("/v1/deployments/nosim/stats?batch_id=s", content=bodies[0], headers=H)
+        reports = {}
+        for dep in ("sim", "nosim"):
+            job = c.post(f"/v1/deployments/{dep}/solve", json={"time_limit": 5},
+                         headers=H).json()["job"]
+            j = _wait(c, job, ("done", "failed"))
+            assert j["state"] == "done", j
+            reports[dep] = j["report"]
+        plc = Placement.from_dict(c.get("/v1/deployments/sim/placements/1", headers=H).json())
+    sim = reports["sim"]["simulation"]
+    assert sim["over"] == "eplb" and sim["tokens"] == 400 and sim["model_shape"] == "deepseek-v2-lite"
+    base = eplb(np.stack([np.bincount(tr.experts[:, l].ravel(), minlength=16) for l in range(4)]),
+                4)
+    want = speedup(tr, plc, base, Hardware.load("h100-nvlink"), ModelShape.named("deepseek-v2-lite"))
+    assert sim["speedup"] == pytest.approx(want, rel=1e-9)
+    assert reports["nosim"]["simulation"]["speedup"] is None
+    assert "trace shard" in reports["nosim"]["simulation"]["reason"]
