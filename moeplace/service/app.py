@@ -92,8 +92,10 @@ class SolveIn(BaseModel):
 class _Gate:
     """Pure ASGI: 401 for protected paths without the token, 413 for bodies over the cap."""
 
-    def __init__(self, app: Any, token: str | None, max_upload: int, max_json: int) -> None:
+    def __init__(self, app: Any, token: str | None, max_upload: int, max_json: int,
+                 metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
         self.token = token.encode() if token else None
         self.max_upload = max_upload
         self.max_json = max_json
@@ -166,7 +168,24 @@ class _Gate:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        if self.metrics is None:
+            await self.app(scope, replay, send)
+            return
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_status(msg: Any) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, replay, send_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.request(scope["method"], getattr(route, "path", "unmatched"), status,
+                                 time.perf_counter() - t0)
 
 
 def _one_line(text: object, limit: int = 500) -> str:
@@ -183,6 +202,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, _one_line(f"{loc}: {e.get('msg', 'invalid')}{more}")
 
 
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
 class Metrics:
     """Process-lifetime counters (durable totals come from the store)."""
 
@@ -191,6 +213,33 @@ class Metrics:
         self.duplicates = 0
         self.rejected = 0
         self.solve_seconds: dict[str, list[float]] = {}  # state -> [sum, count]
+        # (method, route template, status class) -> [bucket counts..., +Inf, sum]
+        self.requests: dict[tuple[str, str, str], list[float]] = {}
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, f"{status // 100}xx")
+        with self.lock:
+            h = self.requests.setdefault(key, [0.0] * (len(BUCKETS) + 2))
+            for i, b in enumerate(BUCKETS):
+                if seconds <= b:
+                    h[i] += 1
+            h[len(BUCKETS)] += 1
+            h[len(BUCKETS) + 1] += seconds
+
+    def request_lines(self) -> list[str]:
+        lines = ["# HELP moeplace_request_seconds HTTP request latency by route (since start).",
+                 "# TYPE moeplace_request_seconds histogram"]
+        with self.lock:
+            items = sorted((k, list(v)) for k, v in self.requests.items())
+        for (method, route, code), h in items:
+            lab = f'method="{method}",route="{route}",status="{code}"'
+            for i, b in enumerate(BUCKETS):
+                lines.append(f'moeplace_request_seconds_bucket{{{lab},le="{b:g}"}} {int(h[i])}')
+            lines.append(f'moeplace_request_seconds_bucket{{{lab},le="+Inf"}} '
+                         f'{int(h[len(BUCKETS)])}')
+            lines.append(f"moeplace_request_seconds_sum{{{lab}}} {h[len(BUCKETS) + 1]:.6f}")
+            lines.append(f"moeplace_request_seconds_count{{{lab}}} {int(h[len(BUCKETS)])}")
+        return lines
 
     def solved(self, job: str, state: str, seconds: float) -> None:
         with self.lock:
@@ -232,7 +281,8 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
 
     app = FastAPI(title="moeplace placement service", version="1", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
-    app.add_middleware(_Gate, token=token, max_upload=max_upload, max_json=max_json)
+    app.add_middleware(_Gate, token=token, max_upload=max_upload, max_json=max_json,
+                       metrics=metrics)
     exports: OrderedDict[tuple[str, int, str], tuple[bytes, str, str]] = OrderedDict()
     placements: OrderedDict[tuple[str, int], Any] = OrderedDict()  # parsed, LRU
     cache_lock = threading.Lock()
@@ -514,6 +564,6 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
             if recent is not None:
                 imb = evaluate_stats(recent, load_placement(d["id"], v))["load_imbalance_mean"]
                 lines.append(f'moeplace_load_imbalance{{deployment="{d["id"]}"}} {imb:.6f}')
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + metrics.request_lines()) + "\n"
 
     return app

@@ -172,6 +172,14 @@ def test_solve_job_and_exports(server, tmp_path):
         assert 'moeplace_uploads_total{deployment="exp"} 3' in text
         assert f'moeplace_tokens_total{{deployment="exp"}} {sum(toks)}' in text
         assert 'moeplace_load_imbalance{deployment="exp"}' in text
+        # Request latency per route template; a histogram's +Inf bucket equals its count.
+        lab = 'method="GET",route="/v1/deployments/{dep}/placements/{version}",status="2xx"'
+        inf = [ln for ln in text.splitlines()
+               if ln.startswith(f'moeplace_request_seconds_bucket{{{lab},le="+Inf"}}')]
+        cnt = [ln for ln in text.splitlines()
+               if ln.startswith(f"moeplace_request_seconds_count{{{lab}}}")]
+        assert len(inf) == 1 and len(cnt) == 1 and inf[0].split()[-1] == cnt[0].split()[-1]
+        assert int(cnt[0].split()[-1]) >= 3  # latest (sglang), 1 (native), 1 (trtllm)
 
 
 def test_bad_input_is_4xx_with_one_line(server, tmp_path):
