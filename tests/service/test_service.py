@@ -263,3 +263,27 @@ def test_client_and_cli_verbs(server, tmp_path):
     r = run(main, ["pull-placement", "--service", server.url, "--deployment", "cli",
                    "--out", str(tmp_path / "x.json")], env={"MOEPLACE_TOKEN": ""})
     assert r.exit_code == 2 and "401" in r.output
+
+
+def test_concurrent_retries_of_one_batch_count_once(server, tmp_path):
+    """16 clients send the same batch at once (a retry storm): the primary key, checked inside
+    the commit, lets exactly one count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies, loads, toks = stats_batches(tmp_path, 1, seed=7)
+    with server.client() as c:
+        assert c.post("/v1/deployments", json=deployment("storm")).status_code == 201
+
+    def send(_: int) -> dict:
+        with server.client() as c2:
+            r = c2.post("/v1/deployments/storm/stats?batch_id=same", content=bodies[0])
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        res = list(pool.map(send, range(16)))
+    assert sum(r["counted"] for r in res) == 1 and sum(r["duplicate"] for r in res) == 15
+    with server.client() as c:
+        s = c.get("/v1/deployments/storm/stats").json()
+    assert s["tokens"] == toks[0] and np.array_equal(s["load"], loads[0])
+    assert len(list((server.data / "stats" / "storm").rglob("*.npz"))) == 1  # losers' files gone
