@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("fastapi")
+pytest.importorskip("httpx")  # the service extra: the tests talk to the server with it
 
 from click.testing import CliRunner  # noqa: E402
 

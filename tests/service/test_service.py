@@ -10,14 +10,14 @@ import json
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")  # the service extra: the tests talk to the server with it
 pytest.importorskip("uvicorn")
 
-from tests.service.server_util import Server, deployment, stats_batches
+from tests.service.server_util import Server, deployment, stats_batches  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
+pytest.importorskip("httpx")  # the service extra: the tests talk to the server with it
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

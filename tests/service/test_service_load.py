@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("fastapi")
+pytest.importorskip("httpx")  # the service extra: the tests talk to the server with it
 
 from tests.service.server_util import (
     DEEPSEEK_V3,

@@ -12,6 +12,7 @@ from html.parser import HTMLParser
 import pytest
 
 pytest.importorskip("fastapi")
+pytest.importorskip("httpx")  # the service extra: the tests talk to the server with it
 from fastapi.testclient import TestClient
 
 from moeplace.service.app import create_app
