@@ -1020,5 +1020,184 @@ def demo(gpus: int, out: str | None) -> None:
         click.echo(f"wrote {out}")
 
 
+# ---- the placement service (moeplace serve) and its client verbs ---------------------------
+def _service_token(token_file: str | None) -> str | None:
+    """The bearer token: ``--token-file`` (first line), else ``$MOEPLACE_TOKEN``, else none."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as fh:
+                tok = fh.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(token_file, "token", f"cannot be read ({exc})",
+                             "give a readable text file holding the token") from None
+        if not tok or len(tok.splitlines()) != 1:
+            raise InputError(token_file, "token", "is empty or not one line",
+                             "write the token on one line")
+        return tok
+    return os.environ.get("MOEPLACE_TOKEN") or None
+
+
+_token_option = click.option("--token-file", type=click.Path(dir_okay=False),
+                             help="File holding the bearer token (else $MOEPLACE_TOKEN).")
+_service_option = click.option("--service", default="http://127.0.0.1:8750", show_default=True,
+                               help="URL of a running moeplace serve.")
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="Directory of the service's state (SQLite + statistics files); created.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Bind address (loopback by default; put a TLS proxy in front for others).")
+@click.option("--port", type=_Number(int, 1, 65535), default=8750, show_default=True)
+@_token_option
+@click.option("--window-seconds", type=POS_FLOAT, default=600.0, show_default=True)
+@click.option("--retain-windows", type=POS_INT, default=144, show_default=True)
+@click.option("--recent-windows", type=POS_INT, default=6, show_default=True)
+@click.option("--max-upload-mb", type=POS_FLOAT, default=256.0, show_default=True)
+@click.option("--solve-workers", type=_Number(int, 1, 64), default=1, show_default=True,
+              help="Solve jobs that run at once (each in its own process).")
+@click.option("--resolve-every", type=POS_FLOAT, help="Re-solve each deployment with new "
+              "uploads every this many seconds (default: only on request).")
+@click.option("--resolve-time-limit", type=POS_FLOAT, default=60.0, show_default=True)
+def serve(data: str, host: str, port: int, token_file: str | None, window_seconds: float,
+          retain_windows: int, recent_windows: int, max_upload_mb: float,
+          solve_workers: int, resolve_every: float | None, resolve_time_limit: float) -> None:
+    """Run the placement service (FastAPI on uvicorn) over the state in --data."""
+    try:
+        import uvicorn
+
+        from moeplace.service.app import create_app
+    except ImportError:
+        from moeplace.errors import MissingDependencyError
+
+        raise MissingDependencyError("fastapi and uvicorn", "moeplace serve", "service") from None
+    from moeplace.service.store import Policy, Store
+
+    token = _service_token(token_file)
+    policy = Policy(window_seconds, retain_windows, recent_windows)
+    store = Store(data, policy)  # a data directory it cannot use fails here, as one line
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"moeplace serve: warning: listening on {host} without a token; anyone who "
+                   "reaches the port can change placements", err=True)
+    app = create_app(data, token, policy=policy, max_upload=int(max_upload_mb * (1 << 20)),
+                     max_workers=solve_workers, opened_store=store, resolve_every=resolve_every,
+                     resolve_time_limit=resolve_time_limit)
+    click.echo(f"moeplace serve: http://{host}:{port} (data {data}, "
+               f"{'token required' if token else 'no token'})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@main.command("push-stats")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@_service_option
+@click.option("--deployment", required=True, help="Deployment id (its name).")
+@click.option("--batch-id", help="Batch id (one file only; default: the file's SHA-256).")
+@click.option("--gpus", type=POS_INT, help="Create the deployment from the first file's shape "
+              "on this many GPUs if it does not exist.")
+@click.option("--nodes", type=POS_INT, default=1, show_default=True)
+@click.option("--replicas", type=NONNEG_INT, default=0, show_default=True)
+@_token_option
+def push_stats(files: tuple[str, ...], service: str, deployment: str, batch_id: str | None,
+               gpus: int | None, nodes: int, replicas: int, token_file: str | None) -> None:
+    """Upload statistics files (moeplace stats .npz, or Parquet trace shards) to a service."""
+    from moeplace.service import Client, ServiceError
+    from moeplace.traces import RoutingStats
+
+    if batch_id and len(files) > 1:
+        raise InputError("--batch-id", "value", "given for several files",
+                         "push one file per --batch-id, or let the content hash name each")
+    with Client(service, _service_token(token_file)) as c:
+        if gpus is not None:
+            try:
+                c.deployment(deployment)
+            except ServiceError as exc:
+                if exc.status != 404:
+                    raise
+                st = RoutingStats.load_npz(files[0])
+                c.create_deployment(deployment, num_layers=st.num_layers,
+                                    num_experts=st.num_experts, top_k=st.meta.top_k,
+                                    moe_layer_ids=list(st.meta.moe_layer_ids),
+                                    num_hidden_layers=st.meta.num_hidden_layers,
+                                    model=st.meta.model[:200], num_gpus=gpus, num_nodes=nodes,
+                                    replicas=replicas)
+                click.echo(f"created deployment {deployment}: {st.num_layers} MoE layers x "
+                           f"{st.num_experts} experts, top-{st.meta.top_k}, {gpus} GPUs")
+        for f in files:
+            r = c.push_stats(deployment, f, batch_id)
+            what = "counted" if r["counted"] else "already counted, not again"
+            click.echo(f"{f}: {what}: {r['tokens']:,} tokens (batch {r['batch_id'][:16]})")
+
+
+@main.command("pull-placement")
+@_service_option
+@click.option("--deployment", required=True, help="Deployment id (its name).")
+@click.option("--version", "version", default="latest", show_default=True,
+              help="A version number, latest or current.")
+@click.option("--format", "fmt", default="sglang", show_default=True,
+              type=click.Choice(["moeplace", "sglang", "sglang-logical-count", "trtllm",
+                                 "vllm-ascend", "vllm-pr49572", "vllm-pr41141", "eplb"]))
+@click.option("--solve", "solve_s", type=POS_FLOAT,
+              help="First solve the recent statistics with this time limit (s) and pull that.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@_token_option
+@_paths(outputs={"out": False})
+def pull_placement(service: str, deployment: str, version: str, fmt: str, solve_s: float | None,
+                   out: str, token_file: str | None) -> None:
+    """Download a placement from a service in a serving stack's format."""
+    from moeplace._fileio import atomic_path
+    from moeplace.service import Client, ServiceError
+
+    with Client(service, _service_token(token_file)) as c:
+        if solve_s is not None:
+            job = c.solve(deployment, time_limit=solve_s)
+            click.echo(f"solving {deployment} (job {job['job']}, time limit {solve_s:g} s)", err=True)
+            j = c.wait(job["job"], timeout=solve_s + 300)
+            if j["state"] != "done":
+                raise ServiceError(0, f"job {j['job']} {j['state']}: {j['error']}")
+            version = str(j["version"])
+        v, data = c.placement(deployment, version, fmt)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    click.echo(f"wrote {out}: {deployment} placement version {v} ({fmt})")
+
+
+
+@main.command()
+@click.option("--sglang", required=True, help="URL of the SGLang server to record.")
+@click.option("--dump-dir", type=click.Path(file_okay=False),
+              default=lambda: os.environ.get("SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR", "/tmp"),
+              show_default="$SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR or /tmp",
+              help="Where that SGLang server writes its dumps (the collector runs on its host).")
+@_service_option
+@click.option("--deployment", required=True, help="Deployment id (its name).")
+@click.option("--every", type=POS_FLOAT, default=60.0, show_default=True, help="Seconds between dumps.")
+@click.option("--cycles", type=POS_INT, help="Stop after this many dumps (default: run until stopped).")
+@click.option("--ranks", default="0", show_default=True,
+              help="per_token dumps: ranks to upload, comma-separated, or 'all' (data-parallel "
+                   "attention: every rank has its own tokens). stat dumps are always uploaded.")
+@click.option("--no-start", is_flag=True, help="Do not (re)start SGLang's recorder first.")
+@click.option("--keep", is_flag=True, help="Keep dumps after they are uploaded.")
+@click.option("--sglang-api-key", envvar="SGLANG_API_KEY", help="SGLang's --api-key, if set.")
+@_token_option
+def collect(sglang: str, dump_dir: str, service: str, deployment: str, every: float,
+            cycles: int | None, ranks: str, no_start: bool, keep: bool,
+            sglang_api_key: str | None, token_file: str | None) -> None:
+    """Upload SGLang expert-distribution dumps to a placement service, one every --every s."""
+    from moeplace.service import Client
+    from moeplace.service.collect import collect as run
+
+    with Client(service, _service_token(token_file)) as c:
+        c.deployment(deployment)  # a wrong id fails now, as one line, not after the first dump
+        rep = run(sglang, dump_dir, c, deployment, every=every, cycles=cycles,
+                  ranks=None if ranks.strip() == "all" else [r.strip() for r in ranks.split(",")],
+                  start=not no_start, keep=keep, sglang_api_key=sglang_api_key,
+                  log=lambda m: click.echo(m, err=True))
+    click.echo(f"{rep.cycles} dumps: {len(rep.uploaded)} uploaded ({rep.tokens:,} tokens), "
+               f"{len(rep.duplicates)} already counted, {len(rep.rejected)} refused, "
+               f"{len(rep.errors)} errors")
+    if rep.rejected or rep.errors:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
