@@ -29,7 +29,7 @@ from moeplace.traces.store import as_chunks
 EVAL_RATE = 8e6
 EVAL_RATE_NUMPY = 3e5
 READ_RATE = 60e6
-SIM_RATE = 1500.0
+SIM_RATE = 800.0
 
 
 @dataclass
