@@ -31,20 +31,23 @@ NUMBA_MIN_RECORDS = 100_000
 
 
 def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pending,  # type: ignore[no-untyped-def]
-                   traffic, colo, do_colo, gbuf, dgpu, gstamp, gvotes, nstamp, nvotes):
+                   traffic, colo, do_colo, gbuf, dnode, gstamp, gvotes, nstamp, nvotes, gkey, nkey):
     # Token-outer order reads the chunk sequentially and keeps every placement's tables
     # (int32, a few hundred KB) hot. gstamp/nstamp mark GPUs/nodes already seen in the current
     # (token, layer) record, so distinct counts cost O(k), not O(k^2); the previous layer's
     # marks live in the other half of the double-buffered arrays, which gives the co-located
-    # pair counts of consecutive layers in O(k) as well.
+    # pair counts of consecutive layers in O(k) as well. For placements without replicas the
+    # mark and the count share one word (gkey/nkey), halving the memory traffic per expert.
     T, L, k = e.shape
     P = copy_gpu.shape[0]
     sid = 0
     for b in range(2):
         for i in range(gstamp.shape[1]):
             gstamp[b, i] = -1
+            gkey[b, i] = 0
         for i in range(nstamp.shape[1]):
             nstamp[b, i] = -1
+            nkey[b, i] = 0
     for t in range(T):
         for p in range(P):
             cg_p = copy_gpu[p]
@@ -54,6 +57,7 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
             if do_colo[p]:
                 # One copy per expert: the serving GPUs do not depend on where the token is,
                 # so both execution models share one resolution and one distinct-GPU list.
+                # gkey/nkey pack (record id << 8 | experts on that GPU / node) in one word.
                 hs = home[p, t]
                 hn = nd[hs]
                 cf = hs
@@ -63,61 +67,70 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
                     sid += 1
                     b = l & 1
                     pb = 1 - b
+                    cur_key = sid << 8
+                    prev_key = (sid - 1) << 8
+                    gk = gkey[b]
+                    nk = nkey[b]
                     nd_cnt = 0
                     nn_cnt = 0
+                    s_inter = 0
                     for j in range(k):
                         g = cg_p[l, e[t, l, j], 0]
                         gbuf[j] = g
                         pend[l, g] += 1
-                        if gstamp[b, g] != sid:
-                            gstamp[b, g] = sid
-                            gvotes[b, g] = 0
-                            dgpu[nd_cnt] = g
-                            nd_cnt += 1
-                        gvotes[b, g] += 1
                         gn = nd[g]
-                        if nstamp[b, gn] != sid:
-                            nstamp[b, gn] = sid
-                            nvotes[b, gn] = 0
+                        v = gk[g]
+                        if v < cur_key:
+                            gk[g] = cur_key + 1
+                            dnode[nd_cnt] = gn
+                            nd_cnt += 1
+                        else:
+                            gk[g] = v + 1
+                        v = nk[gn]
+                        if v < cur_key:
+                            nk[gn] = cur_key + 1
                             nn_cnt += 1
-                        nvotes[b, gn] += 1
+                        else:
+                            nk[gn] = v + 1
                     cfn = nd[cf]
-                    s_inter = 0
                     f_inter = 0
                     for q in range(nd_cnt):
-                        gn = nd[dgpu[q]]
+                        gn = dnode[q]
                         if gn != hn:
                             s_inter += 1
                         if gn != cfn:
                             f_inter += 1
-                    s_gpus = nd_cnt - (gstamp[b, hs] == sid)
-                    f_gpus = nd_cnt - (gstamp[b, cf] == sid)
+                    s_gpus = nd_cnt - (gk[hs] >= cur_key)
+                    f_gpus = nd_cnt - (gk[cf] >= cur_key)
                     st[0, l] += s_gpus
                     st[1, l] += s_gpus - s_inter
                     st[2, l] += s_inter
-                    st[3, l] += nn_cnt - (nstamp[b, hn] == sid)
+                    st[3, l] += nn_cnt - (nk[hn] >= cur_key)
                     fo[0, l] += f_gpus
                     fo[1, l] += f_gpus - f_inter
                     fo[2, l] += f_inter
-                    fo[3, l] += nn_cnt - (nstamp[b, cfn] == sid)
+                    fo[3, l] += nn_cnt - (nk[cfn] >= cur_key)
                     if l > 0:
                         # pairs (a at l-1, b at l) on one GPU / one node: sum over b of the
                         # previous layer's experts on b's GPU / node
+                        pgk = gkey[pb]
+                        pnk = nkey[pb]
                         same_g = 0
                         same_n = 0
                         for j in range(k):
                             g = gbuf[j]
-                            if gstamp[pb, g] == sid - 1:
-                                same_g += gvotes[pb, g]
-                            gn = nd[g]
-                            if nstamp[pb, gn] == sid - 1:
-                                same_n += nvotes[pb, gn]
+                            v = pgk[g]
+                            if v >= prev_key:
+                                same_g += v - prev_key
+                            v = pnk[nd[g]]
+                            if v >= prev_key:
+                                same_n += v - prev_key
                         colo[p, 0, l - 1] += same_g
                         colo[p, 1, l - 1] += same_n
                     best = 0
-                    bv = gvotes[b, gbuf[0]]
+                    bv = gk[gbuf[0]]
                     for j in range(1, k):
-                        v = gvotes[b, gbuf[j]]
+                        v = gk[gbuf[j]]
                         if v > bv or (v == bv and has_w and w[t, l, j] > w[t, l, best]):
                             best = j
                             bv = v
@@ -300,6 +313,10 @@ def score_into(experts: np.ndarray, weights: np.ndarray | None, home: np.ndarray
     P = copy_gpu.shape[0]
     if backend == "numba" and not HAVE_NUMBA:
         raise RuntimeError("numba backend requested but numba is not installed")
+    if k > 255:  # the kernel packs a per-GPU expert count into 8 bits
+        if backend == "numba":
+            raise RuntimeError(f"the numba kernel handles top-k <= 255, not {k}")
+        backend = "numpy"
     use_numba = HAVE_NUMBA and (backend == "numba" or (
         backend == "auto" and T * L * P >= NUMBA_MIN_RECORDS))
     has_w = weights is not None
@@ -310,7 +327,8 @@ def score_into(experts: np.ndarray, weights: np.ndarray | None, home: np.ndarray
         _numba_kernel()(experts, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model,
                         pending, traffic, colo, do_colo, np.empty(k, np.int64), np.empty(k, np.int64),
                         np.empty((2, Gmax), np.int64), np.empty((2, Gmax), np.int64),
-                        np.empty((2, nodes), np.int64), np.empty((2, nodes), np.int64))
+                        np.empty((2, nodes), np.int64), np.empty((2, nodes), np.int64),
+                        np.empty((2, Gmax), np.int64), np.empty((2, nodes), np.int64))
     else:
         _numpy_kernel(experts, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pending,
                       traffic, colo, do_colo)

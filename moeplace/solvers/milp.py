@@ -244,13 +244,15 @@ def _run_highs(model: Milp, seconds: float, start: np.ndarray | None, threads: i
         sol.col_value = list(start)
         sol.value_valid = True
         h.setSolution(sol)
-    run_stoppable(h.run, h.cancelSolve, time.monotonic() + seconds + 0.5, "highs")
+    # HiGHS checks its own limit only between some phases: the hard stop is cancelSolve.
+    if run_stoppable(h.run, h.cancelSolve, time.monotonic() + seconds + 0.5, "highs") is None:
+        return "time limit", None, None  # still winding down: do not touch its state
     ms = h.getModelStatus()
     info = h.getInfo()
     status = {highspy.HighsModelStatus.kOptimal: "optimal",
               highspy.HighsModelStatus.kTimeLimit: "time limit",
               highspy.HighsModelStatus.kInterrupt: "time limit",
-              highspy.HighsModelStatus.kInfeasible: "infeasible"}.get(ms, h.modelStatusToString(ms))
+              highspy.HighsModelStatus.kInfeasible: "infeasible"}.get(ms, "time limit")
     has_sol = info.primal_solution_status == 2
     values = np.asarray(h.getSolution().col_value) if has_sol else None
     bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else None

@@ -26,10 +26,10 @@ from moeplace.traces.store import as_chunks
 
 # Planning rates (conservative, one core): compiled evaluator token-layer-placement records/s,
 # reading and decoding token-layer records/s, and simulator step-layer-placements/s.
-EVAL_RATE = 8e6
+EVAL_RATE = 10e6
 EVAL_RATE_NUMPY = 3e5
 READ_RATE = 60e6
-SIM_RATE = 1500.0
+SIM_RATE = 800.0
 
 
 @dataclass

@@ -247,7 +247,8 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
             from moeplace.solvers.moetuner import solve_moetuner
 
             plc_mt, st_mt = solve_moetuner(stats, c.num_gpus, c.num_nodes, weights=weights,
-                                           time_limit=time_limit)
+                                           time_limit=max(time_limit - _reserve(time_limit),
+                                                          0.1))
             res = ExactResult(plc_mt, st_mt, None, None, time.perf_counter() - t0)
         elif method == "dp":
             res = solve_dp(stats, c.num_gpus, c.num_nodes, weights=weights)
