@@ -24,11 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.service.server_util import (
-    DEEPSEEK_V3,
     Server,
     load_only_bodies,
     percentile,
     run_load,
+    v3_deployment_with_solve,
+    wait_job,
 )
 
 PROBE = "/v1/deployments/v3/placements/latest?format=sglang"
@@ -53,16 +54,8 @@ def main() -> None:
         srv = Server(t / "data", extra=("--solve-workers", "2")).start()
         try:
             with srv.client() as c:
-                spec = {"name": "v3", **DEEPSEEK_V3,
-                        "cluster": {"num_gpus": 64, "num_nodes": 8, "replicas": 0}}
-                assert c.post("/v1/deployments", json=spec).status_code == 201
-                c.post("/v1/deployments/v3/stats?batch_id=warm", content=paths[0].read_bytes())
-                job = c.post("/v1/deployments/v3/solve",
-                             json={"time_limit": 30, "method": "eplb"}).json()["job"]
-                end = time.monotonic() + 120
-                while c.get(f"/v1/jobs/{job}").json()["state"] in ("queued", "running"):
-                    assert time.monotonic() < end, "warm-up solve did not finish"
-                    time.sleep(0.2)
+                job = v3_deployment_with_solve(c, paths[0], time_limit=30)
+                wait_job(c, job, 120)
 
             # A: uploads + probe
             res = run_load(srv, "v3", paths, toks, args.seconds, args.clients, PROBE)

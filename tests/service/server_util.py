@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -210,7 +211,10 @@ def run_load(srv: Server, dep: str, paths: list[Path], toks: list[int], seconds:
     import multiprocessing
 
     out = srv.data.parent / f"load-{time.time_ns()}.json"
-    proc = multiprocessing.get_context("spawn").Process(
+    # fork: a spawned child would re-import this module by name, which fails when the tests run
+    # against the installed package (the source tree is not on sys.path then).
+    methods = multiprocessing.get_all_start_methods()
+    proc = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Process(
         target=_uploader, args=(srv.url, srv.token, dep, [str(p) for p in paths], toks, seconds,
                                 clients, str(out), prefix))
     proc.start()
@@ -231,6 +235,26 @@ def run_load(srv: Server, dep: str, paths: list[Path], toks: list[int], seconds:
     res = json.loads(out.read_text())
     res["probe_latency_s"] = sorted(probes)
     return res
+
+
+def v3_deployment_with_solve(c: Any, first_body: Path, time_limit: float) -> str:
+    """Create the DeepSeek-V3-shape deployment ``v3`` (64 GPUs in 8 nodes), upload
+    ``first_body`` as batch ``warm`` and start an EPLB solve; returns the job id. Shared by the
+    load test and the load benchmark so both measure the same set-up."""
+    spec = {"name": "v3", **DEEPSEEK_V3, "cluster": {"num_gpus": 64, "num_nodes": 8,
+                                                    "replicas": 0}}
+    assert c.post("/v1/deployments", json=spec).status_code == 201
+    c.post("/v1/deployments/v3/stats?batch_id=warm", content=first_body.read_bytes())
+    return c.post("/v1/deployments/v3/solve",
+                  json={"time_limit": time_limit, "method": "eplb"}).json()["job"]
+
+
+def wait_job(c: Any, job: str, seconds: float) -> None:
+    """Poll ``job`` until it leaves queued/running, failing after ``seconds``."""
+    end = time.monotonic() + seconds
+    while c.get(f"/v1/jobs/{job}").json()["state"] in ("queued", "running"):
+        assert time.monotonic() < end, f"job {job} did not finish in {seconds} s"
+        time.sleep(0.2)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

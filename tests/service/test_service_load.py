@@ -10,11 +10,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")  # the service extra: the tests talk to the server with it
 
 from tests.service.server_util import (
-    DEEPSEEK_V3,
     Server,
     load_only_bodies,
     percentile,
     run_load,
+    v3_deployment_with_solve,
+    wait_job,
 )
 
 
@@ -23,21 +24,11 @@ def test_concurrent_uploads_add_up_exactly(tmp_path):
     srv = Server(tmp_path / "data").start()
     try:
         with srv.client() as c:
-            spec = {"name": "v3", **DEEPSEEK_V3,
-                    "cluster": {"num_gpus": 64, "num_nodes": 8, "replicas": 0}}
-            assert c.post("/v1/deployments", json=spec).status_code == 201
             # A placement to probe while the uploads run.
-            c.post("/v1/deployments/v3/stats?batch_id=warm", content=paths[0].read_bytes())
-            job = c.post("/v1/deployments/v3/solve", json={"time_limit": 20, "method": "eplb"}
-                         ).json()["job"]
+            job = v3_deployment_with_solve(c, paths[0], time_limit=20)
         res = run_load(srv, "v3", paths, toks, seconds=4, clients=32)
         with srv.client() as c:
-            import time
-
-            end = time.monotonic() + 60
-            while c.get(f"/v1/jobs/{job}").json()["state"] in ("queued", "running"):
-                assert time.monotonic() < end
-                time.sleep(0.2)
+            wait_job(c, job, 60)
             probe = run_load(srv, "v3", paths[:1], toks[:1], seconds=0.5, clients=1,
                              probe_path="/v1/deployments/v3/placements/latest?format=sglang",
                              prefix="probe-")

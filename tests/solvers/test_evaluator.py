@@ -92,6 +92,20 @@ def naive(tr, p: Placement, window: int, home_model: str):
                                 cross_node / pairs if pairs else None)
 
 
+def _matches_naive(res, tr, p, window: int, home: str) -> None:
+    """The evaluator's per-layer table and pair fractions equal the naive per-token count."""
+    imb, wimb, traffic, (cg, cn) = naive(tr, p, window, home)
+    df = res.per_layer
+    np.testing.assert_allclose(df["load_imbalance"], imb)
+    np.testing.assert_allclose(df["window_imbalance_max"], wimb.max(axis=0))
+    np.testing.assert_allclose(df["window_imbalance_mean"], wimb.mean(axis=0))
+    for key, arr in traffic.items():
+        np.testing.assert_array_equal(df[f"traffic_{key}"], arr, err_msg=key)
+    if tr.num_layers > 1:
+        assert res.summary["cross_gpu_pair_fraction"] == pytest.approx(cg)
+        assert res.summary["cross_node_pair_fraction"] == pytest.approx(cn)
+
+
 @settings(max_examples=40, deadline=None)
 @given(T=st.integers(1, 30), L=st.integers(1, 3), G=st.sampled_from([2, 4]),
        S=st.integers(1, 3), R=st.integers(0, 2), M=st.sampled_from([1, 2]),
@@ -107,22 +121,15 @@ def test_evaluator_equals_naive_count(T, L, G, S, R, M, k, weights, window, home
     tr = random_trace(rng, T, L, N, k, weights=weights, requests=4)
     p = random_placement(L, N, G, M, R, seed=seed)
     res = evaluate(tr, p, window=window, home=home)
-    imb, wimb, traffic, (cg, cn) = naive(tr, p, window, home)
-    df = res.per_layer
-    np.testing.assert_allclose(df["load_imbalance"], imb)
-    np.testing.assert_allclose(df["window_imbalance_max"], wimb.max(axis=0))
-    np.testing.assert_allclose(df["window_imbalance_mean"], wimb.mean(axis=0))
-    for key, arr in traffic.items():
-        np.testing.assert_array_equal(df[f"traffic_{key}"], arr, err_msg=key)
+    _matches_naive(res, tr, p, window, home)
     if L > 1:
-        assert res.summary["cross_gpu_pair_fraction"] == pytest.approx(cg)
-        assert res.summary["cross_node_pair_fraction"] == pytest.approx(cn)
         s = evaluate_stats(compute_stats(tr), p)
-        assert s["cross_gpu_pair_fraction"] == pytest.approx(cg)
+        assert s["cross_gpu_pair_fraction"] == pytest.approx(res.summary["cross_gpu_pair_fraction"])
     # Streaming in chunks gives the same answer as one pass.
     chunked = evaluate([tr.select(slice(i, i + 7)) for i in range(0, T, 7)], p, window=window,
                        home=home)
-    np.testing.assert_allclose(chunked.per_layer["load_imbalance"], df["load_imbalance"])
+    np.testing.assert_allclose(chunked.per_layer["load_imbalance"],
+                               res.per_layer["load_imbalance"])
     assert chunked.summary["traffic_static_total"] == res.summary["traffic_static_total"]
 
 
@@ -179,16 +186,7 @@ def test_compiled_kernel_equals_naive_count(T, L, G, S, R, M, k, weights, window
     chunks = [tr.select(slice(i, i + 5)) for i in range(0, T, 5)]
     results = evaluate_many(chunks, plcs, window=window, home=home, backend="numba")
     for p, res in zip(plcs, results, strict=True):
-        imb, wimb, traffic, (cg, cn) = naive(tr, p, window, home)
-        df = res.per_layer
-        np.testing.assert_allclose(df["load_imbalance"], imb)
-        np.testing.assert_allclose(df["window_imbalance_max"], wimb.max(axis=0))
-        np.testing.assert_allclose(df["window_imbalance_mean"], wimb.mean(axis=0))
-        for key, arr in traffic.items():
-            np.testing.assert_array_equal(df[f"traffic_{key}"], arr, err_msg=key)
-        if L > 1:
-            assert res.summary["cross_gpu_pair_fraction"] == pytest.approx(cg)
-            assert res.summary["cross_node_pair_fraction"] == pytest.approx(cn)
+        _matches_naive(res, tr, p, window, home)
 
 
 def test_sampled_scoring_is_seeded_whole_windows(rng):
