@@ -183,6 +183,8 @@ def _paths(inputs: tuple[str, ...] = (), outputs: dict[str, bool | None] | None 
 
             named = [kw.get(n) for n in inputs]
             flat = [x for v in named for x in (v if isinstance(v, (tuple, list)) else [v])]
+            for x in flat:
+                _check_input_kind(x)
             with protected_inputs(*flat):
                 for name, directory in (outputs or {}).items():
                     if kw.get(name) is not None:
@@ -190,6 +192,22 @@ def _paths(inputs: tuple[str, ...] = (), outputs: dict[str, bool | None] | None 
                 return f(**kw)
         return wrapper
     return deco
+
+
+def _check_input_kind(path: str | None) -> None:
+    """An input that is a FIFO, socket or device would block or never end: refuse it up front.
+    Missing paths are left to the reader, which names the field."""
+    import stat
+
+    if not path:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(path, "path", "is not a regular file or directory (a FIFO, socket or "
+                         "device)", "save the data to a file and pass that")
 
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff",
@@ -697,7 +715,7 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the placement JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @import_options
-@_paths(inputs=("source", "current"), outputs={"out": False})
+@_paths(inputs=("source", "current", "hardware"), outputs={"out": False})
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None,

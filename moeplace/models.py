@@ -8,12 +8,12 @@ or for a known model (``known_layout``); ``check_layer_ids`` refuses a mismatch.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moeplace._validate import loads_json
 from moeplace.errors import InputError
 
 
@@ -76,10 +76,16 @@ def known_layout(name: str) -> ModelLayout:
     return KNOWN[key]
 
 
+# No model has more layers or routed experts than this; a config declaring more is corrupt or
+# hostile, and would drive per-layer tables of that size.
+MAX_CONFIG_COUNT = 1 << 20
+MAX_CONFIG_LAYERS = 100_000  # exports hold one row per hidden layer
+
+
 def _int(cfg: dict[str, Any], key: str, src: str, default: int | None = None) -> int:
     v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise InputError(src, key, f"{v!r} is not a non-negative integer",
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CONFIG_COUNT:
+        raise InputError(src, key, f"{v!r:.40} is not an integer in 0..{MAX_CONFIG_COUNT}",
                          "pass the model's own config.json")
     return v
 
@@ -95,11 +101,9 @@ def from_hf_config(path: str | os.PathLike[str]) -> ModelLayout:
         if p.stat().st_size > 16 << 20:
             raise InputError(p, "file", "larger than 16 MiB: not a model config",
                              "pass the model's config.json")
-        cfg = json.loads(p.read_text())
+        cfg = loads_json(p.read_bytes(), p, "file", "pass the model's config.json")
     except OSError as exc:
         raise InputError(p, "file", f"cannot read ({exc.strerror})", "check the path") from None
-    except ValueError as exc:
-        raise InputError(p, "file", f"not valid JSON ({exc})", "pass the model's config.json") from None
     if not isinstance(cfg, dict):
         raise InputError(p, "file", "not a JSON object", "pass the model's config.json")
     if isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg:
@@ -108,13 +112,17 @@ def from_hf_config(path: str | os.PathLike[str]) -> ModelLayout:
     if "num_hidden_layers" not in cfg:
         raise InputError(src, "num_hidden_layers", "missing", "pass the model's config.json")
     H = _int(cfg, "num_hidden_layers", src)
-    N = next((cfg[k] for k in ("n_routed_experts", "num_local_experts", "num_experts")
+    if H > MAX_CONFIG_LAYERS:
+        raise InputError(src, "num_hidden_layers", f"{H} is more layers than any model has",
+                         f"at most {MAX_CONFIG_LAYERS:,}; pass the model's own config.json")
+    N = next((_int(cfg, k, src) for k in ("n_routed_experts", "num_local_experts", "num_experts")
               if isinstance(cfg.get(k), int)), None)
     if not N:
         raise InputError(src, "n_routed_experts", "no routed-expert count "
                          "(n_routed_experts, num_local_experts or num_experts)",
                          "pass the config of an MoE model")
-    k = next((cfg[key] for key in ("num_experts_per_tok", "num_experts_per_token", "top_k")
+    k = next((_int(cfg, key, src) for key in ("num_experts_per_tok", "num_experts_per_token",
+                                              "top_k")
               if isinstance(cfg.get(key), int)), 0)
     freq = cfg.get("moe_layer_freq", 1)
     if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:
@@ -133,9 +141,10 @@ def from_hf_config(path: str | os.PathLike[str]) -> ModelLayout:
         if not isinstance(dense, list) or not all(isinstance(x, int) for x in dense):
             raise InputError(src, "mlp_only_layers", f"{dense!r} is not a list of layer ids",
                              "pass the model's own config.json")
-        ids = [l for l in range(H) if l not in dense and (l + 1) % step == 0]
+        skip = set(dense)
+        ids = [l for l in range(H) if l not in skip and (l + 1) % step == 0]
     elif isinstance(cfg.get("interleave_moe_layer_step"), int):  # Llama 4
-        step = cfg["interleave_moe_layer_step"] or 1
+        step = _int(cfg, "interleave_moe_layer_step", src) or 1
         ids = [l for l in range(H) if (l + 1) % step == 0]
     else:
         ids = list(range(H))

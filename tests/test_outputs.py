@@ -185,3 +185,25 @@ def test_tiny_file_declaring_a_huge_model_is_refused_before_allocating(tmp_path)
     assert p.stat().st_size < 10_000
     line = _one_error_line(run("solve", str(p), "--gpus", "8", "--time-limit", "5"))
     assert "memory cap" in line and "MOEPLACE_MAX_MEMORY" in line
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_input_is_refused_not_read(tmp_path):
+    fifo = tmp_path / "ff"
+    os.mkfifo(fifo)
+    line = _one_error_line(run("analyze", str(fifo), "--json"))
+    assert "FIFO" in line
+
+
+def test_config_declaring_a_billion_layers_is_refused(tmp_path, trace_file):
+    import json
+
+    plc = tmp_path / "p.json"
+    assert run("solve", str(trace_file), "--gpus", "4", "--time-limit", "2", "--out",
+               str(plc)).exit_code == 0
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"num_hidden_layers": 10**9, "n_routed_experts": 8,
+                               "num_experts_per_tok": 2}))
+    line = _one_error_line(run("export", str(plc), "--format", "trtllm", "--config", str(cfg),
+                               "--out", str(tmp_path / "o.yaml")))
+    assert "num_hidden_layers" in line and not (tmp_path / "o.yaml").exists()
