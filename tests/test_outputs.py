@@ -207,3 +207,26 @@ def test_config_declaring_a_billion_layers_is_refused(tmp_path, trace_file):
     line = _one_error_line(run("export", str(plc), "--format", "trtllm", "--config", str(cfg),
                                "--out", str(tmp_path / "o.yaml")))
     assert "num_hidden_layers" in line and not (tmp_path / "o.yaml").exists()
+
+
+@pytest.mark.parametrize("spelling", ["ckpt", "./ckpt", "ckpt/"])
+def test_apply_with_a_relative_checkpoint_path(tmp_path, monkeypatch, spelling):
+    """Found by the independent fuzz campaign: a relative --checkpoint was prefixed twice."""
+    from tests.fuzz import corpus
+
+    corpus.seed_checkpoint(tmp_path)
+    corpus.seed_placement(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = run("apply", "placement.json", "--checkpoint", spelling, "--out", "placed")
+    assert r.exit_code == 0, r.output
+    r = run("apply", "--invert", "--checkpoint", "placed", "--out", "restored")
+    assert r.exit_code == 0, r.output
+    import json
+    import struct
+
+    def parts(b: bytes) -> tuple[dict, bytes]:  # (header, data): the header's spacing may differ
+        (n,) = struct.unpack("<Q", b[:8])
+        return json.loads(b[8:8 + n]), b[8 + n:]
+
+    for f in sorted((tmp_path / "ckpt").glob("*.safetensors")):
+        assert parts((tmp_path / "restored" / f.name).read_bytes()) == parts(f.read_bytes())

@@ -141,7 +141,9 @@ def _shards(ckpt: Path) -> list[Path]:
         weight_map = d.get("weight_map") if isinstance(d, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(index, "weight_map", "missing or not an object of names", fix)
-        names = sorted({_inside(ckpt, v, index).as_posix() for v in weight_map.values()})
+        # Names relative to the checkpoint, so a relative --checkpoint is not prefixed twice.
+        names = sorted({_inside(ckpt, v, index).relative_to(ckpt).as_posix()
+                        for v in weight_map.values()})
         missing = [n for n in names if not (ckpt / n).is_file()]
         if missing:
             raise InputError(index, "weight_map", f"names {missing[0]}, which is not there",
