@@ -18,8 +18,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moeplace._progress import Progress
 from moeplace.errors import InputError, MissingDependencyError
 from moeplace.traces import RoutingStats, compute_stats
@@ -110,16 +108,6 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return unique
 
 
-def _check_same_model(readers: list[TraceReader]) -> None:
-    first = readers[0].meta
-    for r in readers[1:]:
-        m = r.meta
-        if (m.num_experts, m.top_k, m.moe_layer_ids) != (first.num_experts, first.top_k,
-                                                         first.moe_layer_ids):
-            raise InputError(r.path, "meta", f"num_experts/top_k/MoE layers differ from "
-                             f"{readers[0].path}", "aggregate shards of one model only")
-
-
 def _stats_of_files(paths: list[str], transitions: bool, coactivation: bool) -> RoutingStats:
     """One task's share: its shards streamed through the single-process kernel, summed."""
     total: RoutingStats | None = None
@@ -142,7 +130,8 @@ def stats_on_ray(sources: Sequence[str | os.PathLike[str]], address: str = "loca
     """
     files = expand_sources(sources)
     readers = [TraceReader(f) for f in files]  # validates every header up front
-    _check_same_model(readers)
+    for r in readers[1:]:  # refuse another model's shards before any task is scheduled
+        readers[0].meta.require_same_model(r.meta, r.path, "aggregate shards")
     meta = readers[0].meta.with_updates(source=",".join(map(str, sources))[:200])
     with ray_session(address, num_cpus) as ray:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -202,12 +191,3 @@ def ray_restart_runner(stats: RoutingStats, start: Any, restarts: int, seed: int
     """``solve_with_report(restart_runner=...)`` hook: the restarts as tasks on the Ray session
     the caller opened (``ray_session``)."""
     return restarts_on_ray(stats, start, restarts, seed, **kw)
-
-
-def best_of(stats: RoutingStats, results: list[Any], weights: Any, current: Any = None
-            ) -> int:
-    """Index of the best ``(placement, report)`` by the objective; ties to the lowest index."""
-    from moeplace.solvers.objective import score
-
-    values = [score(stats, p, weights, current).total for p, _ in results]
-    return int(np.argmin(values))

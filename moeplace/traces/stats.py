@@ -79,10 +79,10 @@ class RoutingStats:
         self.num_tokens += trace.num_tokens
 
     def __add__(self, other: RoutingStats) -> RoutingStats:
-        if self.load.shape != other.load.shape:
-            raise InputError(other.meta.source or "stats", "load",
-                             f"shape {other.load.shape} differs from {self.load.shape}",
-                             "merge statistics of one model only")
+        # Same shape is not enough: counts of another model's layers or top-k would add up
+        # silently into nonsense.
+        self.meta.require_same_model(other.meta, other.meta.source or "stats",
+                                     "aggregate statistics")
 
         def _sum(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
             return None if a is None or b is None else a + b

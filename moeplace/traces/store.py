@@ -115,12 +115,7 @@ class TraceWriter:
         """Append a chunk of tokens (same model, same optional fields as the writer)."""
         if self._closed:
             raise RuntimeError("writer is closed")
-        m = trace.meta
-        if (m.num_experts, m.top_k, m.moe_layer_ids) != (
-            self.meta.num_experts, self.meta.top_k, self.meta.moe_layer_ids
-        ):
-            raise InputError(self.path, "meta", "chunk does not match the writer's model shape",
-                             "write chunks of one model only")
+        self.meta.require_same_model(trace.meta, self.path, "write chunks")
         if ("weights" in self.schema.names) != (trace.weights is not None):
             raise InputError(self.path, "weights", "chunks must all have or all lack weights",
                              "record weights for every chunk or none")

@@ -111,6 +111,14 @@ class TraceMeta:
     def with_updates(self, **kw: Any) -> TraceMeta:
         return dataclasses.replace(self, **kw)
 
+    def require_same_model(self, other: TraceMeta, source: object, what: str) -> None:
+        """Refuse to combine ``other`` (chunks, shards, statistics) with this model's data
+        unless experts, top-k and MoE layers agree; ``what`` says what was being combined."""
+        if (self.num_experts, self.top_k, self.moe_layer_ids) != (
+                other.num_experts, other.top_k, other.moe_layer_ids):
+            raise InputError(source, "meta", f"num_experts, top_k or MoE layers differ from "
+                             f"{self.source or 'the first part'}", f"{what} of one model only")
+
 
 def check_experts(experts: Any, num_experts: int | None, source: object,
                   field_name: str = "experts") -> np.ndarray:
@@ -270,12 +278,7 @@ class Trace:
             raise InputError("trace", "experts", "nothing to concatenate", "give at least one part")
         meta = parts[0].meta
         for p in parts[1:]:
-            if (p.meta.num_experts, p.meta.top_k, p.meta.moe_layer_ids) != (
-                meta.num_experts, meta.top_k, meta.moe_layer_ids
-            ):
-                raise InputError(p.meta.source or "trace", "meta",
-                                 "parts disagree on num_experts, top_k or MoE layers",
-                                 "concatenate traces of one model only")
+            meta.require_same_model(p.meta, p.meta.source or "trace", "concatenate traces")
         has_w = all(p.weights is not None for p in parts)
         keys = set.intersection(*(set(p.tokens) for p in parts))
         return Trace(

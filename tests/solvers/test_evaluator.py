@@ -92,6 +92,12 @@ def naive(tr, p: Placement, window: int, home_model: str):
                                 cross_node / pairs if pairs else None)
 
 
+def _slots(G: int, S: int, R: int) -> tuple[int, int]:
+    """(replicas, experts) for G GPUs of S slots: at least one expert, R capped to fit."""
+    R = min(R, G * S - 1)
+    return R, G * S - R
+
+
 def _matches_naive(res, tr, p, window: int, home: str) -> None:
     """The evaluator's per-layer table and pair fractions equal the naive per-token count."""
     imb, wimb, traffic, (cg, cn) = naive(tr, p, window, home)
@@ -112,9 +118,7 @@ def _matches_naive(res, tr, p, window: int, home: str) -> None:
        k=st.integers(1, 3), weights=st.booleans(), window=st.integers(1, 12),
        home=st.sampled_from(["static", "follow"]), seed=st.integers(0, 10**6))
 def test_evaluator_equals_naive_count(T, L, G, S, R, M, k, weights, window, home, seed):
-    P = G * S
-    R = min(R, P - 1)
-    N = P - R
+    R, N = _slots(G, S, R)
     if (R and S > N) or k > N:
         return
     rng = np.random.default_rng(seed)
@@ -171,9 +175,7 @@ def test_compiled_kernel_equals_naive_count(T, L, G, S, R, M, k, weights, window
                                             requests, seed):
     """The numba kernel (forced even on tiny inputs), several placements in one pass, each
     against the naive count; ties in the follow model broken by weights too."""
-    P = G * S
-    R = min(R, P - 1)
-    N = P - R
+    R, N = _slots(G, S, R)
     if (R and S > N) or k > N:
         return
     rng = np.random.default_rng(seed)
