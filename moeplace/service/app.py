@@ -32,17 +32,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeplace._validate import MAX_EXPERTS, MAX_GPUS, MAX_LAYERS, MAX_TOP_K
 from moeplace.errors import InputError, MoeplaceError
+from moeplace.placement.exports import FORMATS
 from moeplace.service.jobs import GRACE_S, MAX_TIME_LIMIT, JobManager
 from moeplace.service.store import Conflict, NotFound, Policy, Store
+from moeplace.solvers.solve import METHODS
 
 log = logging.getLogger("moeplace.service")
 
 DEFAULT_MAX_UPLOAD = 256 << 20  # DeepSeek-V3 statistics with transitions: tens of MB
 DEFAULT_MAX_JSON = 1 << 20
-EXPORT_FORMATS = ("moeplace", "sglang", "sglang-logical-count", "trtllm", "vllm-ascend",
-                  "vllm-pr49572", "vllm-pr41141", "eplb")
-SOLVE_METHODS = ("auto", "search", "dp", "cpsat", "ilp-cbc", "ilp-highs", "moetuner", "eplb",
-                 "eplb-distinct", "contiguous", "round_robin", "random")
+EXPORT_FORMATS = ("moeplace", *FORMATS)
+SOLVE_METHODS = METHODS
 DRIFT_METHODS = ("eplb", "eplb-distinct", "search")
 DRIFT_THRESHOLD = 0.05
 

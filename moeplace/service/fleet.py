@@ -129,10 +129,12 @@ def stats_on_ray(sources: Sequence[str | os.PathLike[str]], address: str = "loca
     validated on the driver first, so a bad shard fails before any task is scheduled.
     """
     files = expand_sources(sources)
-    readers = [TraceReader(f) for f in files]  # validates every header up front
-    for r in readers[1:]:  # refuse another model's shards before any task is scheduled
-        readers[0].meta.require_same_model(r.meta, r.path, "aggregate shards")
-    meta = readers[0].meta.with_updates(source=",".join(map(str, sources))[:200])
+    # Every header validated up front, keeping only the metadata (not thousands of open files);
+    # another model's shards are refused before any task is scheduled.
+    metas = [TraceReader(f).meta for f in files]
+    for f, m in zip(files[1:], metas[1:], strict=True):
+        metas[0].require_same_model(m, f, "aggregate shards")
+    meta = metas[0].with_updates(source=",".join(map(str, sources))[:200])
     with ray_session(address, num_cpus) as ray:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         per_task = max(1, math.ceil(len(files) / (cpus * tasks_per_cpu)))

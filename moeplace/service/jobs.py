@@ -127,14 +127,16 @@ def _simulate(spec: dict[str, Any], plc: Any, current: Any, stats: Any) -> dict[
     name = spec.get("model_shape") or guess_shape(spec.get("model") or "")
     if name is None:
         return {"speedup": None, "reason": "model shape unknown: set the deployment's model_shape"}
-    from moeplace.solvers import eplb
+    from moeplace.solvers import Cluster
+    from moeplace.solvers.solve import baseline
     from moeplace.traces import read_trace
 
     trace = read_trace(shards[-1])
     if current is not None and current.num_gpus == plc.num_gpus:
         base, base_name = current, "current"
     else:
-        base = eplb(stats.load, plc.num_gpus, plc.num_nodes, plc.num_replicas)
+        # The stacks' EPLB with the model's groups, as every other report compares against.
+        base = baseline("eplb", stats, Cluster(plc.num_gpus, plc.num_nodes, plc.num_replicas))
         base_name = "eplb"
     hw = Hardware.load(spec.get("hardware") or "h100-nvlink")
     return {"speedup": speedup(trace, plc, base, hw, ModelShape.named(name)),

@@ -120,10 +120,15 @@ def check_spec(spec: dict[str, Any]) -> None:
         from moeplace.solvers.simulator import ModelShape
 
         ModelShape.named(shape)
-    if hw is not None and (not re.fullmatch(r"[a-z0-9-]{1,40}", hw) or not (
-            Path(__file__).resolve().parents[1] / "data" / "hardware" / f"{hw}.json").is_file()):
-        raise InputError(src, "hardware", f"{hw!r:.60} is not a bundled hardware profile",
-                         "use h100-nvlink or h100-ib")
+    if hw is not None:
+        # Bundled names only (a remote caller must not name files on the server); the
+        # simulator's own loader finds and validates the profile.
+        if not isinstance(hw, str) or not re.fullmatch(r"[a-z0-9-]{1,40}", hw):
+            raise InputError(src, "hardware", f"{hw!r:.60} is not a bundled hardware profile",
+                             "use h100-nvlink or h100-ib")
+        from moeplace.solvers.simulator import Hardware
+
+        Hardware.load(hw)
     c = spec["cluster"]
     G, M, R = c["num_gpus"], c["num_nodes"], c["replicas"]
     if G % M:

@@ -23,6 +23,7 @@ from moeplace.placement import Placement
 from moeplace.solvers.evaluator import _keep_blocks, evaluate_many
 from moeplace.traces import Trace, TraceReader
 from moeplace.traces.store import as_chunks
+from moeplace.traces.trace import held_request_ids
 
 # Planning rates (conservative, one core): compiled evaluator token-layer-placement records/s,
 # reading and decoding token-layer records/s, and simulator step-layer-placements/s.
@@ -60,17 +61,8 @@ def request_ids(source: Trace | TraceReader) -> np.ndarray:
 def held_requests(source: Trace | TraceReader, fraction: float, seed: int) -> np.ndarray:
     """The held-out request ids: the same seeded choice as ``Trace.split_requests``, found
     with one pass over the request column instead of the trace in memory."""
-    if not 0.0 < fraction < 1.0:
-        raise InputError("holdout", "fraction", f"{fraction} is not in (0, 1)",
-                         "pass e.g. --holdout 0.5")
-    uniq = request_ids(source)
-    if len(uniq) < 2:
-        raise InputError(getattr(source, "path", None) or source.meta.source or "trace",
-                         "request", "a holdout split needs at least two requests",
-                         "record per-request metadata or drop --holdout")
-    rng = np.random.default_rng(seed)
-    n_hold = min(max(1, round(len(uniq) * fraction)), len(uniq) - 1)
-    return np.sort(rng.choice(uniq, size=n_hold, replace=False))
+    return held_request_ids(request_ids(source), fraction, seed,
+                            getattr(source, "path", None) or source.meta.source or "trace")
 
 
 def split_stream(source: Trace | TraceReader, held: np.ndarray, part: str,

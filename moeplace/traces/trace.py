@@ -153,6 +153,22 @@ def check_experts(experts: Any, num_experts: int | None, source: object,
     return np.ascontiguousarray(arr, dtype=expert_dtype(n))
 
 
+def held_request_ids(requests: np.ndarray, fraction: float, seed: int,
+                     source: object) -> np.ndarray:
+    """The held-out ids among the sorted unique ``requests``: ``fraction`` of them (at least
+    one, never all), chosen with ``seed``. The one rule behind ``Trace.split_requests`` and the
+    streamed split of ``solve --holdout``, so both hold out the same requests."""
+    if not 0.0 < fraction < 1.0:
+        raise InputError("holdout", "fraction", f"{fraction} is not in (0, 1)",
+                         "pass e.g. --holdout 0.5")
+    if len(requests) < 2:
+        raise InputError(source, "request", "a holdout split needs at least two requests",
+                         "record per-request metadata or drop --holdout")
+    rng = np.random.default_rng(seed)
+    n_hold = min(max(1, round(len(requests) * fraction)), len(requests) - 1)
+    return np.sort(rng.choice(requests, size=n_hold, replace=False))
+
+
 @dataclass
 class Trace:
     """Routing of ``T`` tokens through ``L`` MoE layers, ``k`` experts each, with optional extras.
@@ -256,18 +272,8 @@ class Trace:
 
     def split_requests(self, fraction: float, seed: int = 0) -> tuple[Trace, Trace]:
         """Split by whole requests into (fit, holdout), ``fraction`` of requests held out."""
-        if not 0.0 < fraction < 1.0:
-            raise InputError("holdout", "fraction", f"{fraction} is not in (0, 1)",
-                             "pass e.g. --holdout 0.5")
         req = self.request_ids()
-        uniq = np.unique(req)
-        if len(uniq) < 2:
-            raise InputError(self.meta.source or "trace", "request",
-                             "a holdout split needs at least two requests",
-                             "record per-request metadata or drop --holdout")
-        rng = np.random.default_rng(seed)
-        n_hold = min(max(1, round(len(uniq) * fraction)), len(uniq) - 1)
-        held = rng.choice(uniq, size=n_hold, replace=False)
+        held = held_request_ids(np.unique(req), fraction, seed, self.meta.source or "trace")
         mask = np.isin(req, held)
         return self.select(~mask), self.select(mask)
 
