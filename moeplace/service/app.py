@@ -159,6 +159,7 @@ class _Gate:
             chunks.append(chunk)
             more = msg.get("more_body", False)
         body = b"".join(chunks)
+        del chunks  # the joined copy is all the request needs; do not hold the body twice
         sent = False
 
         async def replay() -> Any:
