@@ -135,8 +135,8 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool | None = None) 
             raise RuntimeError(f"nothing was written to {final}")
         # Checked again: something may have appeared at the path while the work ran.
         check_output(path, directory=tmp.is_dir())
-        if tmp.is_dir() and final.is_dir():
-            final.rmdir()  # empty (just checked); fails rather than deletes if it filled up since
+        # rename(2) replaces an empty directory and refuses a non-empty one, so the target
+        # stays intact whatever happens to it meanwhile.
         os.replace(tmp, final)
         ok = True
     finally:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moeplace._fileio import atomic_path
+from moeplace._validate import loads_json, read_json
 from moeplace.errors import InputError, MissingDependencyError
 from moeplace.placement.placement import Placement
 
@@ -247,7 +248,8 @@ def read_placement(path: str | os.PathLike[str], fmt: str = "auto", *, num_gpus:
             return Placement(z["phy2log"], need_gpus(), num_nodes, num_experts,
                              moe_layer_ids=moe_layer_ids, **kw)
         if fmt == "vllm-pr41141":
-            rec = json.loads(p.read_text().splitlines()[0])
+            with open(p, "rb") as fh:  # the first record; a line no longer than a JSON file
+                rec = loads_json(fh.readline(256 << 20), p, fmt)
             ga = rec["initial_global_assignments"]
             rows = [ga[str(l)] for l in range(len(ga))]
             return Placement(np.array(rows), need_gpus(), num_nodes, num_experts,
@@ -265,7 +267,7 @@ def read_placement(path: str | os.PathLike[str], fmt: str = "auto", *, num_gpus:
                 raise InputError(p, "file", "not a dict", "export with --format sglang")
             obj = {k: to_numpy(v).tolist() for k, v in obj.items()}
         else:
-            obj = json.loads(p.read_text())
+            obj = read_json(p, fmt, f"write it with moeplace export --format {fmt}")
         if fmt == "vllm-ascend":
             layers = sorted(obj["layer_list"], key=lambda d: d["layer_id"])
             rows = [[e for dev in sorted(d["device_list"], key=lambda x: x["device_id"])
@@ -287,7 +289,8 @@ def read_placement(path: str | os.PathLike[str], fmt: str = "auto", *, num_gpus:
             ids = moe_layer_ids if moe_layer_ids is not None else list(range(len(rows)))
             return Placement(rows[ids], need_gpus(), num_nodes, num_experts,
                              moe_layer_ids=ids, **kw)
-    except (KeyError, IndexError, TypeError, ValueError, zipfile.BadZipFile) as exc:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError,
+            zipfile.BadZipFile) as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(p, fmt, f"malformed ({type(exc).__name__}: {exc})",
@@ -348,7 +351,7 @@ def _mini_yaml(text: str, p: Path) -> dict[str, Any]:
             raise InputError(f"{p}:{n}", "line", "not 'key: value'", "write it with moeplace")
         try:
             k: Any = int(key) if line.startswith(" ") else key
-            v = json.loads(val) if val.strip() else None
+            v = loads_json(val, f"{p}:{n}", key) if val.strip() else None
         except ValueError:
             raise InputError(f"{p}:{n}", key, "not a number or list", "write it with moeplace") from None
         if line.startswith(" "):

@@ -12,7 +12,6 @@ data) without torch; every header is validated and the arrays' memory is checked
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from moeplace._limits import check_memory
+from moeplace._validate import loads_json, read_json
 from moeplace.errors import InputError
 from moeplace.traces.stats import RoutingStats
 from moeplace.traces.trace import TraceMeta
@@ -49,10 +49,7 @@ def _header(path: Path) -> tuple[dict[str, Any], int, int]:
         if n > MAX_HEADER or 8 + n > size:
             raise InputError(path, "header", f"declares a {n}-byte header in a {size}-byte file",
                              "pass the rank files TensorRT-LLM wrote, unmodified")
-        try:
-            head = json.loads(fh.read(n))
-        except ValueError as exc:
-            raise InputError(path, "header", f"not JSON ({exc})", "pass the file unmodified") from None
+        head = loads_json(fh.read(n), path, "header", "pass the file unmodified")
     if not isinstance(head, dict):
         raise InputError(path, "header", "not a JSON object", "pass the file unmodified")
     head.pop("__metadata__", None)
@@ -106,11 +103,7 @@ def read_trtllm_stats(path: str | os.PathLike[str], *, model: str = "") -> Routi
     if not is_trtllm_dir(p):
         raise InputError(p, "path", "not a TensorRT-LLM statistics directory (meta_info.json "
                          "and rank<r>.safetensors)", "pass the EXPERT_STATISTIC_PATH directory")
-    try:
-        meta = json.loads((p / "meta_info.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(p / "meta_info.json", "file", f"unreadable ({exc})",
-                         "pass the directory TensorRT-LLM wrote") from None
+    meta = read_json(p / "meta_info.json", "file", "pass the directory TensorRT-LLM wrote")
     if not isinstance(meta, dict):
         raise InputError(p / "meta_info.json", "file", "not a JSON object", "pass it unmodified")
     N, k = meta.get("num_experts"), meta.get("num_experts_per_token")
