@@ -616,6 +616,7 @@ def _rows(summaries: dict[str, dict[str, Any]], step_ms: dict[str, float],
                "cross_node_pair_fraction": s.get("cross_node_pair_fraction", float("nan"))}
         if per_token:
             row["traffic_static"] = s["traffic_static"]
+            row["traffic_static_remote_nodes"] = s["traffic_static_remote_nodes"]
             row["traffic_follow"] = s["traffic_follow"]
             if name in step_ms:
                 row["step_ms"] = step_ms[name]
@@ -630,7 +631,8 @@ def _rows(summaries: dict[str, dict[str, Any]], step_ms: dict[str, float],
 
 
 _GAIN_METRICS = ("load_imbalance_mean", "load_imbalance_max", "cross_gpu_pair_fraction",
-                 "cross_node_pair_fraction", "traffic_static", "traffic_follow", "step_ms")
+                 "cross_node_pair_fraction", "traffic_static", "traffic_static_remote_nodes",
+                 "traffic_follow", "step_ms")
 
 
 def strongest_baseline_gains(df: pd.DataFrame, ours: str) -> pd.DataFrame:
@@ -672,8 +674,14 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
               show_default=True)
 @click.option("--weights", "weights_text", help="Objective weights, e.g. load=1,traffic=1,node=1,"
               "coact=0.5,migration=0.1 (coact: within-layer co-activation, for the static model).")
+@click.option("--engine", type=click.Choice(["sglang", "vllm", "trtllm", "exflow"]),
+              help="Engine the placement is for, which picks the traffic objective: sglang, vllm, "
+              "trtllm (static home, DeepEP dispatch: distinct remote GPUs and nodes per token; "
+              "the default for search) or exflow (cross-layer pairs, MoETuner; what dp, cpsat, "
+              "ilp-* and moetuner optimise).")
 @click.option("--balance-slack", type=NONNEG_FLOAT, default=0.0, show_default=True,
-              help="search: max GPU load per layer may exceed EPLB's by this fraction.")
+              help="search: max GPU load per layer may exceed EPLB's by this fraction (on the "
+              "fitted load and on each sixteenth of the requests).")
 @click.option("--time-limit", type=POS_FLOAT, default=60.0, show_default=True, help="Seconds.")
 @click.option("--holdout", type=OPEN_UNIT_FLOAT, help="Fit on a request split, report on the held-out "
               "FRACTION of requests as well.")
@@ -709,7 +717,7 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @import_options
 @_paths(inputs=("source", "current", "hardware"), outputs={"out": False})
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
-          weights_text: str | None, balance_slack: float, time_limit: float,
+          engine: str | None, weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None,
           respect_groups: int | None, seed: int,
           restarts: int, window: int, expert_bytes: int, ray_address: str | None,
@@ -743,6 +751,12 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
 
         weights = Weights.parse(weights_text)
         cluster = Cluster(gpus, nodes, replicas)
+        exact = method in ("dp", "cpsat", "ilp-cbc", "ilp-highs", "moetuner")
+        if engine not in (None, "exflow") and exact:
+            raise InputError("solve", "--engine", f"--method {method} optimises the cross-layer "
+                             f"(exflow) objective, not {engine}'s",
+                             "use --method search for sglang/vllm/trtllm, or --engine exflow")
+        engine = engine or ("exflow" if exact else "sglang")
         cur = Placement.load(current) if current else None
         if not time_limit > 0:
             raise InputError("solve", "--time-limit", f"{time_limit} is not positive",
@@ -759,8 +773,10 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
 
             def fit() -> Any:
                 return split_stream(trace, held, "fit")
+        # The static engines' stand-in objective with replicas is the co-activation spread.
         stats = src if trace is None else compute_stats(
-            fit() if callable(fit) else fit, coactivation=weights.coact > 0)
+            fit() if callable(fit) else fit,
+            coactivation=weights.coact > 0 or (engine != "exflow" and replicas > 0))
         held_tokens = 0 if trace is None else trace.num_tokens - stats.num_tokens
         if holdout is not None and (stats.num_tokens == 0 or held_tokens == 0):
             raise InputError(source, "request", "a holdout split needs requests on both sides "
@@ -780,7 +796,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                      time_limit=solve_limit, balance_slack=balance_slack,
                                      current=cur, seed=seed, num_groups=num_groups,
                                      restarts=restarts, respect_groups=respect_groups,
-                                     restart_runner=runner)
+                                     restart_runner=runner, engine=engine)
         plc.info["report"] = rep.as_dict()
         plcs = {rep.method: plc}
         skipped: list[str] = []
@@ -846,9 +862,14 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
                    f"{f' in {nodes} nodes' if nodes > 1 else ''}"
                    f"{f' with {replicas} replicas per layer' if replicas else ''}")
-        click.echo(f"objective {rep.objective['total']:.4f}, lower bound {b['total']:.4f}, "
-                   f"gap {rep.gap:.1%} (bounds: imbalance >= {b['load_imbalance_mean']:.3f}, cross-GPU "
-                   f">= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= {b['cross_node_pair_fraction']:.3f})")
+        eng = rep.details.get("engine", "exflow")
+        terms = (f"traffic_static >= {b['traffic_static']:.3f}, traffic_static_remote_nodes >= "
+                 f"{b['traffic_static_remote_nodes']:.3f}" if eng != "exflow" else
+                 f"cross-GPU >= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= "
+                 f"{b['cross_node_pair_fraction']:.3f}")
+        click.echo(f"objective ({eng}) {rep.objective['total']:.4f}, lower bound "
+                   f"{b['total']:.4f}, gap {rep.gap:.1%} (bounds: imbalance >= "
+                   f"{b['load_imbalance_mean']:.3f}, {terms})")
         label = "fitted trace" if holdout is not None else "trace"
         click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}"
                    f"{_scored_note(scoring.get('fit'))}):")

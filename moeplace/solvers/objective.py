@@ -1,9 +1,17 @@
 """The objective every solver optimises, scored from statistics: weighted load, traffic and migration.
 
-``total = load * mean_l(max GPU load / mean GPU load) + traffic * cross-GPU pair fraction
-+ node * cross-node pair fraction + coact * co-activation spread + migration * (expert copies
-moved / slots)``. The co-activation spread is the share of a token's within-layer expert pairs
-on different GPUs (what the ``static`` home model pays for). Each term is also reported alone.
+The traffic terms follow the engine the placement is for (``ENGINES``):
+
+- ``sglang``, ``vllm``, ``trtllm`` (static home, DeepEP dispatch; the default):
+  ``traffic * traffic_static / k + node * traffic_static_remote_nodes / min(k, M - 1)``, remote
+  GPUs and nodes per token and layer, estimated on the statistics' token sample
+  (``solvers.static``);
+- ``exflow`` (follow home, MoETuner's cross-layer view): ``traffic * cross-GPU pair fraction
+  + node * cross-node pair fraction``.
+
+Both add ``load * mean_l(max GPU load / mean GPU load) + coact * co-activation spread
++ migration * (expert copies moved / slots)``. The co-activation spread is the share of a
+token's within-layer expert pairs on different GPUs. Each term is also reported alone.
 """
 
 from __future__ import annotations
@@ -15,7 +23,21 @@ import numpy as np
 
 from moeplace.placement import Placement
 from moeplace.solvers.evaluator import gpu_loads_from_stats, imbalance, migration, pair_fractions
+from moeplace.solvers.static import static_terms
 from moeplace.traces import RoutingStats
+
+STATIC_ENGINES = ("sglang", "vllm", "trtllm")
+ENGINES = (*STATIC_ENGINES, "exflow")
+DEFAULT_ENGINE = "sglang"
+
+
+def check_engine(engine: str) -> None:
+    """One-line error for an unknown engine name."""
+    from moeplace.errors import InputError
+
+    if engine not in ENGINES:
+        raise InputError("solve", "--engine", f"unknown engine {engine!r}",
+                         f"use one of {', '.join(ENGINES)}")
 
 
 @dataclass(frozen=True)
@@ -63,15 +85,22 @@ class ObjectiveValue:
     cross_node_pair_fraction: float
     migration_fraction: float
     coactivation_spread: float = 0.0
+    traffic_static: float = 0.0
+    traffic_static_remote_nodes: float = 0.0
+    engine: str = "exflow"
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
 def score(stats: RoutingStats, placement: Placement, weights: Weights = Weights(),
-          current: Placement | None = None) -> ObjectiveValue:
-    """Objective of ``placement`` on ``stats`` (replica loads split evenly across copies)."""
+          current: Placement | None = None, engine: str = "exflow") -> ObjectiveValue:
+    """Objective of ``placement`` on ``stats`` for ``engine`` (replica loads split evenly
+    across copies). Every term is computed whatever the engine; the engine picks which traffic
+    terms make up the total."""
     imb = float(imbalance(gpu_loads_from_stats(stats.load, placement)).mean())
+    ts = static_terms(stats, placement)
+    rg, rn = ts if ts is not None else (0.0, 0.0)
     cg = cn = 0.0
     if stats.transitions is not None and stats.num_layers > 1:
         pf = pair_fractions(stats.transitions, placement)
@@ -83,9 +112,14 @@ def score(stats: RoutingStats, placement: Placement, weights: Weights = Weights(
     mig = 0.0
     if current is not None:
         mig = migration(placement, current)["copies_transferred"] / placement.phy2log.size
-    total = (weights.load * imb + weights.traffic * cg + weights.node * cn
-             + weights.migration * mig + weights.coact * co)
-    return ObjectiveValue(total, imb, cg, cn, mig, co)
+    if engine in STATIC_ENGINES:
+        k = max(stats.meta.top_k, 1)
+        M = placement.num_nodes
+        traffic = weights.traffic * rg / k + (weights.node * rn / min(k, M - 1) if M > 1 else 0.0)
+    else:
+        traffic = weights.traffic * cg + weights.node * cn
+    total = weights.load * imb + traffic + weights.migration * mig + weights.coact * co
+    return ObjectiveValue(total, imb, cg, cn, mig, co, rg, rn, engine)
 
 
 def coactivation_spread(coactivation: np.ndarray, placement: Placement) -> float:

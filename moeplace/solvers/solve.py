@@ -22,8 +22,9 @@ from moeplace.solvers.bounds import lower_bound
 from moeplace.solvers.dp import MAX_STATES, num_states, solve_dp
 from moeplace.solvers.exact import solve_cpsat, solve_pulp
 from moeplace.solvers.groups import expand_groups, group_span, group_stats
-from moeplace.solvers.objective import Weights, score
+from moeplace.solvers.objective import STATIC_ENGINES, Weights, check_engine, score
 from moeplace.solvers.search import search
+from moeplace.solvers.static import static_search, term_scales
 from moeplace.traces import RoutingStats
 
 METHODS = ("auto", "search", "dp", "cpsat", "ilp-cbc", "ilp-highs", "moetuner", "eplb",
@@ -185,9 +186,15 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                       seed: int = 0, num_groups: int | None = None,
                       restarts: int | None = None,
                       respect_groups: int | None = None,
-                      restart_runner: RestartRunner | None = None
+                      restart_runner: RestartRunner | None = None,
+                      engine: str = "sglang"
                       ) -> tuple[Placement, SolveReport]:
     """Solve and return the placement with its report (objective, bound, gap, time).
+
+    ``engine`` picks the traffic objective (``objective.ENGINES``): the serving engines' static
+    home with DeepEP dispatch (``sglang``, ``vllm``, ``trtllm``: distinct remote GPUs and nodes
+    per token) or ``exflow`` (cross-layer pairs). ``search`` optimises either; the exact methods
+    and ``moetuner`` optimise the cross-layer objective, so their report is for ``exflow``.
 
     ``restart_runner`` runs the search's restarts elsewhere (``moeplace.service.fleet``'s Ray
     runner); the best result is kept with ties to the lowest seed either way.
@@ -199,16 +206,19 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     if method not in METHODS:
         raise InputError("solve", "--method", f"unknown method {method!r}", f"use one of {METHODS}")
     check_request(stats, c, time_limit, current)
+    check_engine(engine)
     if respect_groups:
         return _solve_groups(stats, c, respect_groups, method=method, weights=weights,
                              time_limit=time_limit, balance_slack=balance_slack,
-                             current=current, seed=seed, restarts=restarts)
+                             current=current, seed=seed, restarts=restarts, engine=engine)
     t0 = time.perf_counter()
     deadline = time.monotonic() + time_limit
     N = stats.num_experts
     if method == "auto":
         small = c.replicas == 0 and num_states(N, c.num_gpus) <= MAX_STATES
-        method = "dp" if small else "search"
+        method = "dp" if small and engine not in STATIC_ENGINES else "search"
+    if method not in ("search", *BASELINES):
+        engine = "exflow"  # what the exact methods and MoETuner optimise
     details: dict[str, Any] = {}
     status = "heuristic"
     bound_total: float | None = None
@@ -224,14 +234,34 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
             start = current  # moving away from what serves now must pay for itself
         # Keep a tenth of the budget (at most 5 s) for scoring and bounds after the search.
         budget = time_limit - (time.perf_counter() - t0) - _reserve(time_limit)
-        plc, rep = _multi_start(stats, start, restarts, weights=weights,
-                                balance_slack=balance_slack,
-                                time_limit=max(budget, 0.05 * time_limit), current=current,
-                                seed=seed, runner=restart_runner)
-        details.update(sweeps=rep.sweeps, swaps=rep.swaps, relabels=rep.relabels,
-                       assignments=rep.assignments, stopped=rep.stopped, restarts=rep.restarts,
-                       start="current" if start is current else "eplb-distinct")
-        status = "time limit" if rep.stopped == "time limit" else "local optimum"
+        budget = max(budget, 0.05 * time_limit)
+        if engine in STATIC_ENGINES and c.replicas == 0 and stats.has_samples:
+            plc, srep = static_search(stats, start, traffic=weights.traffic, node=weights.node,
+                                      migration=weights.migration, current=current,
+                                      balance_slack=balance_slack, time_limit=budget)
+            details.update(swaps=srep.swaps, kl_passes=srep.kl_passes,
+                           repaired_layers=srep.repaired_layers, stopped=srep.stopped,
+                           load_scenarios=srep.scenarios, sampled_tokens=len(stats.token_sample))
+            stopped = srep.stopped
+        else:
+            sw = weights
+            if engine in STATIC_ENGINES:
+                # Without a token sample (statistics from counts) or with replicas, the static
+                # objective's stand-in is the within-layer pair spread (co-activation), if known.
+                sw = Weights(load=weights.load, traffic=0.0, node=0.0,
+                             migration=weights.migration,
+                             coact=(weights.traffic + weights.node
+                                    if stats.coactivation is not None else 0.0))
+                details["objective_proxy"] = "co-activation pairs" if sw.coact else "balance only"
+            plc, rep = _multi_start(stats, start, restarts, weights=sw,
+                                    balance_slack=balance_slack, time_limit=budget,
+                                    current=current, seed=seed, runner=restart_runner)
+            details.update(sweeps=rep.sweeps, swaps=rep.swaps, relabels=rep.relabels,
+                           assignments=rep.assignments, stopped=rep.stopped,
+                           restarts=rep.restarts)
+            stopped = rep.stopped
+        details["start"] = "current" if start is current else "eplb-distinct"
+        status = "time limit" if stopped == "time limit" else "local optimum"
     else:
         if c.replicas:
             raise InputError("solve", "--replicas", f"--method {method} places each expert once",
@@ -275,17 +305,37 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
             raise InfeasibleError(f"{method} found no placement within {time_limit:g} s "
                                   f"(status {res.status}); raise --time-limit or use search")
         plc, status, bound_total = res.placement, res.status, res.bound
-    obj = score(stats, plc, weights, current)
-    lb = lower_bound(stats, c.num_gpus, c.num_nodes, c.replicas, weights)
-    bound = lb.as_dict()
-    if bound_total is not None and bound_total > lb.total:
+    obj = score(stats, plc, weights, current, engine)
+    bound = engine_bound(stats, c, weights, engine)
+    if bound_total is not None and bound_total > bound["total"]:
         bound["total"] = bound_total
     gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
-    plc.info = {**plc.info, "method": method, "status": status}
+    details["engine"] = engine
+    plc.info = {**plc.info, "method": method, "status": status, "engine": engine}
     _label_layers(plc, stats)
     report = SolveReport(method, status, obj.as_dict(), bound, gap, time.perf_counter() - t0,
                          details)
     return plc, report
+
+
+def engine_bound(stats: RoutingStats, c: Cluster, weights: Weights, engine: str
+                 ) -> dict[str, float]:
+    """Lower bounds on each term and the total of ``engine``'s objective."""
+    lb = lower_bound(stats, c.num_gpus, c.num_nodes, c.replicas, weights)
+    bound = lb.as_dict()
+    if engine in STATIC_ENGINES:
+        # A token's k experts fill at least ceil(k / slots) GPUs and ceil(k / node slots) nodes;
+        # with replicas a token may find all its experts on one GPU.
+        k = max(stats.meta.top_k, 1)
+        S = (stats.num_experts + c.replicas) // c.num_gpus
+        n = c.num_gpus // c.num_nodes
+        dg, dn = (-(-k // S), -(-k // (S * n))) if c.replicas == 0 else (1, 1)
+        sg, sn = term_scales(stats, c.num_gpus, c.num_nodes)
+        bound["traffic_static"] = dg * (1 - 1 / c.num_gpus)
+        bound["traffic_static_remote_nodes"] = dn * (1 - 1 / c.num_nodes)
+        bound["total"] = (weights.load * lb.load_imbalance_mean + weights.traffic * dg * sg
+                          + weights.node * dn * sn + weights.coact * lb.coactivation_spread)
+    return bound
 
 
 def _reserve(time_limit: float) -> float:
@@ -315,8 +365,9 @@ def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, *, current: Pla
     gplc, inner = solve_with_report(group_stats(stats, n_group),
                                    Cluster(c.num_gpus // span, c.num_nodes), weights=weights, **kw)
     plc = expand_groups(gplc, n_group, stats.num_experts, c.num_gpus, c.num_nodes, stats.load)
-    obj = score(stats, plc, weights, current)
-    bound = lower_bound(stats, c.num_gpus, c.num_nodes, 0, weights).as_dict()
+    engine = inner.details.get("engine", "exflow")
+    obj = score(stats, plc, weights, current, engine)
+    bound = engine_bound(stats, Cluster(c.num_gpus, c.num_nodes), weights, engine)
     details = {**inner.details, "respect_groups": n_group, "group_span_gpus": span,
                "group_status": inner.status, "group_bound": inner.bound["total"]}
     if span == 1 and inner.bound["total"] > bound["total"]:

@@ -22,6 +22,23 @@ from moeplace.traces.trace import Trace, TraceMeta
 STATS_FORMAT = "moeplace.stats"
 STATS_VERSION = 1
 
+# Requests hash into this many buckets of load counts: each bucket is a different sixteenth of
+# the traffic, which lets a solver check that its balance holds on traffic it was not fitted to.
+LOAD_BUCKETS = 64
+# Tokens kept (a uniform sample, mergeable across shards) for objectives that need each token's
+# whole expert set, such as distinct GPUs per token; ~16k tokens fix a mean of a few units to
+# about 1%.
+SAMPLE_TOKENS = 16384
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a fixed, seedless hash of integer ids (same on every machine)."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
 
 @dataclass
 class RoutingStats:
@@ -31,8 +48,14 @@ class RoutingStats:
     - ``transitions[l, a, b]``: over tokens, pairs (a in R(t,l), b in R(t,l+1)), k*k per token.
     - ``coactivation[l, a, b]``: over tokens, pairs (a, b) both in R(t,l); the diagonal is load.
 
-    ``transitions``/``coactivation`` are ``None`` when the source had only counts (e.g. SGLang
-    ``stat`` dumps or Switch loads).
+    - ``load_buckets[h, l, e]``: ``load`` split by request, requests hashed into ``LOAD_BUCKETS``
+      buckets (sums to ``load``); solvers check balance on each bucket as held-out traffic.
+    - ``token_sample[t, l, j]`` with ``sample_priority[t]``: the expert sets of a uniform sample of
+      at most ``SAMPLE_TOKENS`` tokens (those with the smallest hash priorities, so the sample of
+      two shards is the sample of their union).
+
+    ``transitions``/``coactivation`` and the rest are ``None`` when the source had only counts
+    (e.g. SGLang ``stat`` dumps or Switch loads).
     """
 
     meta: TraceMeta
@@ -40,6 +63,9 @@ class RoutingStats:
     load: np.ndarray
     transitions: np.ndarray | None = None
     coactivation: np.ndarray | None = None
+    load_buckets: np.ndarray | None = None
+    token_sample: np.ndarray | None = None
+    sample_priority: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -55,14 +81,16 @@ class RoutingStats:
         return self.meta.dropped_tokens
 
     @classmethod
-    def zeros(cls, meta: TraceMeta, transitions: bool = True, coactivation: bool = True
-              ) -> RoutingStats:
-        L, N = meta.num_layers, meta.num_experts
+    def zeros(cls, meta: TraceMeta, transitions: bool = True, coactivation: bool = True,
+              samples: bool = True) -> RoutingStats:
+        L, N, k = meta.num_layers, meta.num_experts, meta.top_k
         # The shape comes from a file's header: check what it implies before allocating it.
         # Counted twice: whoever uses the counts (analysis, solvers) makes float64 copies of
         # the N x N arrays, so half the cap for the counts keeps the whole run near the cap.
         check_memory(2 * 8 * (L * N + (max(L - 1, 0) * N * N if transitions else 0)
-                              + (L * N * N if coactivation else 0)),
+                              + (L * N * N if coactivation else 0)
+                              + ((LOAD_BUCKETS * L * N + SAMPLE_TOKENS * (L * k + 1))
+                                 if samples else 0)),
                      f"statistics for {L} layers x {N} experts (and working copies)",
                      meta.source or "trace", "num_experts")
         return cls(
@@ -71,12 +99,51 @@ class RoutingStats:
             load=np.zeros((L, N), np.int64),
             transitions=np.zeros((max(L - 1, 0), N, N), np.int64) if transitions else None,
             coactivation=np.zeros((L, N, N), np.int64) if coactivation else None,
+            load_buckets=np.zeros((LOAD_BUCKETS, L, N), np.int64) if samples else None,
+            token_sample=np.zeros((0, L, k), np.int32) if samples else None,
+            sample_priority=np.zeros(0, np.uint64) if samples else None,
         )
 
     def add_trace(self, trace: Trace, backend: str = "auto") -> None:
         """Count one chunk into these statistics in place."""
         count_into(trace.experts, self.load, self.transitions, self.coactivation, backend)
+        if self.load_buckets is not None:
+            self._add_samples(trace)
         self.num_tokens += trace.num_tokens
+
+    def _add_samples(self, trace: Trace) -> None:
+        T, L, _k = trace.experts.shape
+        N = self.num_experts
+        if "request" in trace.tokens:
+            req = np.asarray(trace.tokens["request"], np.int64)
+            # Tokens of one request share a bucket; their priorities differ by position.
+            salt = np.arange(T, dtype=np.uint64) + np.uint64(self.num_tokens)
+        else:  # each token is its own request: number them through the whole stream
+            req = np.arange(T, dtype=np.int64) + self.num_tokens
+            salt = np.zeros(T, np.uint64)
+        h = _mix64(req.view(np.uint64) if req.dtype == np.int64 else req.astype(np.uint64))
+        bucket = (h % np.uint64(LOAD_BUCKETS)).astype(np.intp)
+        e = trace.experts.astype(np.intp)
+        key = (bucket[:, None, None] * (L * N) + np.arange(L)[None, :, None] * N + e).ravel()
+        self.load_buckets += np.bincount(key, minlength=LOAD_BUCKETS * L * N).reshape(
+            LOAD_BUCKETS, L, N)
+        assert self.token_sample is not None and self.sample_priority is not None
+        pr = _mix64(h ^ _mix64(salt))
+        self._merge_sample(trace.experts.astype(np.int32), pr)
+
+    def _merge_sample(self, sets: np.ndarray, pr: np.ndarray) -> None:
+        """Keep the ``SAMPLE_TOKENS`` lowest priorities of the current sample and ``sets``."""
+        assert self.token_sample is not None and self.sample_priority is not None
+        if len(self.sample_priority) >= SAMPLE_TOKENS:
+            keep = pr < self.sample_priority.max()
+            sets, pr = sets[keep], pr[keep]
+        allp = np.concatenate([self.sample_priority, pr])
+        alls = np.concatenate([self.token_sample, sets])
+        if len(allp) > SAMPLE_TOKENS:
+            idx = np.argpartition(allp, SAMPLE_TOKENS - 1)[:SAMPLE_TOKENS]
+            allp, alls = allp[idx], alls[idx]
+        order = np.argsort(allp, kind="stable")
+        self.sample_priority, self.token_sample = allp[order], alls[order]
 
     def __add__(self, other: RoutingStats) -> RoutingStats:
         # Same shape is not enough: counts of another model's layers or top-k would add up
@@ -87,9 +154,21 @@ class RoutingStats:
         def _sum(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
             return None if a is None or b is None else a + b
 
-        return RoutingStats(self.meta, self.num_tokens + other.num_tokens, self.load + other.load,
-                            _sum(self.transitions, other.transitions),
-                            _sum(self.coactivation, other.coactivation))
+        out = RoutingStats(self.meta, self.num_tokens + other.num_tokens, self.load + other.load,
+                           _sum(self.transitions, other.transitions),
+                           _sum(self.coactivation, other.coactivation),
+                           _sum(self.load_buckets, other.load_buckets))
+        if (self.token_sample is not None and other.token_sample is not None
+                and self.sample_priority is not None and other.sample_priority is not None):
+            out.token_sample, out.sample_priority = self.token_sample, self.sample_priority
+            out._merge_sample(other.token_sample, other.sample_priority)
+        return out
+
+    @property
+    def has_samples(self) -> bool:
+        """Whether these statistics carry the per-request buckets and the token sample."""
+        return (self.load_buckets is not None and self.token_sample is not None
+                and len(self.token_sample) > 0)
 
     def require_transitions(self) -> np.ndarray:
         if self.transitions is None:
@@ -107,6 +186,11 @@ class RoutingStats:
             arrays["transitions"] = self.transitions
         if self.coactivation is not None:
             arrays["coactivation"] = self.coactivation
+        if self.load_buckets is not None:
+            arrays["load_buckets"] = self.load_buckets
+        if self.token_sample is not None and self.sample_priority is not None:
+            arrays["token_sample"] = self.token_sample
+            arrays["sample_priority"] = self.sample_priority
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
         return Path(path)
@@ -157,8 +241,9 @@ class RoutingStats:
             if num_tokens is None:
                 raise InputError(path, "num_tokens", "missing", fix)
             arrays = {k: _counts(z.read(k), path, k) for k in want if k in z}
+            samples = _read_samples(z, path, meta, fix)
         stats = cls(meta, num_tokens, arrays["load"], arrays.get("transitions"),
-                    arrays.get("coactivation"))
+                    arrays.get("coactivation"), *samples)
         stats._check_totals(path)
         return stats
 
@@ -176,6 +261,10 @@ class RoutingStats:
             raise InputError(source, "load", f"layer {l} counts {int(per_layer[l])} assignments, "
                              f"but {self.num_tokens} tokens x top-{k} = {self.num_tokens * k}",
                              "num_tokens, top_k and the counts disagree; re-create the file")
+        if self.load_buckets is not None and not np.array_equal(self.load_buckets.sum(axis=0),
+                                                                 self.load):
+            raise InputError(source, "load_buckets", "the request buckets do not add up to load",
+                             "re-create the file")
         if self.transitions is not None and self.transitions.size:
             sums = self.transitions.sum(axis=(1, 2))
             bad = np.flatnonzero(sums != self.num_tokens * k * k)
@@ -183,6 +272,38 @@ class RoutingStats:
                 raise InputError(source, "transitions", f"layer pair {int(bad[0])} counts "
                                  f"{int(sums[bad[0]])} pairs, expected "
                                  f"{self.num_tokens * k * k}", "re-create the file")
+
+
+def _read_samples(z: NpzMembers, path: object, meta: TraceMeta, fix: str
+                  ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The optional request buckets and token sample, checked (shapes, ids, sizes) before use."""
+    L, N, k = meta.num_layers, meta.num_experts, meta.top_k
+    buckets = sample = prio = None
+    if "load_buckets" in z:
+        got, dtype = z.header("load_buckets")
+        if got != (LOAD_BUCKETS, L, N) or dtype.kind not in "iu":
+            raise InputError(path, "load_buckets", f"{dtype} array of shape {got}, expected "
+                             f"integers of shape {(LOAD_BUCKETS, L, N)}", fix)
+        buckets = _counts(z.read("load_buckets"), path, "load_buckets")
+    if ("token_sample" in z) != ("sample_priority" in z):
+        raise InputError(path, "token_sample", "token_sample and sample_priority come together",
+                         fix)
+    if "token_sample" in z:
+        got, dtype = z.header("token_sample")
+        if (len(got) != 3 or got[0] > SAMPLE_TOKENS or got[1:] != (L, k)
+                or dtype.kind not in "iu"):
+            raise InputError(path, "token_sample", f"{dtype} array of shape {got}, expected "
+                             f"integers of shape (<= {SAMPLE_TOKENS}, {L}, {k})", fix)
+        pgot, pdtype = z.header("sample_priority")
+        if pgot != (got[0],) or pdtype != np.dtype(np.uint64):
+            raise InputError(path, "sample_priority", f"{pdtype} array of shape {pgot}, expected "
+                             f"uint64 of shape ({got[0]},)", fix)
+        raw = z.read("token_sample")
+        if raw.size and (int(raw.min()) < 0 or int(raw.max()) >= N):
+            raise InputError(path, "token_sample", f"expert ids outside 0..{N - 1}", fix)
+        sample = raw.astype(np.int32)
+        prio = z.read("sample_priority")
+    return buckets, sample, prio
 
 
 def _counts(a: np.ndarray, source: object, key: str) -> np.ndarray:
@@ -197,12 +318,13 @@ def _counts(a: np.ndarray, source: object, key: str) -> np.ndarray:
 
 
 def compute_stats(source: Trace | TraceReader | str | os.PathLike[str] | Iterable[Trace], *,
-                  transitions: bool = True, coactivation: bool = True,
+                  transitions: bool = True, coactivation: bool = True, samples: bool = True,
                   chunk_tokens: int = 1 << 16, backend: str = "auto",
                   show_progress: bool | None = None) -> RoutingStats:
-    """One streaming pass over a trace (in memory, a Parquet path, or chunks) to statistics."""
-    chunks, meta, total = as_chunks(source, chunk_tokens, weights=False, token_fields=False)
-    stats = RoutingStats.zeros(meta, transitions, coactivation)
+    """One streaming pass over a trace (in memory, a Parquet path, or chunks) to statistics
+    (``samples``: the request buckets and the token sample, see ``RoutingStats``)."""
+    chunks, meta, total = as_chunks(source, chunk_tokens, weights=False, token_fields=samples)
+    stats = RoutingStats.zeros(meta, transitions, coactivation, samples)
     bar = Progress(total, "statistics", "tokens", enabled=show_progress)
     for chunk in chunks:
         stats.add_trace(chunk, backend)
