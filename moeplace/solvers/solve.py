@@ -22,6 +22,7 @@ from moeplace.solvers.registry import (
     Cluster,
     RestartRunner,
     SolveOptions,
+    Solver,
     check_supported,
     get,
     names,
@@ -100,10 +101,11 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                       ) -> tuple[Placement, SolveReport]:
     """Solve and return the placement with its report (objective, bound, gap, time).
 
-    ``method`` is ``"auto"`` (dp when its state space is small and there are no replicas,
-    else search) or a registered method (``registry.names()``). ``restart_runner`` runs the
-    search's restarts elsewhere (``moeplace.service.fleet``'s Ray runner); the best result is
-    kept with ties to the lowest seed either way.
+    ``method`` is ``"auto"`` (dp when its state space is small and it serves the request:
+    no replicas, no migration term; else search) or a registered method
+    (``registry.names()``). ``restart_runner`` runs the search's restarts elsewhere
+    (``moeplace.service.fleet``'s Ray runner); the best result is kept with ties to the lowest
+    seed either way.
 
     ``respect_groups=n_group`` only moves whole routing groups (DeepSeek's group-limited
     routing), so the placement can be applied to a checkpoint; see ``solvers.groups``.
@@ -131,7 +133,7 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
     options = options.started()
     if method == "auto":
         small = c.replicas == 0 and num_states(stats.num_experts, c.num_gpus) <= MAX_STATES
-        method = "dp" if small else "search"
+        method = "dp" if small and _serves(get("dp"), c, options) else "search"
     solver = get(method)
     check_supported(solver, c, options)
     plc, res = solver.solve(stats, c, options)
@@ -146,6 +148,15 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
     report = SolveReport(method, res.status, obj.as_dict(), bound, gap,
                          time.perf_counter() - t0, res.details)
     return plc, report
+
+
+def _serves(solver: Solver, c: Cluster, options: SolveOptions) -> bool:
+    """Whether ``solver`` declares everything the request needs (auto falls back otherwise)."""
+    try:
+        check_supported(solver, c, options)
+    except InputError:
+        return False
+    return True
 
 
 def _label_layers(plc: Placement, stats: RoutingStats) -> None:

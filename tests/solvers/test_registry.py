@@ -218,3 +218,16 @@ def test_cli_method_choices_are_the_methods():
 
     opt = next(p for p in main.commands["solve"].params if p.name == "method")
     assert tuple(opt.type.choices) == METHODS
+
+
+def test_auto_takes_dp_only_for_requests_dp_serves(tiny):
+    # Small and without replicas: the proven optimum.
+    assert solve_with_report(tiny, 3)[1].method == "dp"
+    # A migration term dp does not have: the search, which does, instead of a refusal.
+    cur = contiguous(3, 6, 3)
+    plc, rep = solve_with_report(tiny, 3, weights=Weights(migration=1.0), current=cur,
+                                 time_limit=5)
+    assert rep.method == "search" and rep.details["start"] == "current"
+    assert rep.objective["migration_fraction"] == pytest.approx(score(
+        tiny, plc, Weights(migration=1.0), cur).migration_fraction)
+    assert solve_with_report(tiny, Cluster(3, 1, 3), time_limit=5)[1].method == "search"
