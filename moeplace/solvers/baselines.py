@@ -27,14 +27,28 @@ layer's max GPU load).
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 
 import numpy as np
 
 from moeplace.errors import InfeasibleError, InputError, TimeLimitError
+from moeplace.models import KNOWN, guess_model
 from moeplace.placement import Placement, contiguous, random_placement, round_robin
+from moeplace.solvers.registry import (
+    Cluster,
+    MethodResult,
+    SolveOptions,
+    Solver,
+    check_supported,
+    get,
+    names,
+    register,
+)
+from moeplace.traces import RoutingStats
 
-__all__ = ["balanced_packing", "contiguous", "eplb", "eplb_distinct", "random_placement",
-           "replica_counts", "replicate_experts", "round_robin"]
+__all__ = ["balanced_packing", "baseline", "contiguous", "default_groups", "eplb",
+           "eplb_distinct", "random_placement", "replica_counts", "replicate_experts",
+           "round_robin"]
 
 # DeepSeek's EPLB and the stacks compute in float32.
 _F = np.float32
@@ -288,3 +302,110 @@ def eplb_distinct(load: np.ndarray, num_gpus: int, num_nodes: int = 1, replicas:
     return Placement(np.array(rows, np.int64), num_gpus, num_nodes, N,
                      info={"method": "eplb-distinct", "num_groups": g,
                            "policy": "hierarchical" if M > 1 else "global"})
+
+
+def default_groups(stats: RoutingStats, model_shape: str | None = None) -> int | None:
+    """The model's expert groups (``n_group``) for EPLB: from the statistics' metadata, else
+    from a known model named by ``model_shape`` or the trace; ``None`` when unknown (EPLB then
+    runs with 1 group, as vLLM and SGLang do for models without groups)."""
+    g = stats.meta.extra.get("n_group")
+    if isinstance(g, int) and g > 0:
+        return g
+    for name in (model_shape, stats.meta.model):
+        key = guess_model(name)
+        if key is not None and KNOWN[key].num_experts == stats.num_experts:
+            return KNOWN[key].n_group
+    return None
+
+
+def baseline(method: str, stats: RoutingStats, c: Cluster, seed: int = 0,
+             num_groups: int | None = None, deadline: float | None = None) -> Placement:
+    """A baseline placement (``names(baseline=True)``: eplb, eplb-distinct, contiguous,
+    round_robin, random) without solving or bounds; ``num_groups`` defaults to the model's
+    (``default_groups``)."""
+    solver = get(method)
+    if not solver.baseline:
+        raise InputError("solve", "--method", f"{method} is not a baseline",
+                         f"use one of {names(baseline=True)}")
+    options = SolveOptions(seed=seed, num_groups=num_groups, deadline=deadline)
+    check_supported(solver, c, options)
+    return solver.solve(stats, c, options)[0]
+
+
+# ---- the baselines as methods (see moeplace.solvers.registry) --------------------------------
+class _Baseline(Solver):
+    baseline = True
+    replicas = True
+
+    def solve(self, stats: RoutingStats, cluster: Cluster, options: SolveOptions
+              ) -> tuple[Placement, MethodResult]:
+        return self.place(stats, cluster, options), MethodResult("baseline")
+
+    @abstractmethod
+    def place(self, stats: RoutingStats, c: Cluster, options: SolveOptions) -> Placement:
+        """The baseline's layout."""
+
+    @staticmethod
+    def groups(stats: RoutingStats, options: SolveOptions) -> int | None:
+        return default_groups(stats) if options.num_groups is None else options.num_groups
+
+
+@register
+class EPLBBaseline(_Baseline):
+    """DeepSeek's EPLB as vLLM and SGLang run it (copies of one expert may share a GPU)."""
+
+    name = "eplb"
+    rank = 60
+
+    def place(self, stats: RoutingStats, c: Cluster, options: SolveOptions) -> Placement:
+        return eplb(stats.load, c.num_gpus, c.num_nodes, c.replicas,
+                    num_groups=self.groups(stats, options), deadline=options.deadline)
+
+
+@register
+class EPLBDistinctBaseline(_Baseline):
+    """EPLB with the copies of one expert on distinct GPUs (the search's start)."""
+
+    name = "eplb-distinct"
+    rank = 61
+
+    def place(self, stats: RoutingStats, c: Cluster, options: SolveOptions) -> Placement:
+        return eplb_distinct(stats.load, c.num_gpus, c.num_nodes, c.replicas,
+                             num_groups=self.groups(stats, options), deadline=options.deadline)
+
+
+@register
+class ContiguousBaseline(_Baseline):
+    """Experts in id order, S per GPU (vLLM ``linear``, SGLang ``trivial``)."""
+
+    name = "contiguous"
+    rank = 70
+
+    def place(self, stats: RoutingStats, c: Cluster, options: SolveOptions) -> Placement:
+        L, N = stats.load.shape
+        return contiguous(L, N, c.num_gpus, c.num_nodes, replicas=c.replicas)
+
+
+@register
+class RoundRobinBaseline(_Baseline):
+    """Expert e on GPU e mod G; it has no rule for replicas."""
+
+    name = "round_robin"
+    rank = 71
+    replicas = False
+
+    def place(self, stats: RoutingStats, c: Cluster, options: SolveOptions) -> Placement:
+        L, N = stats.load.shape
+        return round_robin(L, N, c.num_gpus, c.num_nodes)
+
+
+@register
+class RandomBaseline(_Baseline):
+    """A seeded random balanced placement."""
+
+    name = "random"
+    rank = 72
+
+    def place(self, stats: RoutingStats, c: Cluster, options: SolveOptions) -> Placement:
+        L, N = stats.load.shape
+        return random_placement(L, N, c.num_gpus, c.num_nodes, c.replicas, seed=options.seed)

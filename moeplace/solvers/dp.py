@@ -15,8 +15,9 @@ import numpy as np
 
 from moeplace.errors import InputError
 from moeplace.placement import Placement
-from moeplace.solvers.exact import ExactResult
+from moeplace.solvers._exact_common import ExactResult, method_result
 from moeplace.solvers.objective import Weights, score
+from moeplace.solvers.registry import Cluster, MethodResult, SolveOptions, Solver, register
 from moeplace.traces import RoutingStats
 
 MAX_STATES = 4000
@@ -107,3 +108,18 @@ def solve_dp(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
     plc = Placement(np.array(rows), G, M, N, info={"method": "dp"})
     obj = score(stats, plc, weights).total
     return ExactResult(plc, "optimal", obj, obj, time.perf_counter() - t0)
+
+
+@register
+class DPSolver(Solver):
+    """The dynamic program: the proven optimum without replicas, for small state spaces."""
+
+    name = "dp"
+    coact = True
+    exact = True
+    rank = 20
+
+    def solve(self, stats: RoutingStats, cluster: Cluster, options: SolveOptions
+              ) -> tuple[Placement, MethodResult]:
+        res = solve_dp(stats, cluster.num_gpus, cluster.num_nodes, weights=options.weights)
+        return method_result(res, self.name, options.time_limit)

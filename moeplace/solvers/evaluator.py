@@ -88,6 +88,19 @@ def imbalance(gpu_load: np.ndarray) -> np.ndarray:
         return np.where(mean > 0, gpu_load.max(axis=-1) / np.where(mean > 0, mean, 1), 1.0)
 
 
+def coactivation_spread(coactivation: np.ndarray, placement: Placement) -> float:
+    """Share of within-layer expert pairs of a token (a != b) with no GPU in common."""
+    c = coactivation.astype(np.float64).copy()
+    idx = np.arange(c.shape[1])
+    c[:, idx, idx] = 0.0
+    tot = c.sum()
+    if tot == 0:
+        return 0.0
+    f = placement.incidence().astype(np.float32)
+    shared = np.einsum("lag,lbg->lab", f, f) > 0
+    return float((c * ~shared).sum() / tot)
+
+
 def evaluate_stats(stats: RoutingStats, placement: Placement) -> dict[str, Any]:
     """Metrics 1 (whole trace) and 2 from aggregated statistics alone."""
     check_compatible(placement, stats.num_layers, stats.num_experts, stats.meta.source or "stats")
@@ -100,8 +113,6 @@ def evaluate_stats(stats: RoutingStats, placement: Placement) -> dict[str, Any]:
         out["cross_gpu_pair_fraction"] = float(pf["cross_gpu_pairs"].sum() / tot) if tot else 0.0
         out["cross_node_pair_fraction"] = float(pf["cross_node_pairs"].sum() / tot) if tot else 0.0
     if stats.coactivation is not None:
-        from moeplace.solvers.objective import coactivation_spread
-
         out["coactivation_spread"] = coactivation_spread(stats.coactivation, placement)
     return out
 

@@ -9,67 +9,34 @@ Objective: ``load/L * sum_l M_l/mean_l + traffic * (1 - sum T z / T_tot) + node 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
-import sys
 import time
+from abc import abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from moeplace.errors import InputError
 from moeplace.placement import Placement
+from moeplace.solvers._exact_common import (
+    ExactResult,
+    canonical_gpu,
+    check_split,
+    keep_better,
+    method_result,
+    placement_from,
+)
 from moeplace.solvers._stoppable import STOP_GRACE_S, OutOfTime, check_deadline, run_stoppable
-from moeplace.solvers.objective import Weights
+from moeplace.solvers.baselines import baseline
+from moeplace.solvers.milp import solve_milp
+from moeplace.solvers.objective import Weights, score
+from moeplace.solvers.registry import Cluster, MethodResult, SolveOptions, Solver, register
+from moeplace.solvers.search import search
 from moeplace.traces import RoutingStats
 
 BACKENDS = ("cpsat", "cbc", "highs")
-
-
-@dataclass
-class ExactResult:
-    """Solver outcome: placement, status, objective (incumbent), bound, gap, seconds.
-
-    ``status`` is ``"optimal"`` only when the solver proved it; ``bound`` (when known) is a
-    proven lower bound. ``source`` says whether the placement is the solver's or the warm start
-    it was given (kept because the solver found nothing better in time).
-    """
-
-    placement: Placement | None
-    status: str
-    objective: float | None
-    bound: float | None
-    seconds: float
-    source: str = "solver"
-
-    @property
-    def proved(self) -> bool:
-        """Whether the solver proved anything: optimality or a lower bound."""
-        return self.status == "optimal" or self.bound is not None
-
-    @property
-    def gap(self) -> float | None:
-        if self.objective is None or self.bound is None:
-            return None
-        return max(0.0, (self.objective - self.bound) / max(abs(self.objective), 1e-12))
-
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """Silence output written straight to file descriptor 1 by native solver libraries."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _pairs(stats: RoutingStats) -> list[tuple[int, int, int, float]]:
@@ -79,50 +46,6 @@ def _pairs(stats: RoutingStats) -> list[tuple[int, int, int, float]]:
     t = stats.transitions
     return [(int(x), int(y), int(z), float(t[x, y, z])) for x, y, z in zip(l, a, b, strict=True)]
 
-
-def _check(stats: RoutingStats, G: int, M: int) -> None:
-    N = stats.num_experts
-    if N % G:
-        raise InputError("solve", "--gpus", f"{N} experts do not split evenly over {G} GPUs",
-                         "exact models place each expert once; use --replicas with --method search")
-    if G % M:
-        raise InputError("solve", "--nodes", f"{G} GPUs do not split into {M} nodes",
-                         "use a node count that divides the GPU count")
-
-
-def _placement_from(x: np.ndarray, G: int, M: int, method: str) -> Placement:
-    """``x [L, N, G]`` 0/1 to a Placement with each GPU's experts in ascending order."""
-    L, N, _ = x.shape
-    gpu = x.argmax(axis=2)
-    rows = [np.concatenate([np.flatnonzero(gpu[l] == g) for g in range(G)]) for l in range(L)]
-    return Placement(np.array(rows), G, M, N, info={"method": method})
-
-
-def canonical_gpu(placement: Placement) -> np.ndarray:
-    """``[L, N]`` GPU of each expert after the relabelling the models' symmetry cuts assume:
-    one node: GPUs ordered by their smallest layer-0 expert; several: expert 0 of layer 0 on
-    GPU 0 (its node swapped to node 0 and its GPU to the node's first)."""
-    gpu = placement.expert_gpu()
-    G, M = placement.num_gpus, placement.num_nodes
-    n = G // M
-    if M == 1:
-        first = np.full(G, np.iinfo(np.int64).max)
-        np.minimum.at(first, gpu[0], np.arange(gpu.shape[1]))
-        rank = np.empty(G, np.int64)
-        rank[np.argsort(first, kind="stable")] = np.arange(G)
-        return rank[gpu]
-    g0 = int(gpu[0, 0])
-    perm = np.arange(G)
-    node0, pos0 = divmod(g0, n)
-    blocks = perm.reshape(M, n).copy()
-    blocks[[0, node0]] = blocks[[node0, 0]]
-    perm = blocks.reshape(-1)  # perm[new] = old
-    inv = np.empty(G, np.int64)
-    inv[perm] = np.arange(G)
-    gpu = inv[gpu]
-    within = np.arange(G)
-    within[[0, pos0]] = within[[pos0, 0]]
-    return within[gpu]
 
 
 def min_max_partition(load: np.ndarray, G: int, time_limit: float, workers: int = 1
@@ -217,26 +140,6 @@ def chain_applies(num_layers: int, num_experts: int, num_gpus: int, num_nodes: i
     return (chain_size(num_layers, num_experts, num_gpus) <= MAX_CHAIN_ARCS
             and P * P * math.factorial(num_gpus) * num_gpus * 8 <= 1 << 30)
 
-
-def keep_better(stats: RoutingStats, res: ExactResult, hint: Placement | None, weights: Weights,
-                method: str, t0: float) -> ExactResult:
-    """Score the solver's placement exactly and return the warm start instead whenever it
-    scores better (or the solver has none): no exact method returns worse than its start."""
-    from moeplace.solvers.objective import score
-
-    obj = score(stats, res.placement, weights).total if res.placement is not None else None
-    if hint is not None:
-        hint_obj = score(stats, hint, weights).total
-        if obj is None or hint_obj < obj - 1e-12:
-            plc = Placement(hint.phy2log, hint.num_gpus, hint.num_nodes, hint.num_experts,
-                            info={"method": method})
-            bound = None if res.bound is None else min(res.bound, hint_obj)
-            status = res.status if res.status != "optimal" else "feasible"
-            return ExactResult(plc, status, hint_obj, bound, time.perf_counter() - t0,
-                               "warm start")
-    bound = None if res.bound is None or obj is None else min(res.bound, obj)
-    return ExactResult(res.placement, res.status, obj, bound, time.perf_counter() - t0,
-                       res.source)
 
 
 def _cpsat_solve(solver, model, deadline: float):  # type: ignore[no-untyped-def]
@@ -404,7 +307,7 @@ def solve_cpsat(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
     worker, which proves its integral LP fastest.
     """
 
-    _check(stats, num_gpus, num_nodes)
+    check_split(stats, num_gpus, num_nodes)
     L, N = stats.load.shape
     chain_ok = chain_applies(L, N, num_gpus, num_nodes, weights)
     if formulation == "chain" and not chain_ok:
@@ -531,7 +434,7 @@ def _solve_cpsat_experts(stats: RoutingStats, num_gpus: int, num_nodes: int, *,
         xv = np.zeros((L, N, G))
         for (l, e, g), v in x.items():
             xv[l, e, g] = solver.value(v)
-        return _placement_from(xv, G, M, "cpsat")
+        return placement_from(xv, G, M, "cpsat")
 
     return _finish_cpsat(stats, solver, status, decode, weights, const, len(obj_terms), scale, t0,
                          hint)
@@ -542,7 +445,83 @@ def solve_pulp(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *, backen
                hint: Placement | None = None) -> ExactResult:
     """Solve the MILP with CBC or HiGHS (see ``milp.solve_milp``; the name is historical: the
     model is built with numpy, not PuLP, so building fits in the time limit)."""
-    from moeplace.solvers.milp import solve_milp
-
     return solve_milp(stats, num_gpus, num_nodes, backend=backend, weights=weights,
                       time_limit=time_limit, hint=hint)
+
+
+# ---- the exact models as methods (see moeplace.solvers.registry) -----------------------------
+def search_hint(stats: RoutingStats, cluster: Cluster, options: SolveOptions) -> Placement:
+    """The exact models' warm start: the better of the default search and a loosely balanced
+    one from EPLB (distinct copies), within at most a fifth of the budget (10 s at most)."""
+    w = options.weights
+    start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups,
+                     options.deadline)
+    hint_budget = min(10.0, 0.2 * options.time_limit)
+    hints = [search(stats, start, weights=w, balance_slack=slack, time_limit=hint_budget / 2)[0]
+             for slack in (0.0, 1.0)]
+    return min(hints, key=lambda h: score(stats, h, w).total)
+
+
+class _WarmStarted(Solver):
+    """An exact model given the search's warm start and the rest of the budget (building
+    included); it returns nothing worse than that start."""
+
+    exact = True
+
+    def solve(self, stats: RoutingStats, cluster: Cluster, options: SolveOptions
+              ) -> tuple[Placement, MethodResult]:
+        hint = search_hint(stats, cluster, options)
+        res = self.run(stats, cluster, options.weights, options.budget(0.1), hint)
+        plc, out = method_result(res, self.name, options.time_limit)
+        out.details.update(start="search", placement_from=res.source,
+                           proved="optimal" if res.status == "optimal" else (
+                               "lower bound" if res.bound is not None else "nothing"))
+        return plc, out
+
+    @abstractmethod
+    def run(self, stats: RoutingStats, cluster: Cluster, weights: Weights, time_limit: float,
+            hint: Placement) -> ExactResult:
+        """The model's result within ``time_limit`` seconds from ``hint``."""
+
+
+@register
+class CPSatSolver(_WarmStarted):
+    """OR-Tools CP-SAT (the partition-chain model when it applies, else the expert model)."""
+
+    name = "cpsat"
+    coact = True  # the partition-chain model has the term; the expert model refuses it
+    rank = 30
+
+    def run(self, stats: RoutingStats, cluster: Cluster, weights: Weights, time_limit: float,
+            hint: Placement) -> ExactResult:
+        return solve_cpsat(stats, cluster.num_gpus, cluster.num_nodes, weights=weights,
+                           time_limit=time_limit, hint=hint)
+
+
+class PulpSolver(_WarmStarted):
+    """The placement MILP on one backend (``backend``)."""
+
+    backend: ClassVar[str]
+
+    def run(self, stats: RoutingStats, cluster: Cluster, weights: Weights, time_limit: float,
+            hint: Placement) -> ExactResult:
+        return solve_pulp(stats, cluster.num_gpus, cluster.num_nodes, backend=self.backend,
+                          weights=weights, time_limit=time_limit, hint=hint)
+
+
+@register
+class CbcSolver(PulpSolver):
+    """The MILP solved by CBC."""
+
+    name = "ilp-cbc"
+    backend = "cbc"
+    rank = 40
+
+
+@register
+class HighsSolver(PulpSolver):
+    """The MILP solved by HiGHS."""
+
+    name = "ilp-highs"
+    backend = "highs"
+    rank = 41

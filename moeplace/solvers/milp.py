@@ -11,10 +11,13 @@ warm start when they have nothing better.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +25,7 @@ import numpy as np
 from moeplace._limits import check_memory
 from moeplace.errors import InputError
 from moeplace.placement import Placement
+from moeplace.solvers._exact_common import ExactResult, canonical_gpu, check_split, keep_better, placement_from
 from moeplace.solvers._stoppable import STOP_GRACE_S, run_stoppable
 from moeplace.solvers.objective import Weights
 from moeplace.traces import RoutingStats
@@ -161,14 +165,27 @@ def build_milp(stats: RoutingStats, G: int, M: int, weights: Weights) -> Milp:
                 np.concatenate(lo), np.concatenate(hi))
 
 
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence output written straight to file descriptor 1 by native solver libraries."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _x_from(values: np.ndarray, L: int, N: int, G: int) -> np.ndarray:
     return np.round(values[:L * N * G]).reshape(L, N, G)
 
 
 def _start_vector(model: Milp, stats: RoutingStats, hint: Placement, G: int, M: int) -> np.ndarray:
     """The warm start as a full column vector (y, M, zn at their best values for that x)."""
-    from moeplace.solvers.exact import canonical_gpu
-
     L, N = stats.load.shape
     gpu = canonical_gpu(hint)
     x = np.zeros((L, N, G))
@@ -188,15 +205,13 @@ def _start_vector(model: Milp, stats: RoutingStats, hint: Placement, G: int, M: 
 
 def solve_milp(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *, backend: str = "highs",
                weights: Weights = Weights(), time_limit: float = 60.0,
-               hint: Placement | None = None, threads: int = 2):  # type: ignore[no-untyped-def]
+               hint: Placement | None = None, threads: int = 2) -> ExactResult:
     """Solve the placement MILP with HiGHS or CBC within ``time_limit`` seconds (building
-    included); the result is never worse than ``hint``. Returns an ``ExactResult``."""
-    from moeplace.solvers.exact import ExactResult, _check, _placement_from, keep_better
-
+    included); the result is never worse than ``hint``."""
     if backend not in ("highs", "cbc"):
         raise InputError("solve", "--method", f"unknown MILP backend {backend!r}",
                          "use ilp-cbc or ilp-highs")
-    _check(stats, num_gpus, num_nodes)
+    check_split(stats, num_gpus, num_nodes)
     t0 = time.perf_counter()
     deadline = time.monotonic() + time_limit
     L, N = stats.load.shape
@@ -212,7 +227,7 @@ def solve_milp(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *, backen
     if values is None:
         res = ExactResult(None, status, None, None, 0.0)
     else:
-        plc = _placement_from(_x_from(values, L, N, G), G, M, f"ilp-{backend}")
+        plc = placement_from(_x_from(values, L, N, G), G, M, f"ilp-{backend}")
         res = ExactResult(plc, status, None, None if bound is None else bound + model.offset,
                           0.0)
     return keep_better(stats, res, hint, weights, f"ilp-{backend}", t0)
@@ -222,9 +237,7 @@ def _run_highs(model: Milp, seconds: float, start: np.ndarray | None, threads: i
                ) -> tuple[str, np.ndarray | None, float | None]:
     import highspy
 
-    from moeplace.solvers.exact import _quiet_stdout
-
-    with _quiet_stdout():  # the library prints a banner from C++ on creation
+    with quiet_stdout():  # the library prints a banner from C++ on creation
         h = highspy.Highs()
         h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", float(seconds))

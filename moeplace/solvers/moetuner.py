@@ -15,12 +15,12 @@ import time
 
 import numpy as np
 from ortools.graph.python import linear_sum_assignment
-from ortools.sat.python import cp_model
 
 from moeplace.placement import Placement
 from moeplace.solvers._stoppable import STOP_GRACE_S, run_stoppable
 from moeplace.solvers.exact import min_max_partition
 from moeplace.solvers.objective import Weights
+from moeplace.solvers.registry import Cluster, MethodResult, SolveOptions, Solver, register
 from moeplace.traces import RoutingStats
 
 
@@ -80,6 +80,8 @@ def solve_moetuner(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, *,
 def _chain_cpsat(flows: list[np.ndarray], B: np.ndarray, hint: np.ndarray, time_limit: float
                  ) -> tuple[np.ndarray, str]:
     """Stage 2 exactly: per layer a permutation of clusters onto GPUs, flow x link cost."""
+    from ortools.sat.python import cp_model  # only this stage needs it: import when it runs
+
     L, G = len(flows) + 1, B.shape[0]
     m = cp_model.CpModel()
     y = [[[m.new_bool_var("") for _ in range(G)] for _ in range(G)] for _ in range(L)]
@@ -122,3 +124,21 @@ def _chain_cpsat(flows: list[np.ndarray], B: np.ndarray, hint: np.ndarray, time_
     out = np.array([[next(g for g in range(G) if solver.value(y[l][c][g])) for c in range(G)]
                     for l in range(L)])
     return out, "stage 2 optimal" if st == cp_model.OPTIMAL else "stage 2 feasible"
+
+
+@register
+class MoETunerSolver(Solver):
+    """MoETuner's two stages, for comparison (each expert placed once).
+
+    It accepts a co-activation weight, as before the registry, but does not optimise that
+    term; the report scores it like every other."""
+
+    name = "moetuner"
+    coact = True
+    rank = 50
+
+    def solve(self, stats: RoutingStats, cluster: Cluster, options: SolveOptions
+              ) -> tuple[Placement, MethodResult]:
+        plc, status = solve_moetuner(stats, cluster.num_gpus, cluster.num_nodes,
+                                     weights=options.weights, time_limit=options.budget(0.1))
+        return plc, MethodResult(status)

@@ -22,7 +22,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from moeplace.placement import Placement
-from moeplace.solvers.evaluator import gpu_loads_from_stats, imbalance, migration, pair_fractions
+from moeplace.solvers.evaluator import (
+    coactivation_spread,
+    gpu_loads_from_stats,
+    imbalance,
+    migration,
+    pair_fractions,
+)
 from moeplace.solvers.static import static_terms
 from moeplace.traces import RoutingStats
 
@@ -120,19 +126,6 @@ def score(stats: RoutingStats, placement: Placement, weights: Weights = Weights(
         traffic = weights.traffic * cg + weights.node * cn
     total = weights.load * imb + traffic + weights.migration * mig + weights.coact * co
     return ObjectiveValue(total, imb, cg, cn, mig, co, rg, rn, engine)
-
-
-def coactivation_spread(coactivation: np.ndarray, placement: Placement) -> float:
-    """Share of within-layer expert pairs of a token (a != b) with no GPU in common."""
-    c = coactivation.astype(np.float64).copy()
-    idx = np.arange(c.shape[1])
-    c[:, idx, idx] = 0.0
-    tot = c.sum()
-    if tot == 0:
-        return 0.0
-    f = placement.incidence().astype(np.float32)
-    shared = np.einsum("lag,lbg->lab", f, f) > 0
-    return float((c * ~shared).sum() / tot)
 
 
 def layer_pair_totals(stats: RoutingStats) -> np.ndarray:

@@ -1,0 +1,124 @@
+"""The search as a method: from EPLB with distinct copies (or the placement serving now), with
+restarts from several seeds in processes or through a runner (Ray), the best kept.
+
+Kept apart from ``search`` (the algorithm) so the method's wiring and the algorithm change
+independently.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+
+from moeplace.placement import Placement
+from moeplace.solvers.baselines import baseline
+from moeplace.solvers.objective import ENGINES, STATIC_ENGINES, Weights, score
+from moeplace.solvers.registry import (
+    Cluster,
+    MethodResult,
+    RestartRunner,
+    SolveOptions,
+    Solver,
+    register,
+)
+from moeplace.solvers.search import SearchReport, search
+from moeplace.solvers.static import static_search
+from moeplace.traces import RoutingStats
+
+
+def multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
+                runner: RestartRunner | None = None, **kw: Any) -> tuple[Placement, SearchReport]:
+    """Run the search from several seeds in parallel processes (or through ``runner``) and
+    keep the best (ties to the lowest seed).
+
+    One restart by default: on 2 cores two parallel restarts of the DeepSeek-V3-shape search
+    found the same objective (3.938 vs 3.938) and, sharing the cores, ran out of time sooner;
+    more restarts pay off on machines with more cores.
+    """
+    cores = os.cpu_count() or 1
+    if restarts is None:
+        restarts = 1
+    seed = kw.pop("seed", 0)
+    if runner is not None:
+        results = runner(stats, start, restarts, seed, kw)
+    elif restarts <= 1:
+        plc, rep = search(stats, start, seed=seed, **kw)
+        rep.restarts = 1
+        return plc, rep
+    # fork: spawn would re-run the caller's __main__, which breaks in REPLs and piped scripts.
+    # Solver threads have finished by now (CP-SAT joins its workers before returning).
+    elif "fork" in multiprocessing.get_all_start_methods():
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=min(restarts, cores), mp_context=ctx) as pool:
+                futures = [pool.submit(search, stats, start, seed=seed + i, **kw)
+                           for i in range(restarts)]
+                results = [f.result() for f in futures]
+        except BrokenProcessPool:
+            results = [search(stats, start, seed=seed + i, **kw) for i in range(restarts)]
+    else:
+        results = [search(stats, start, seed=seed + i, **kw) for i in range(restarts)]
+    weights = kw.get("weights", Weights())
+    values = [score(stats, p, weights, kw.get("current")).total for p, _ in results]
+    best = int(np.argmin(values))  # ties go to the lowest seed: deterministic
+    plc, rep = results[best]
+    rep.restarts = restarts
+    return plc, rep
+
+
+@register
+class SearchSolver(Solver):
+    """The layer-sweep search (``moeplace.solvers.search``): every term, replicas included."""
+
+    name = "search"
+    replicas = True
+    coact = True
+    migration = True
+    engines = ENGINES
+    rank = 10
+
+    def solve(self, stats: RoutingStats, cluster: Cluster, options: SolveOptions
+              ) -> tuple[Placement, MethodResult]:
+        w, current = options.weights, options.current
+        # The search keeps copies of one expert on distinct GPUs, so it starts from the
+        # rule-respecting EPLB.
+        start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups,
+                         options.deadline)
+        if (current is not None and w.migration > 0 and current.num_replicas == cluster.replicas
+                and current.num_nodes == cluster.num_nodes and not current.colocated):
+            start = current  # moving away from what serves now must pay for itself
+        origin = "current" if start is current else "eplb-distinct"
+        budget = options.budget(0.05 * options.time_limit)
+        static = options.engine in STATIC_ENGINES
+        if static and cluster.replicas == 0 and stats.has_samples:
+            plc, srep = static_search(stats, start, traffic=w.traffic, node=w.node, load=w.load,
+                                      migration=w.migration, current=current,
+                                      balance_slack=options.balance_slack, time_limit=budget)
+            details: dict[str, Any] = dict(
+                swaps=srep.swaps, kl_passes=srep.kl_passes, repaired_layers=srep.repaired_layers,
+                layers_kept_from_start=srep.layers_given_back,
+                balance_first_layers=srep.balance_first_layers, stopped=srep.stopped,
+                load_scenarios=srep.scenarios, sampled_tokens=len(stats.token_sample),
+                start=origin)
+            status = "time limit" if srep.stopped == "time limit" else "local optimum"
+            return plc, MethodResult(status, None, details)
+        if static:
+            # Without a token sample (statistics from counts) or with replicas, the static
+            # objective's stand-in is the within-layer pair spread (co-activation), if known.
+            w = Weights(load=w.load, traffic=0.0, node=0.0, migration=w.migration,
+                        coact=(w.traffic + w.node if stats.coactivation is not None else 0.0))
+        plc, rep = multi_start(stats, start, options.restarts, options.restart_runner,
+                               weights=w, balance_slack=options.balance_slack,
+                               time_limit=budget, current=current, seed=options.seed)
+        details = dict(sweeps=rep.sweeps, swaps=rep.swaps, relabels=rep.relabels,
+                       assignments=rep.assignments, stopped=rep.stopped, restarts=rep.restarts,
+                       start=origin)
+        if static:
+            details["objective_proxy"] = "co-activation pairs" if w.coact else "balance only"
+        status = "time limit" if rep.stopped == "time limit" else "local optimum"
+        return plc, MethodResult(status, None, details)
