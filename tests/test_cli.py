@@ -121,7 +121,7 @@ def test_solve_cli_json_and_out(tmp_path, rng):
     write_trace(tr, tmp_path / "t.parquet")
     out = tmp_path / "p.json"
     r = run("solve", str(tmp_path / "t.parquet"), "--gpus", "4", "--holdout", "0.3", "--json",
-            "--out", str(out))
+            "--out", str(out), "--engine", "exflow")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["report"]["method"] == "dp" and d["report"]["status"] == "optimal"

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from moeplace.errors import InputError
 from moeplace.placement import Placement
 from moeplace.solvers.baselines import baseline
 from moeplace.solvers.objective import ENGINES, STATIC_ENGINES, Weights, score
@@ -96,6 +97,10 @@ class SearchSolver(Solver):
         budget = options.budget(0.05 * options.time_limit)
         static = options.engine in STATIC_ENGINES
         if static and cluster.replicas == 0 and stats.has_samples:
+            if (options.restarts or 1) > 1 or options.restart_runner is not None:
+                raise InputError("solve", "--restarts", f"the {options.engine} search is "
+                                 "deterministic: restarts from other seeds find the same placement",
+                                 "drop --restarts/--ray, or use --engine exflow")
             plc, srep = static_search(stats, start, traffic=w.traffic, node=w.node, load=w.load,
                                       migration=w.migration, current=current,
                                       balance_slack=options.balance_slack, time_limit=budget)

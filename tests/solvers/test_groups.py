@@ -52,7 +52,8 @@ def test_respecting_groups_is_optimal_among_group_respecting_placements(rng, G, 
     N, L = 8, 2
     s = compute_stats(random_trace(rng, 150, L, N, 2))
     w = Weights(load=1.0, traffic=2.0)
-    plc, rep = solve_with_report(s, G, method="auto", weights=w, respect_groups=n_group)
+    plc, rep = solve_with_report(s, G, method="auto", weights=w, respect_groups=n_group,
+                                 engine="exflow")
     check_groups({h: plc.phy2log[h] for h in range(L)}, n_group, "solved")
     assert rep.objective["total"] >= rep.bound["total"] - 1e-9
     rows = _group_respecting_rows(N, G, n_group)

@@ -57,7 +57,9 @@ def test_every_method_runs_and_returns_a_valid_placement(tiny, method):
     assert rep.method == method and plc.info["method"] == method
     assert plc.info["status"] == rep.status
     # The report scores what came back, and the bound is below it.
-    assert rep.objective["total"] == pytest.approx(score(tiny, plc).total, abs=1e-9)
+    engine = rep.details["engine"]
+    assert engine == ("sglang" if method == "search" or registry.get(method).baseline else "exflow")
+    assert rep.objective["total"] == pytest.approx(score(tiny, plc, engine=engine).total, abs=1e-9)
     assert rep.bound["total"] <= rep.objective["total"] + 1e-9
     if registry.get(method).baseline:
         assert rep.status == "baseline"
@@ -162,7 +164,7 @@ def test_a_registered_method_is_callable_without_editing_solve(tiny, reversed_me
                                  seed=5, balance_slack=0.25)
     assert plc.phy2log.tolist() == [[5, 4, 3, 2, 1, 0]] * 3
     assert rep.method == "reversed-for-test" and rep.status == "reversed"
-    assert rep.details == {"note": "from a test"}
+    assert rep.details == {"note": "from a test", "engine": "exflow"}  # what it declares
     assert rep.objective["total"] == pytest.approx(score(tiny, plc).total)
     # Not declared exact: its claimed bound is ignored, the general lower bound is reported.
     assert rep.bound["total"] == pytest.approx(lower_bound(tiny, 3).total)
@@ -222,7 +224,9 @@ def test_cli_method_choices_are_the_methods():
 
 def test_auto_takes_dp_only_for_requests_dp_serves(tiny):
     # Small and without replicas: the proven optimum.
-    assert solve_with_report(tiny, 3)[1].method == "dp"
+    assert solve_with_report(tiny, 3, engine="exflow")[1].method == "dp"
+    # The static engines' objective is the search's alone.
+    assert solve_with_report(tiny, 3)[1].method == "search"
     # A migration term dp does not have: the search, which does, instead of a refusal.
     cur = contiguous(3, 6, 3)
     plc, rep = solve_with_report(tiny, 3, weights=Weights(migration=1.0), current=cur,

@@ -164,7 +164,8 @@ def deepseek():
 def test_deepseek_holdout_beats_contiguous_on_both_axes(deepseek):
     tr, _ = deepseek
     fit, hold = tr.split_requests(0.5, seed=0)
-    plc, _ = solve_with_report(compute_stats(fit, coactivation=False), 8, time_limit=30)
+    plc, _ = solve_with_report(compute_stats(fit, coactivation=False), 8, time_limit=30,
+                               engine="exflow")
     ours = evaluate(hold, plc).summary
     base = evaluate(hold, contiguous(26, 64, 8)).summary
     assert ours["cross_gpu_pair_fraction"] <= 0.85 * base["cross_gpu_pair_fraction"]
@@ -174,7 +175,7 @@ def test_deepseek_holdout_beats_contiguous_on_both_axes(deepseek):
 def test_deepseek_replicas_vs_eplb(deepseek):
     tr, s = deepseek
     c = Cluster(8, 1, 8)
-    ours, _ = solve_with_report(s, c, method="search", time_limit=30)
+    ours, _ = solve_with_report(s, c, method="search", time_limit=30, engine="exflow")
     start, _ = solve_with_report(s, c, method="eplb-distinct")
     assert (gpu_loads_from_stats(s.load, ours).max(1)
             <= gpu_loads_from_stats(s.load, start).max(1) + 1e-9).all()
@@ -210,9 +211,10 @@ def test_moetuner_two_stage_balances_like_its_ilp1():
 
 def test_parallel_restarts_keep_the_best_and_are_deterministic():
     s = compute_stats(random_trace(np.random.default_rng(11), 300, 4, 16, 2))
-    _, r1 = solve_with_report(s, 4, method="search", seed=0, restarts=1)
-    two, r2 = solve_with_report(s, 4, method="search", seed=0, restarts=2)
-    again, _ = solve_with_report(s, 4, method="search", seed=0, restarts=2)
+    kw = dict(method="search", seed=0, engine="exflow")
+    _, r1 = solve_with_report(s, 4, restarts=1, **kw)
+    two, r2 = solve_with_report(s, 4, restarts=2, **kw)
+    again, _ = solve_with_report(s, 4, restarts=2, **kw)
     assert r2.details["restarts"] == 2
     assert r2.objective["total"] <= r1.objective["total"] + 1e-12
     assert two == again
