@@ -35,6 +35,7 @@ from moeplace.errors import InputError, MoeplaceError
 from moeplace.placement.exports import FORMATS
 from moeplace.service.jobs import GRACE_S, MAX_TIME_LIMIT, JobManager
 from moeplace.service.store import Conflict, NotFound, Policy, Store
+from moeplace.solvers.objective import ENGINES as _ENGINES
 from moeplace.solvers.solve import METHODS
 
 log = logging.getLogger("moeplace.service")
@@ -43,6 +44,7 @@ DEFAULT_MAX_UPLOAD = 256 << 20  # DeepSeek-V3 statistics with transitions: tens 
 DEFAULT_MAX_JSON = 1 << 20
 EXPORT_FORMATS = ("moeplace", *FORMATS)
 SOLVE_METHODS = METHODS
+ENGINES = _ENGINES
 DRIFT_METHODS = ("eplb", "eplb-distinct", "search")
 DRIFT_THRESHOLD = 0.05
 
@@ -81,6 +83,8 @@ class SolveIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     time_limit: float = Field(60.0, gt=0, le=MAX_TIME_LIMIT, allow_inf_nan=False)
     method: Literal[SOLVE_METHODS] = "auto"  # type: ignore[valid-type]
+    engine: Literal[ENGINES] = Field("sglang", description="engine the placement is for: its "  # type: ignore[valid-type]
+                                     "traffic objective (exflow: cross-layer pairs)")
     replicas: int | None = Field(None, ge=0, le=MAX_EXPERTS)
     current: bool = Field(False, description="start from / charge migration against the "
                           "placement marked current")

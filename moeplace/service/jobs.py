@@ -82,7 +82,7 @@ def _solve(spec: dict[str, Any]) -> dict[str, Any]:
     use_current = current if spec.get("use_current") else None
     plc, rep = solve_with_report(stats, cluster, method=spec["method"], weights=weights,
                                  time_limit=spec["time_limit"], current=use_current,
-                                 seed=spec.get("seed", 0))
+                                 seed=spec.get("seed", 0), engine=spec.get("engine", "sglang"))
     report = rep.as_dict()
     report["simulation"] = _simulate(spec, plc, current, stats)
     report["tokens"] = stats.num_tokens
@@ -330,7 +330,8 @@ class JobManager:
                     out.append(str(dst))
             inp = {"files": linked, "cluster": params["cluster"], "method": params["method"],
                    "time_limit": params["time_limit"], "weights": params.get("weights"),
-                   "seed": params.get("seed", 0), "use_current": bool(params.get("current")),
+                   "seed": params.get("seed", 0), "engine": params.get("engine", "sglang"),
+                   "use_current": bool(params.get("current")),
                    "current": (str(self.store.placement_path(dep, cur_v)) if cur_v else None),
                    "current_version": cur_v, "expert_bytes": spec.get("expert_bytes"),
                    "shards": shards, "model": spec.get("model"),

@@ -83,8 +83,8 @@ def test_solve_restarts_on_ray_no_worse_than_one_restart(ray_local, tmp_path, rn
     def solve(*extra: str) -> tuple[Placement, dict]:
         out = tmp_path / f"p{len(extra)}.json"
         r = CliRunner().invoke(main, ["solve", str(tmp_path / "t.parquet"), "--gpus", "4",
-                                      "--method", "search", "--seed", "3", "--time-limit", "60",
-                                      "--json", "--out", str(out), *extra])
+                                      "--method", "search", "--engine", "exflow", "--seed", "3",
+                                      "--time-limit", "60", "--json", "--out", str(out), *extra])
         assert r.exit_code == 0, r.output
         return Placement.load(out), json.loads(r.stdout)["report"]
 
