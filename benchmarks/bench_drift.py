@@ -369,6 +369,7 @@ def run_split(split: Split, clusters: Iterable[tuple[int, int, int]] | None = No
                                        "held_tokens": held_part.num_tokens, **info}
                 if "note" not in info:
                     h, f = next(held), next(fitted)
+                    row["scored_tokens"] = h["tokens"]
                     row.update({k: h[k] for k in METRICS})
                     row.update({f"fit_{k}": f[k] for k in METRICS})
                 rows.append(row)
