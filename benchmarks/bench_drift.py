@@ -390,6 +390,10 @@ def verdicts(df: pd.DataFrame, tol: float = 0.0) -> pd.DataFrame:
     ok = df[df["load_imbalance_mean"].notna()] if "load_imbalance_mean" in df else df.iloc[:0]
     wide = ok.pivot_table(index=keys, columns="method", values="load_imbalance_mean",
                           sort=False).reset_index()
+    # Rows in the order they were run (pivot_table groups them otherwise).
+    first = {tuple(r): i for i, r in reversed(list(enumerate(ok[keys].itertuples(index=False))))}
+    wide = wide.iloc[np.argsort([first[tuple(r)] for r in wide[keys].itertuples(index=False)],
+                                kind="stable")].reset_index(drop=True)
     fit_def = ok[ok["method"] == "default"].set_index(keys)["fit_load_imbalance_mean"]
     wide["fit_default"] = [fit_def.get(tuple(r[k] for k in keys), np.nan)
                            for _, r in wide.iterrows()]
@@ -450,6 +454,8 @@ def report(df: pd.DataFrame, splits: list[Split], command: str, seconds: float,
         "",
         f"**{n_pass} PASS, {n_fail} FAIL** of {len(v)} (split, direction, cluster) rows.",
         "",
+        *_per_split(v),
+        "",
         "Splits:",
         "",
     ]
@@ -468,6 +474,19 @@ def report(df: pd.DataFrame, splits: list[Split], command: str, seconds: float,
               md_table(full, ["split", "fit", "cluster", "method", "resolved", "seconds",
                               *METRICS, *(f"fit_{k}" for k in METRICS), "note"]), ""]
     return "\n".join(lines)
+
+
+def _per_split(v: pd.DataFrame) -> list[str]:
+    """One line per split: verdict counts and the largest excess of default over EPLB."""
+    if "verdict" not in v:
+        return []
+    out = []
+    for name, g in v.groupby("split", sort=False):
+        worst = g["default_minus_eplb"].max()
+        out.append(f"- `{name}`: {int((g['verdict'] == 'PASS').sum())} PASS, "
+                   f"{int((g['verdict'] == 'FAIL').sum())} FAIL; default - eplb at most "
+                   f"{worst:+.3f}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
