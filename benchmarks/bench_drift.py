@@ -321,9 +321,12 @@ def _cluster(gpus: int, nodes: int, replicas: int) -> Cluster:
     return Cluster(**_accepts(Cluster, num_gpus=gpus, num_nodes=nodes, replicas=replicas))
 
 
-def fit(stats: Any, cluster: Cluster, method: str, time_limit: float) -> tuple[Any, Any]:
-    """One placement from the fit part's statistics (``default``: no method argument)."""
-    kw: dict[str, Any] = {"time_limit": time_limit}
+def fit(stats: Any, cluster: Cluster, method: str, time_limit: float,
+        solve_kw: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """One placement from the fit part's statistics (``default``: no method argument).
+    ``solve_kw``: extra options for ``solve_with_report`` (e.g. ``engine``), passed to every
+    method, the ones it does not take dropped."""
+    kw: dict[str, Any] = {**(solve_kw or {}), "time_limit": time_limit}
     if method != "default":
         kw["method"] = method
     return solve_with_report(stats, cluster, **_accepts(solve_with_report, **kw))
@@ -338,7 +341,8 @@ def score(trace: Trace, placements: list[Any]) -> list[dict[str, Any]]:
 
 def run_split(split: Split, clusters: Iterable[tuple[int, int, int]] | None = None,
               methods: Iterable[str] = METHODS, time_limit: float = 10.0,
-              directions: Iterable[int] = (0, 1), log: bool = False) -> pd.DataFrame:
+              directions: Iterable[int] = (0, 1), log: bool = False,
+              solve_kw: dict[str, Any] | None = None) -> pd.DataFrame:
     """Fit every method on each direction's fit part and cluster; one row per
     (direction, cluster, method) with held-out metrics, fitted metrics and solve seconds."""
     rows: list[dict[str, Any]] = []
@@ -352,7 +356,7 @@ def run_split(split: Split, clusters: Iterable[tuple[int, int, int]] | None = No
             for m in methods:
                 t0 = time.perf_counter()
                 try:
-                    plc, rep = fit(stats, c, m, time_limit)
+                    plc, rep = fit(stats, c, m, time_limit, solve_kw)
                 except Exception as exc:  # a method that does not apply here: say why
                     infos.append({"method": m, "note": f"{type(exc).__name__}: {exc}"[:80]})
                     continue
@@ -407,15 +411,15 @@ def verdicts(df: pd.DataFrame, tol: float = 0.0) -> pd.DataFrame:
 
 def run_one(name: str, gpus: int | None = None, nodes: int = 1, replicas: int = 0,
             time_limit: float = 10.0, shared: Path | str = DEFAULT_SHARED,
-            methods: Iterable[str] = METHODS, directions: Iterable[int] = (0, 1)
-            ) -> pd.DataFrame:
+            methods: Iterable[str] = METHODS, directions: Iterable[int] = (0, 1),
+            solve_kw: dict[str, Any] | None = None) -> pd.DataFrame:
     """Rerun one split by name (e.g. ``"deepseek/topic"``) on one cluster (all of the split's
     clusters when ``gpus`` is None); returns the verdict table (``.attrs["rows"]``: all rows)."""
     splits = [s for s in build_splits(Path(shared), name.split("/")[0]) if s.name == name]
     if not splits:
         raise ValueError(f"no split {name!r}; known: {[s.name for s in build_splits(Path(shared))]}")
     clusters = None if gpus is None else [(gpus, nodes, replicas)]
-    df = run_split(splits[0], clusters, methods, time_limit, directions)
+    df = run_split(splits[0], clusters, methods, time_limit, directions, solve_kw=solve_kw)
     v = verdicts(df)
     v.attrs["rows"] = df
     return v
@@ -489,6 +493,16 @@ def _per_split(v: pd.DataFrame) -> list[str]:
     return out
 
 
+def _parse_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--solve-arg {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", default=str(DEFAULT_SHARED))
@@ -496,13 +510,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=10.0, help="seconds per solve")
     ap.add_argument("--only", help="run only splits whose name contains this text")
     ap.add_argument("--csv", help="also write every row as CSV")
+    ap.add_argument("--solve-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra solve_with_report option for every method (VALUE read as JSON "
+                    "when it parses, else a string), e.g. --solve-arg engine=sglang")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     splits = build_splits(Path(args.shared), args.only)
     if not splits:
         print("no split to run (reference traces absent?)", file=sys.stderr)
         return 2
-    frames = [run_split(s, time_limit=args.time_limit, log=True) for s in splits]
+    solve_kw = dict(_parse_arg(a) for a in args.solve_arg)
+    ignored = sorted(set(solve_kw) - set(_accepts(solve_with_report, **solve_kw)))
+    if ignored:
+        print(f"note: solve_with_report takes no {', '.join(ignored)}: ignored", file=sys.stderr)
+    frames = [run_split(s, time_limit=args.time_limit, log=True, solve_kw=solve_kw)
+              for s in splits]
     df = pd.concat(frames, ignore_index=True)
     cmd = "python benchmarks/bench_drift.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(df, splits, cmd.strip(), time.perf_counter() - t0, args.time_limit)
