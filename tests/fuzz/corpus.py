@@ -456,7 +456,7 @@ FLAG_COMMANDS: list[tuple[list[str], list[str]]] = [
     (["solve", "{TRACE}", "--time-limit", "1", "--out", "{OUT}.json"],
      ["--gpus", "--nodes", "--replicas", "--balance-slack", "--time-limit", "--holdout",
       "--groups", "--respect-groups", "--seed", "--restarts", "--window", "--weights",
-      "--tokens-per-step", "--hardware", "--model-shape", "--method"]),
+      "--tokens-per-step", "--hardware", "--model-shape", "--method", "--engine"]),
     (["synth", "--preset", "flame-moe-290m", "--tokens", "64", "--out", "{OUT}.parquet"],
      ["--tokens", "--seed", "--skew", "--affinity", "--stickiness", "--preset"]),
     (["export", "{PLACEMENT}", "--format", "sglang", "--out", "{OUT}.json"],
