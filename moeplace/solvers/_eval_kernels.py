@@ -13,6 +13,15 @@ Tables (P placements, L layers, N experts, C most copies of one expert):
 Accumulators (int64): ``pending [P, L, Gmax]`` tokens-experts served per GPU by the model
 ``load_model`` (the evaluator folds it into windows), ``traffic [P, 2, 4, L]`` per model of
 (remote GPUs, of which same-node, of which other-node, remote nodes) summed over tokens.
+
+Serving steps (the decode metric): ``ser [T]`` gives each token's step serial (non-decreasing,
+consecutive integers from 0 over the whole trace). A (layer, expert) activates a GPU in a step
+when some token of the step is served there by the ``load_model``; ``act_stamp [P, L, N, C]``
+holds the last serial that activated the expert's copy (the first copy of the expert on that
+GPU, so two copies on one GPU count once), ``act_cnt [P, L, Gmax]`` the distinct experts each
+GPU activates in the open step ``act_open[0]``. When a step closes, per (placement, layer)
+``act_acc[p, 0, l]`` adds ``max_g a_g / s_g`` and ``act_acc[p, 1, l]`` adds that max divided by
+``sum_g a_g / sum_g s_g`` (speeds ``speeds [P, Gmax]``, 1 for equal GPUs; ``ngpu [P]`` GPUs).
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ NUMBA_MIN_RECORDS = 100_000
 
 
 def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pending,  # type: ignore[no-untyped-def]
-                   traffic, colo, do_colo, gbuf, dnode, gstamp, gvotes, nstamp, nvotes, gkey, nkey):
+                   traffic, colo, do_colo, ser, act_stamp, act_cnt, act_acc, act_open, ngpu,
+                   speeds, gbuf, dnode, gstamp, gvotes, nstamp, nvotes, gkey, nkey):
     # Token-outer order reads the chunk sequentially and keeps every placement's tables
     # (int32, a few hundred KB) hot. gstamp/nstamp mark GPUs/nodes already seen in the current
     # (token, layer) record, so distinct counts cost O(k), not O(k^2); the previous layer's
@@ -49,7 +59,14 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
             nstamp[b, i] = -1
             nkey[b, i] = 0
     for t in range(T):
+        sr = ser[t]
+        if sr != act_open[0]:
+            if act_open[0] >= 0:
+                _flush_steps(act_cnt, act_acc, ngpu, speeds)
+            act_open[0] = sr
         for p in range(P):
+            ast_p = act_stamp[p]
+            acn_p = act_cnt[p]
             cg_p = copy_gpu[p]
             cnt_p = cnt[p]
             nd = node_of[p]
@@ -75,9 +92,13 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
                     nn_cnt = 0
                     s_inter = 0
                     for j in range(k):
-                        g = cg_p[l, e[t, l, j], 0]
+                        ex = e[t, l, j]
+                        g = cg_p[l, ex, 0]
                         gbuf[j] = g
                         pend[l, g] += 1
+                        if ast_p[l, ex, 0] != sr:
+                            ast_p[l, ex, 0] = sr
+                            acn_p[l, g] += 1
                         gn = nd[g]
                         v = gk[g]
                         if v < cur_key:
@@ -174,6 +195,12 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
                         gbuf[j] = g
                         if do_load:
                             pend[l, g] += 1
+                            q = 0  # the expert's first copy on g stands for all of them
+                            while cg_p[l, ex, q] != g:
+                                q += 1
+                            if ast_p[l, ex, q] != sr:
+                                ast_p[l, ex, q] = sr
+                                acn_p[l, g] += 1
                         gn = nd[g]
                         if gs[g] != sid:
                             gs[g] = sid
@@ -206,10 +233,59 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
                         c = gbuf[best]
 
 
+def _flush_source(act_cnt, act_acc, ngpu, speeds):  # type: ignore[no-untyped-def]
+    # Close the open step: per placement and layer, the slowest GPU's distinct experts (per
+    # unit of speed) and that over the speed-weighted mean; counts go back to zero.
+    P, L, _G = act_cnt.shape
+    for p in range(P):
+        G = ngpu[p]
+        for l in range(L):
+            mx = 0.0
+            tot = 0.0
+            ssum = 0.0
+            for g in range(G):
+                a = act_cnt[p, l, g]
+                v = a / speeds[p, g]
+                if v > mx:
+                    mx = v
+                tot += a
+                ssum += speeds[p, g]
+                act_cnt[p, l, g] = 0
+            act_acc[p, 0, l] += mx
+            act_acc[p, 1, l] += mx / (tot / ssum) if tot > 0 else 1.0
+
+
+# The compiled kernel calls the compiled flush; ``_numba_kernel`` rebinds this name first.
+_flush_steps = _flush_source
+
+
+def flush_steps(act_cnt: np.ndarray, act_acc: np.ndarray, ngpu: np.ndarray,
+                speeds: np.ndarray) -> None:
+    """Close the open serving step (see the module docstring); numpy, same arithmetic."""
+    P = act_cnt.shape[0]
+    for p in range(P):
+        G = int(ngpu[p])
+        a = act_cnt[p, :, :G].astype(np.float64)
+        _add_steps(a[None], speeds[p, :G], act_acc[p])
+    act_cnt[:] = 0
+
+
+def _add_steps(a: np.ndarray, s: np.ndarray, acc: np.ndarray) -> None:
+    """Add closed steps ``a [steps, L, G]`` (distinct experts per GPU) into ``acc [2, L]``."""
+    mx = (a / s).max(axis=2)
+    tot = a.sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(tot > 0, mx / (tot / s.sum()), 1.0)
+    acc[0] += mx.sum(axis=0)
+    acc[1] += ratio.sum(axis=0)
+
+
 @functools.cache
 def _numba_kernel():  # type: ignore[no-untyped-def]
     import numba
 
+    flush = numba.njit(cache=True, nogil=True)(_flush_source)
+    globals()["_flush_steps"] = flush  # the kernel resolves it as a global when compiled
     return numba.njit(cache=True, nogil=True, boundscheck=False)(_kernel_source)
 
 
@@ -257,10 +333,47 @@ def _distinct_other(vals: np.ndarray, other: np.ndarray, keep: np.ndarray | None
     return (s[:, 1:] != s[:, :-1]).sum(axis=1) + (s[:, 0] >= 0)
 
 
+def _active_numpy(g: np.ndarray, e: np.ndarray, loc: np.ndarray, sers: np.ndarray,
+                  stamp: np.ndarray, cur: np.ndarray, acc: np.ndarray, cg_l: np.ndarray,
+                  speeds: np.ndarray) -> None:
+    """One placement and layer of the step metric for a run of tokens (numpy).
+
+    ``g, e [T, k]`` serving GPUs and experts, ``loc [T]`` each token's step within the run
+    (0 .. len(sers)-1, serials ``sers``); ``stamp [N, C]``, ``cur [Gmax]`` (the open step's
+    counts, which continue into step 0) and ``acc [2]`` are this layer's state.
+    """
+    k = g.shape[1]
+    Gm = cur.shape[0]
+    N = stamp.shape[0]
+    key = (np.repeat(loc, k) * N + e.ravel()) * Gm + g.ravel()
+    u = np.unique(key)  # ascending: step, then expert, then GPU
+    us, rest = np.divmod(u, N * Gm)
+    ue, ug = np.divmod(rest, Gm)
+    uq = np.argmax(cg_l[ue] == ug[:, None], axis=1)  # the expert's first copy on that GPU
+    useri = sers[us]
+    new = stamp[ue, uq] != useri
+    stamp[ue, uq] = useri  # ascending steps: the last write is the latest
+    n = len(sers)
+    counts = np.bincount(us[new] * Gm + ug[new], minlength=n * Gm).reshape(n, Gm)
+    counts[0] += cur
+    G = speeds.shape[0]
+    if n > 1:
+        _add_steps(counts[:-1, None, :G].astype(np.float64), speeds, acc[:, None])
+    cur[:] = counts[-1]
+
+
 def _numpy_kernel(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pending,  # type: ignore[no-untyped-def]
-                  traffic, colo, do_colo, *_scratch) -> None:
+                  traffic, colo, do_colo, ser, act_stamp, act_cnt, act_acc, act_open, ngpu,
+                  speeds, *_scratch) -> None:
     T, L, k = e.shape
     P = copy_gpu.shape[0]
+    if ser[0] != act_open[0]:
+        if act_open[0] >= 0:
+            flush_steps(act_cnt, act_acc, ngpu, speeds)
+        act_open[0] = ser[0]
+    change = np.r_[False, ser[1:] != ser[:-1]]
+    loc = np.cumsum(change)
+    sers = ser[np.r_[0, np.flatnonzero(change)]]
     ei = e.astype(np.intp)
     jj = np.arange(k)
     if has_w:
@@ -281,6 +394,8 @@ def _numpy_kernel(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pen
                 g = _resolve_numpy(cgp[l], cntp[l], rr_m[l], ei[:, l], cur, nd)
                 if m == load_model:
                     pending[p, l] += np.bincount(g.ravel(), minlength=pending.shape[2])
+                    _active_numpy(g, ei[:, l], loc, sers, act_stamp[p, l], act_cnt[p, l],
+                                  act_acc[p, :, l], cgp[l], speeds[p, :int(ngpu[p])])
                 gn, cn = nd[g], nd[cur]
                 remote = _distinct_other(g, cur)
                 inter = _distinct_other(g, cur, keep=gn != cn[:, None])
@@ -297,17 +412,21 @@ def _numpy_kernel(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pen
                     votes = (g[:, :, None] == g[:, None, :]).sum(axis=2)
                     cur = g[np.arange(T), np.argmax(votes * k + rank[:, l], axis=1)]
             rr[p, m] = rr_m
+    act_open[0] = ser[-1]
 
 
 def score_into(experts: np.ndarray, weights: np.ndarray | None, home: np.ndarray,
                copy_gpu: np.ndarray, cnt: np.ndarray, rr: np.ndarray, node_of: np.ndarray,
                load_model: int, pending: np.ndarray, traffic: np.ndarray, colo: np.ndarray,
-               do_colo: np.ndarray, backend: str = "auto") -> None:
+               do_colo: np.ndarray, ser: np.ndarray, act_stamp: np.ndarray,
+               act_cnt: np.ndarray, act_acc: np.ndarray, act_open: np.ndarray,
+               ngpu: np.ndarray, speeds: np.ndarray, backend: str = "auto") -> None:
     """Add one run of tokens' per-token metrics for every placement into the accumulators.
 
     ``colo [P, 2, L-1]`` gets the (a at l, b at l+1) pairs of a token's k*k that share a GPU /
     a node, for placements with ``do_colo[p]`` (those without replicas, where an expert's
-    GPU is the one that serves it).
+    GPU is the one that serves it). The step arguments are described in the module docstring;
+    steps that close inside the run are added to ``act_acc``, the last one stays open.
     """
     T, L, k = experts.shape
     P = copy_gpu.shape[0]
@@ -325,10 +444,12 @@ def score_into(experts: np.ndarray, weights: np.ndarray | None, home: np.ndarray
         Gmax = node_of.shape[1]
         nodes = int(node_of.max()) + 1
         _numba_kernel()(experts, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model,
-                        pending, traffic, colo, do_colo, np.empty(k, np.int64), np.empty(k, np.int64),
+                        pending, traffic, colo, do_colo, ser, act_stamp, act_cnt, act_acc,
+                        act_open, ngpu, speeds, np.empty(k, np.int64), np.empty(k, np.int64),
                         np.empty((2, Gmax), np.int64), np.empty((2, Gmax), np.int64),
                         np.empty((2, nodes), np.int64), np.empty((2, nodes), np.int64),
                         np.empty((2, Gmax), np.int64), np.empty((2, nodes), np.int64))
     else:
         _numpy_kernel(experts, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pending,
-                      traffic, colo, do_colo)
+                      traffic, colo, do_colo, ser, act_stamp, act_cnt, act_acc, act_open, ngpu,
+                      speeds)
