@@ -301,12 +301,16 @@ class Evaluator:
         self.tokens_per_step = tokens_per_step
         self._by_step: bool | None = None
         self._last_step: int | None = None
-        check_memory(8.0 * P * L * (N * C + Gmax + 2), "the evaluator's step tables", source,
-                     "num_experts")
-        self.act_stamp = np.full((P, L, N, C), -1, np.int64)
+        # Per-copy step stamps only for replicated placements (see _eval_kernels).
+        rep = not self.do_colo.all()
+        check_memory(8.0 * (P * L * (rep * N * C + Gmax + 2) + 2 * L * N),
+                     "the evaluator's step tables", source, "num_experts")
+        self.act_stamp = np.full((P, L, N, C) if rep else (P, 1, 1, 1), -1, np.int64)
+        self.est = np.full((L, N), -1, np.int64)
+        self.alist = np.zeros(L * N, np.int64)
         self.act_cnt = np.zeros((P, L, Gmax), np.int64)
         self.act_acc = np.zeros((P, 2, L))
-        self.act_open = np.full(1, -1, np.int64)
+        self.act_open = np.array([-1, 0], np.int64)  # open step's serial, experts listed
         self._act = self.act_acc
         self.steps = 0
 
@@ -344,7 +348,7 @@ class Evaluator:
             score_into(e[start:stop], w, np.ascontiguousarray(homes[:, start:stop]),
                        self.copy_gpu, self.cnt, self.rr, self.node_of, load_model,
                        self.pending, self.traffic, self.colo, self.do_colo, ser[start:stop],
-                       self.act_stamp, self.act_cnt, self.act_acc, self.act_open, self.G,
+                       self.est, self.alist, self.act_stamp, self.act_cnt, self.act_acc, self.act_open, self.G,
                        self.speed_tab, self.backend)
             self._pending_tokens += stop - start
             start = stop
@@ -389,7 +393,8 @@ class Evaluator:
             self._flush_window()
         # Close the last serving step on copies, so that more chunks may still follow.
         self._act = self.act_acc.copy()
-        flush_steps(self.act_cnt.copy(), self._act, self.G, self.speed_tab)
+        flush_steps(self.act_cnt.copy(), self._act, self.G, self.speed_tab, self.alist,
+                    self.act_open.copy(), self.copy_gpu, self.do_colo)
         self.steps = int(self.act_open[0]) + 1
         return [self._result(i) for i in range(len(self.placements))]
 

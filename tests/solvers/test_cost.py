@@ -120,6 +120,25 @@ def test_active_experts_equal_naive_count(T, L, G, S, R, M, k, B, by_step, home,
         assert r.summary["steps"] == len(np.unique(steps))
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("replicas", [0, 4])
+def test_backends_share_step_state(rng, replicas):
+    """Chunks scored alternately by the compiled and the numpy kernel (what ``auto`` does when
+    chunk sizes straddle its threshold) continue each other's open steps."""
+    from moeplace.solvers.evaluator import Evaluator
+
+    tr = random_trace(rng, 120, 3, 12, 2, weights=True, requests=5)
+    tr.tokens["step"] = np.repeat(np.arange(12), 10)
+    p = random_placement(3, 12, 4, 2, replicas, seed=2)
+    ev = Evaluator(p, 3, 12)
+    for i, c in enumerate(range(0, 120, 7)):
+        ev.backend = ("numba", "numpy")[i % 2]
+        ev.add(tr.select(slice(c, c + 7)))
+    mx, ratio = naive_active(tr, p, "static", tr.tokens["step"])
+    np.testing.assert_allclose(ev.result().per_layer["active_experts_max"], mx)
+    np.testing.assert_allclose(ev.result().per_layer["active_experts_imbalance"], ratio)
+
+
 def test_active_experts_hand_count():
     """Two GPUs, experts {0,1} on GPU 0 and {2,3} on GPU 1, steps of 2 tokens."""
     from moeplace.traces import Trace, TraceMeta
