@@ -284,3 +284,44 @@ def test_balanced_placement_exact_slots_and_speed_aware(rng):
                                        for l in range(3)]), s)
     assert (ours <= theirs + 1e-12).all() and ours.mean() < theirs.mean()
     assert (ours >= speed_load_bound(w, s, 4) - 1e-9).all()
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("1,1,1", "--gpu-speeds: value: 3 speeds for 4 GPUs"), ("1,1,1,0", "finite number > 0"),
+    ("1,1,1,nan", "finite number > 0"), ("1,abc,1,1", "'abc' is not a number"),
+    ("1,1,1,-1", "finite number > 0"), ("1,1,,1", "'' is not a number")])
+def test_evaluate_bad_gpu_speeds_one_line_exit_2(tmp_path, rng, value, needle):
+    from moeplace.placement import contiguous
+    from moeplace.traces import write_trace
+    from tests.bad_input import cli_fails
+
+    write_trace(random_trace(rng, 50, 2, 8, 2), tmp_path / "t.parquet")
+    contiguous(2, 8, 4).save(tmp_path / "p.json")
+    cli_fails(["evaluate", tmp_path / "t.parquet", tmp_path / "p.json", "--gpu-speeds", value],
+              needle)
+
+
+def test_evaluate_cli_step_and_speed_flags(tmp_path, rng):
+    """``evaluate --tokens-per-step --gpu-speeds`` prints the library's numbers."""
+    import json
+
+    from click.testing import CliRunner
+
+    from moeplace.cli import main
+    from moeplace.placement import contiguous
+    from moeplace.traces import write_trace
+
+    tr = random_trace(rng, 300, 2, 8, 2, requests=6)
+    write_trace(tr, tmp_path / "t.parquet")
+    p = contiguous(2, 8, 4)
+    p.save(tmp_path / "p.json")
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "t.parquet"), str(tmp_path / "p.json"),
+                                  "--json", "--tokens-per-step", "16", "--gpu-speeds",
+                                  "1,1,0.5,0.5"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    lib = evaluate(tr, p, tokens_per_step=16, gpu_speeds=[1, 1, 0.5, 0.5]).summary
+    for key in ("active_experts_max", "active_experts_imbalance", "load_imbalance_mean",
+                "steps", "tokens_per_step", "gpu_speeds"):
+        assert d[key] == pytest.approx(lib[key]), key
+    assert d["steps"] == 19 and d["gpu_speeds"] == [1, 1, 0.5, 0.5]
