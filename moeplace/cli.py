@@ -556,9 +556,8 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
     """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md."""
     from moeplace.placement import Placement
     from moeplace.solvers import evaluate as run_eval
-    from moeplace.traces import RoutingStats
-
     from moeplace.solvers.cost import parse_gpu_speeds
+    from moeplace.traces import RoutingStats
 
     plc = Placement.load(placement)
     speeds = None if gpu_speeds is None else parse_gpu_speeds(gpu_speeds, plc.num_gpus)
