@@ -106,10 +106,16 @@ def imbalance(gpu_load: np.ndarray, speeds: np.ndarray | None = None) -> np.ndar
         return np.where(mean > 0, gpu_load.max(axis=-1) / np.where(mean > 0, mean, 1), 1.0)
 
 
-def evaluate_stats(stats: RoutingStats, placement: Placement) -> dict[str, Any]:
-    """Metrics 1 (whole trace) and 2 from aggregated statistics alone."""
+def evaluate_stats(stats: RoutingStats, placement: Placement,
+                   gpu_speeds: np.ndarray | list[float] | None = None) -> dict[str, Any]:
+    """Metrics 1 (whole trace) and 2 from aggregated statistics alone (``gpu_speeds``: the
+    speed-aware imbalance, as in ``evaluate_many``)."""
     check_compatible(placement, stats.num_layers, stats.num_experts, stats.meta.source or "stats")
-    imb = imbalance(gpu_loads_from_stats(stats.load, placement))
+    sp = None
+    if gpu_speeds is not None:
+        sp = parse_gpu_speeds(gpu_speeds, placement.num_gpus, "evaluate", "gpu_speeds")
+        sp = None if (sp == sp[0]).all() else sp
+    imb = imbalance(gpu_loads_from_stats(stats.load, placement), sp)
     out: dict[str, Any] = {"load_imbalance_mean": float(imb.mean()),
                            "load_imbalance_max": float(imb.max())}
     if stats.transitions is not None and stats.num_layers > 1:

@@ -325,3 +325,15 @@ def test_evaluate_cli_step_and_speed_flags(tmp_path, rng):
                 "steps", "tokens_per_step", "gpu_speeds"):
         assert d[key] == pytest.approx(lib[key]), key
     assert d["steps"] == 19 and d["gpu_speeds"] == [1, 1, 0.5, 0.5]
+
+
+def test_stats_imbalance_is_speed_aware(rng):
+    from moeplace.solvers import evaluate_stats
+
+    tr = random_trace(rng, 400, 2, 8, 2)
+    p = random_placement(2, 8, 4, 1, 0, seed=5)
+    sp = [1, 1, 0.7, 0.7]
+    per_token = evaluate(tr, p, gpu_speeds=sp).summary["load_imbalance_mean"]
+    assert evaluate_stats(compute_stats(tr), p, sp)["load_imbalance_mean"] == pytest.approx(
+        per_token)
+    assert evaluate_stats(compute_stats(tr), p, [2] * 4) == evaluate_stats(compute_stats(tr), p)
