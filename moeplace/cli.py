@@ -542,24 +542,32 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
               help="Current placement, to report migration cost.")
 @click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0, show_default=True,
               help="Bytes of one expert's weights, for migration bytes with --current.")
+@click.option("--tokens-per-step", type=POS_INT, help="Tokens per serving step for "
+              "active_experts_* (default: the trace's step ids, else 4096).")
+@click.option("--gpu-speeds", help="Relative speed of each GPU in rank order, e.g. "
+              "1,1,1,1,0.7,0.7,0.7,0.7: imbalances become speed-aware.")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @import_options
 @_paths(inputs=("trace", "placement", "current"))
 def evaluate(trace: str, placement: str, home: str, window: int, current: str | None,
-             expert_bytes: int, per_layer: bool, as_json: bool, **kw: Any) -> None:
+             expert_bytes: int, tokens_per_step: int | None, gpu_speeds: str | None,
+             per_layer: bool, as_json: bool, **kw: Any) -> None:
     """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md."""
     from moeplace.placement import Placement
     from moeplace.solvers import evaluate as run_eval
+    from moeplace.solvers.cost import parse_gpu_speeds
     from moeplace.traces import RoutingStats
 
     plc = Placement.load(placement)
+    speeds = None if gpu_speeds is None else parse_gpu_speeds(gpu_speeds, plc.num_gpus)
     cur = Placement.load(current) if current else None
     src = _open(trace, kw, in_memory_max=0)  # Parquet is streamed
     if isinstance(src, RoutingStats):
         raise InputError(trace, "format", "aggregated counts cannot be scored per token",
                          "give a per-token trace")
-    res = run_eval(src, plc, window=window, home=home, current=cur, expert_bytes=expert_bytes)
+    res = run_eval(src, plc, window=window, home=home, current=cur, expert_bytes=expert_bytes,
+                   tokens_per_step=tokens_per_step, gpu_speeds=speeds)
     if as_json:
         out = dict(res.summary)
         if per_layer:
@@ -570,6 +578,8 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
         _print_table(res.per_layer)
         click.echo("")
     for k, v in res.summary.items():
+        if isinstance(v, list):  # gpu_speeds
+            v = ",".join(f"{x:g}" for x in v)
         click.echo(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
 
 
@@ -618,6 +628,8 @@ def _rows(summaries: dict[str, dict[str, Any]], step_ms: dict[str, float],
             row["traffic_static"] = s["traffic_static"]
             row["traffic_static_remote_nodes"] = s["traffic_static_remote_nodes"]
             row["traffic_follow"] = s["traffic_follow"]
+            row["active_experts_max"] = s["active_experts_max"]
+            row["active_experts_imbalance"] = s["active_experts_imbalance"]
             if name in step_ms:
                 row["step_ms"] = step_ms[name]
         rows.append(row)

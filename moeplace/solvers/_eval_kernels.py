@@ -13,11 +13,25 @@ Tables (P placements, L layers, N experts, C most copies of one expert):
 Accumulators (int64): ``pending [P, L, Gmax]`` tokens-experts served per GPU by the model
 ``load_model`` (the evaluator folds it into windows), ``traffic [P, 2, 4, L]`` per model of
 (remote GPUs, of which same-node, of which other-node, remote nodes) summed over tokens.
+
+Serving steps (the decode metric): ``ser [T]`` gives each token's step serial (non-decreasing,
+consecutive integers from 0 over the whole trace). A (layer, expert) activates a GPU in a step
+when some token of the step is served there by the ``load_model``. For placements without
+replicas that GPU does not depend on the placement's execution, so the experts active in the
+open step are listed once for all of them: ``est [L, N]`` holds the last serial in which each
+(layer, expert) was active, ``alist`` the open step's ``l * N + e`` (``act_open[1]`` of them),
+and a step's per-GPU counts are made from the list when it closes. For replicated placements
+``act_stamp [P, L, N, C]`` holds the last serial that activated each copy (the expert's first
+copy on that GPU, so two copies on one GPU count once) and ``act_cnt [P, L, Gmax]`` counts as
+tokens arrive. When step ``act_open[0]`` closes, per (placement, layer) ``act_acc[p, 0, l]``
+adds ``max_g a_g / s_g`` and ``act_acc[p, 1, l]`` adds that max divided by
+``sum_g a_g / sum_g s_g`` (speeds ``speeds [P, Gmax]``, 1 for equal GPUs; ``ngpu [P]`` GPUs).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 
@@ -31,7 +45,8 @@ NUMBA_MIN_RECORDS = 100_000
 
 
 def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pending,  # type: ignore[no-untyped-def]
-                   traffic, colo, do_colo, gbuf, dnode, gstamp, gvotes, nstamp, nvotes, gkey, nkey):
+                   traffic, colo, do_colo, ser, est, alist, act_stamp, act_cnt, act_acc,
+                   act_open, ngpu, speeds, gbuf, dnode, gstamp, gvotes, nstamp, nvotes, gkey, nkey):
     # Token-outer order reads the chunk sequentially and keeps every placement's tables
     # (int32, a few hundred KB) hot. gstamp/nstamp mark GPUs/nodes already seen in the current
     # (token, layer) record, so distinct counts cost O(k), not O(k^2); the previous layer's
@@ -48,8 +63,30 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
         for i in range(nstamp.shape[1]):
             nstamp[b, i] = -1
             nkey[b, i] = 0
+    N = est.shape[1]
+    any_colo = False
+    for p in range(P):
+        if do_colo[p]:
+            any_colo = True
     for t in range(T):
+        sr = ser[t]
+        if sr != act_open[0]:
+            if act_open[0] >= 0:
+                _flush_steps(act_cnt, act_acc, ngpu, speeds, alist, act_open, copy_gpu, do_colo)
+            act_open[0] = sr
+        if any_colo:
+            na = act_open[1]
+            for l in range(L):
+                for j in range(k):
+                    ex = e[t, l, j]
+                    if est[l, ex] != sr:
+                        est[l, ex] = sr
+                        alist[na] = l * N + ex
+                        na += 1
+            act_open[1] = na
         for p in range(P):
+            ast_p = act_stamp[p]
+            acn_p = act_cnt[p]
             cg_p = copy_gpu[p]
             cnt_p = cnt[p]
             nd = node_of[p]
@@ -174,6 +211,12 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
                         gbuf[j] = g
                         if do_load:
                             pend[l, g] += 1
+                            q = 0  # the expert's first copy on g stands for all of them
+                            while cg_p[l, ex, q] != g:
+                                q += 1
+                            if ast_p[l, ex, q] != sr:
+                                ast_p[l, ex, q] = sr
+                                acn_p[l, g] += 1
                         gn = nd[g]
                         if gs[g] != sid:
                             gs[g] = sid
@@ -206,10 +249,68 @@ def _kernel_source(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pe
                         c = gbuf[best]
 
 
+def _flush_source(act_cnt, act_acc, ngpu, speeds, alist, act_open, copy_gpu, do_colo):  # type: ignore[no-untyped-def]
+    # Close the open step: placements without replicas count the listed active experts on
+    # their GPUs; then per placement and layer, the slowest GPU's distinct experts (per unit
+    # of speed) and that over the speed-weighted mean. Counts and the list start afresh.
+    P, L, _G = act_cnt.shape
+    N = copy_gpu.shape[2]
+    na = act_open[1]
+    for p in range(P):
+        if do_colo[p]:
+            for i in range(na):
+                l = alist[i] // N
+                act_cnt[p, l, copy_gpu[p, l, alist[i] - l * N, 0]] += 1
+        G = ngpu[p]
+        for l in range(L):
+            mx = 0.0
+            tot = 0.0
+            ssum = 0.0
+            for g in range(G):
+                a = act_cnt[p, l, g]
+                v = a / speeds[p, g]
+                if v > mx:
+                    mx = v
+                tot += a
+                ssum += speeds[p, g]
+                act_cnt[p, l, g] = 0
+            act_acc[p, 0, l] += mx
+            act_acc[p, 1, l] += mx / (tot / ssum) if tot > 0 else 1.0
+    act_open[1] = 0
+
+
+# The compiled kernel calls the compiled flush; ``_numba_kernel`` rebinds this name first.
+_flush_steps = _flush_source
+
+
+def flush_steps(act_cnt: np.ndarray, act_acc: np.ndarray, ngpu: np.ndarray,
+                speeds: np.ndarray, alist: np.ndarray, act_open: np.ndarray,
+                copy_gpu: np.ndarray, do_colo: np.ndarray) -> None:
+    """Close the open serving step (see the module docstring); numpy, same arithmetic."""
+    P = act_cnt.shape[0]
+    N = copy_gpu.shape[2]
+    ll, ee = np.divmod(alist[:int(act_open[1])], N)
+    for p in range(P):
+        if do_colo[p]:
+            np.add.at(act_cnt[p], (ll, copy_gpu[p, ll, ee, 0]), 1)
+        G = int(ngpu[p])
+        a = act_cnt[p, :, :G].astype(np.float64)
+        s = speeds[p, :G]
+        mx = (a / s).max(axis=1)
+        tot = a.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            act_acc[p, 1] += np.where(tot > 0, mx / (tot / s.sum()), 1.0)
+        act_acc[p, 0] += mx
+    act_cnt[:] = 0
+    act_open[1] = 0
+
+
 @functools.cache
 def _numba_kernel():  # type: ignore[no-untyped-def]
     import numba
 
+    flush = numba.njit(cache=True, nogil=True)(_flush_source)
+    globals()["_flush_steps"] = flush  # the kernel resolves it as a global when compiled
     return numba.njit(cache=True, nogil=True, boundscheck=False)(_kernel_source)
 
 
@@ -257,10 +358,50 @@ def _distinct_other(vals: np.ndarray, other: np.ndarray, keep: np.ndarray | None
     return (s[:, 1:] != s[:, :-1]).sum(axis=1) + (s[:, 0] >= 0)
 
 
+def _active_numpy(e: np.ndarray, ser: np.ndarray, gserve: dict[int, list[np.ndarray]],
+                  est: np.ndarray, alist: np.ndarray, act_stamp: np.ndarray,
+                  act_cnt: np.ndarray, act_acc: np.ndarray, act_open: np.ndarray,
+                  ngpu: np.ndarray, speeds: np.ndarray, copy_gpu: np.ndarray,
+                  do_colo: np.ndarray) -> None:
+    """The step metric for a run of tokens (numpy), one serving step at a time, on the same
+    state as the compiled kernel. ``gserve[p][l]`` is ``[T, k]``, the GPUs serving each
+    expert under the load model, for the replicated placements ``p``."""
+    T, L, k = e.shape
+    N = est.shape[1]
+    Gm = act_cnt.shape[2]
+    cuts = np.r_[0, np.flatnonzero(ser[1:] != ser[:-1]) + 1, T]
+    lk = np.repeat(np.arange(L), k)
+    for t0, t1 in itertools.pairwise(cuts):
+        sr = int(ser[t0])
+        if sr != act_open[0]:
+            if act_open[0] >= 0:
+                flush_steps(act_cnt, act_acc, ngpu, speeds, alist, act_open, copy_gpu, do_colo)
+            act_open[0] = sr
+        seg = e[t0:t1].reshape(t1 - t0, L * k).astype(np.int64)
+        if do_colo.any():
+            keys = np.unique(lk * N + seg)
+            keys = keys[est.ravel()[keys] != sr]
+            est.ravel()[keys] = sr
+            na = int(act_open[1])
+            alist[na:na + keys.size] = keys
+            act_open[1] = na + keys.size
+        for p, per_layer in gserve.items():
+            g = np.stack([x[t0:t1] for x in per_layer], axis=1).reshape(t1 - t0, L * k)
+            key = np.unique((lk * N + seg) * Gm + g)
+            le, gg = np.divmod(key, Gm)
+            ll, ee = np.divmod(le, N)
+            q = np.argmax(copy_gpu[p, ll, ee] == gg[:, None], axis=1)  # first copy on gg
+            new = act_stamp[p, ll, ee, q] != sr
+            act_stamp[p, ll[new], ee[new], q[new]] = sr
+            np.add.at(act_cnt[p], (ll[new], gg[new]), 1)
+
+
 def _numpy_kernel(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pending,  # type: ignore[no-untyped-def]
-                  traffic, colo, do_colo, *_scratch) -> None:
+                  traffic, colo, do_colo, ser, est, alist, act_stamp, act_cnt, act_acc,
+                  act_open, ngpu, speeds, *_scratch) -> None:
     T, L, k = e.shape
     P = copy_gpu.shape[0]
+    gserve: dict[int, list[np.ndarray]] = {}
     ei = e.astype(np.intp)
     jj = np.arange(k)
     if has_w:
@@ -281,6 +422,8 @@ def _numpy_kernel(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pen
                 g = _resolve_numpy(cgp[l], cntp[l], rr_m[l], ei[:, l], cur, nd)
                 if m == load_model:
                     pending[p, l] += np.bincount(g.ravel(), minlength=pending.shape[2])
+                    if not do_colo[p]:
+                        gserve.setdefault(p, []).append(g)
                 gn, cn = nd[g], nd[cur]
                 remote = _distinct_other(g, cur)
                 inter = _distinct_other(g, cur, keep=gn != cn[:, None])
@@ -297,17 +440,23 @@ def _numpy_kernel(e, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pen
                     votes = (g[:, :, None] == g[:, None, :]).sum(axis=2)
                     cur = g[np.arange(T), np.argmax(votes * k + rank[:, l], axis=1)]
             rr[p, m] = rr_m
+    _active_numpy(ei, ser, gserve, est, alist, act_stamp, act_cnt, act_acc, act_open, ngpu,
+                  speeds, copy_gpu, do_colo)
 
 
 def score_into(experts: np.ndarray, weights: np.ndarray | None, home: np.ndarray,
                copy_gpu: np.ndarray, cnt: np.ndarray, rr: np.ndarray, node_of: np.ndarray,
                load_model: int, pending: np.ndarray, traffic: np.ndarray, colo: np.ndarray,
-               do_colo: np.ndarray, backend: str = "auto") -> None:
+               do_colo: np.ndarray, ser: np.ndarray, est: np.ndarray, alist: np.ndarray,
+               act_stamp: np.ndarray,
+               act_cnt: np.ndarray, act_acc: np.ndarray, act_open: np.ndarray,
+               ngpu: np.ndarray, speeds: np.ndarray, backend: str = "auto") -> None:
     """Add one run of tokens' per-token metrics for every placement into the accumulators.
 
     ``colo [P, 2, L-1]`` gets the (a at l, b at l+1) pairs of a token's k*k that share a GPU /
     a node, for placements with ``do_colo[p]`` (those without replicas, where an expert's
-    GPU is the one that serves it).
+    GPU is the one that serves it). The step arguments are described in the module docstring;
+    steps that close inside the run are added to ``act_acc``, the last one stays open.
     """
     T, L, k = experts.shape
     P = copy_gpu.shape[0]
@@ -325,10 +474,13 @@ def score_into(experts: np.ndarray, weights: np.ndarray | None, home: np.ndarray
         Gmax = node_of.shape[1]
         nodes = int(node_of.max()) + 1
         _numba_kernel()(experts, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model,
-                        pending, traffic, colo, do_colo, np.empty(k, np.int64), np.empty(k, np.int64),
+                        pending, traffic, colo, do_colo, ser, est, alist, act_stamp,
+                        act_cnt, act_acc,
+                        act_open, ngpu, speeds, np.empty(k, np.int64), np.empty(k, np.int64),
                         np.empty((2, Gmax), np.int64), np.empty((2, Gmax), np.int64),
                         np.empty((2, nodes), np.int64), np.empty((2, nodes), np.int64),
                         np.empty((2, Gmax), np.int64), np.empty((2, nodes), np.int64))
     else:
         _numpy_kernel(experts, w, has_w, home, copy_gpu, cnt, rr, node_of, load_model, pending,
-                      traffic, colo, do_colo)
+                      traffic, colo, do_colo, ser, est, alist, act_stamp, act_cnt, act_acc,
+                      act_open, ngpu, speeds)

@@ -18,6 +18,9 @@ published description:
 Loads are single precision and ties go to the lowest index, as in the stacks, so layouts match
 slot for slot.
 
+``balanced_placement`` is a speed-aware start without replicas: greedy LPT of any per-expert
+cost onto GPUs of unequal speed with exactly S slots each, then improving pairwise swaps.
+
 ``eplb_distinct`` is the rule-respecting variant moeplace's own solvers start from: the same
 group and node steps, but copies of one expert always go to distinct GPUs and the replica
 counts are chosen knowing that rule (a copy moves to another expert when that lowers the
@@ -46,8 +49,8 @@ from moeplace.solvers.registry import (
 )
 from moeplace.traces import RoutingStats
 
-__all__ = ["balanced_packing", "baseline", "contiguous", "default_groups", "eplb",
-           "eplb_distinct", "random_placement", "replica_counts", "replicate_experts",
+__all__ = ["balanced_packing", "balanced_placement", "baseline", "contiguous", "default_groups",
+           "eplb", "eplb_distinct", "random_placement", "replica_counts", "replicate_experts",
            "round_robin"]
 
 # DeepSeek's EPLB and the stacks compute in float32.
@@ -409,3 +412,84 @@ class RandomBaseline(_Baseline):
     def place(self, stats: RoutingStats, c: Cluster, options: SolveOptions) -> Placement:
         L, N = stats.load.shape
         return random_placement(L, N, c.num_gpus, c.num_nodes, c.replicas, seed=options.seed)
+
+
+# ---- speed-aware start ----------------------------------------------------------------------
+def _swap_improve(w: np.ndarray, gpu: np.ndarray, load: np.ndarray, s: np.ndarray,
+                  max_rounds: int) -> None:
+    """Swap an expert of the slowest GPU (highest ``load / s``) with one elsewhere while that
+    lowers the pair's larger time below the current maximum; best swap first. In place."""
+    eps = 1e-12 * max(float(w.sum()), 1.0)
+    for _ in range(max_rounds):
+        r = load / s
+        g = int(np.argmax(r))
+        cur = r[g]
+        a = np.flatnonzero(gpu == g)
+        b = np.flatnonzero(gpu != g)
+        if not a.size or not b.size:
+            return
+        h = gpu[b]
+        d = w[b][None, :] - w[a][:, None]                 # [A, B] what g gains
+        new_g = (load[g] + d) / s[g]
+        new_h = (load[h][None, :] - d) / s[h][None, :]
+        worst = np.maximum(new_g, new_h)
+        i = int(np.argmin(worst))
+        if worst.flat[i] >= cur - eps:
+            return
+        ia, ib = divmod(i, b.size)
+        ea, eb = a[ia], b[ib]
+        hb = gpu[eb]
+        load[g] += w[eb] - w[ea]
+        load[hb] += w[ea] - w[eb]
+        gpu[ea], gpu[eb] = hb, g
+
+
+def balanced_placement(cost: np.ndarray, num_gpus: int, num_nodes: int = 1,
+                       speeds: np.ndarray | None = None, max_rounds: int | None = None
+                       ) -> Placement:
+    """One copy per expert, exactly ``N / num_gpus`` experts per GPU, balancing ``cost``
+    ``[L, N]`` (token load for prefill, ``cost.expert_cost`` for decode) in proportion to
+    ``speeds`` (``[G]``, default equal).
+
+    Per layer: experts by decreasing cost, each to the GPU with a free slot whose time
+    ``(load + cost) / speed`` after taking it is smallest (lowest index on ties); then swaps
+    of one expert of the slowest GPU with one elsewhere while they lower the maximum
+    (``max_rounds`` swaps at most, default ``4 N``). Nodes only label GPUs (``num_nodes``
+    contiguous groups); node balance is not optimised. The start EPLB cannot give on unequal
+    GPUs: EPLB packs for equal ones.
+    """
+    w_all = np.asarray(cost, np.float64)
+    if w_all.ndim != 2:
+        raise InputError("balanced_placement", "cost", f"shape {w_all.shape} is not "
+                         "[layers, experts]", "pass per-layer expert costs")
+    if not np.isfinite(w_all).all() or (w_all < 0).any():
+        raise InputError("balanced_placement", "cost", "costs must be finite and >= 0",
+                         "pass loads or expert_cost(...)")
+    L, N = w_all.shape
+    if num_gpus < 1 or num_nodes < 1 or num_gpus % num_nodes or N % num_gpus:
+        raise InfeasibleError(f"{N} experts do not split evenly over {num_gpus} GPUs in "
+                              f"{num_nodes} nodes")
+    S = N // num_gpus
+    s = np.ones(num_gpus) if speeds is None else np.asarray(speeds, np.float64)
+    if s.shape != (num_gpus,) or not np.isfinite(s).all() or (s <= 0).any():
+        raise InputError("balanced_placement", "speeds", f"need {num_gpus} finite speeds > 0",
+                         "pass parse_gpu_speeds(...)")
+    rounds = 4 * N if max_rounds is None else int(max_rounds)
+    rows = np.empty((L, N), np.int64)
+    for l in range(L):
+        w = w_all[l]
+        gpu = np.empty(N, np.int64)
+        load = np.zeros(num_gpus)
+        fill = np.zeros(num_gpus, np.int64)
+        for e in np.argsort(-w, kind="stable"):
+            t = np.where(fill < S, (load + w[e]) / s, np.inf)
+            g = int(np.argmin(t))
+            gpu[e] = g
+            load[g] += w[e]
+            fill[g] += 1
+        _swap_improve(w, gpu, load, s, rounds)
+        # slots in GPU order; inside a GPU, heavier experts first
+        order = np.lexsort((-w, gpu))
+        rows[l] = order
+    return Placement(rows, num_gpus, num_nodes, N,
+                     info={"method": "balanced", "speeds": [float(x) for x in s]})

@@ -3,7 +3,10 @@
 1. load imbalance (max/mean GPU load per layer, whole trace and windows of W tokens);
 2. cross-layer pair fraction (GPU and node level), from transition counts;
 3. token traffic under the ``static`` (home GPU) and ``follow`` execution models;
-5. migration against a current placement.
+5. migration against a current placement;
+and the decode view: per serving step and layer, the distinct experts each GPU activates
+(``active_experts_max``, ``active_experts_imbalance``). Optional per-GPU speeds make every
+imbalance speed-aware: ``max_g(x_g / s_g) / (sum x / sum s)``.
 
 Replica choice for a token (placements with replicas): the copy on the token's current GPU if
 any, else the first copy on its node, else round-robin over the expert's copies in token order
@@ -26,13 +29,24 @@ from moeplace._limits import check_memory
 from moeplace._progress import Progress
 from moeplace.errors import InputError
 from moeplace.placement import Placement
-from moeplace.solvers._eval_kernels import GPUS, INTER, INTRA, NODES, _cumcount, score_into
+from moeplace.solvers._eval_kernels import (
+    GPUS,
+    INTER,
+    INTRA,
+    NODES,
+    _cumcount,
+    flush_steps,
+    score_into,
+)
+from moeplace.solvers.cost import parse_gpu_speeds, speed_imbalance
 from moeplace.traces import RoutingStats, Trace, TraceReader
 from moeplace.traces._kernels import count_into
 from moeplace.traces.store import as_chunks
 
 HOME_MODELS = ("static", "follow")
 DEFAULT_WINDOW = 4096
+# Serving-step size when the trace records no step ids (the simulator's default too).
+DEFAULT_TOKENS_PER_STEP = 4096
 
 
 def check_compatible(placement: Placement, num_layers: int, num_experts: int, source: str) -> None:
@@ -81,8 +95,12 @@ def gpu_loads_from_stats(load: np.ndarray, placement: Placement) -> np.ndarray:
     return share.reshape(L, placement.num_gpus, placement.slots_per_gpu).sum(axis=2)
 
 
-def imbalance(gpu_load: np.ndarray) -> np.ndarray:
-    """max / mean over the last axis (1.0 for an idle layer)."""
+def imbalance(gpu_load: np.ndarray, speeds: np.ndarray | None = None) -> np.ndarray:
+    """max / mean over the last axis (1.0 for an idle layer); with ``speeds`` (one per GPU)
+    the speed-aware ``max_g(load_g / s_g) / (sum load / sum s)``, the slowest GPU's time over
+    the time of a perfect split in proportion to speed."""
+    if speeds is not None:
+        return speed_imbalance(gpu_load, speeds)
     mean = gpu_load.mean(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(mean > 0, gpu_load.max(axis=-1) / np.where(mean > 0, mean, 1), 1.0)
@@ -101,10 +119,16 @@ def coactivation_spread(coactivation: np.ndarray, placement: Placement) -> float
     return float((c * ~shared).sum() / tot)
 
 
-def evaluate_stats(stats: RoutingStats, placement: Placement) -> dict[str, Any]:
-    """Metrics 1 (whole trace) and 2 from aggregated statistics alone."""
+def evaluate_stats(stats: RoutingStats, placement: Placement,
+                   gpu_speeds: np.ndarray | list[float] | None = None) -> dict[str, Any]:
+    """Metrics 1 (whole trace) and 2 from aggregated statistics alone (``gpu_speeds``: the
+    speed-aware imbalance, as in ``evaluate_many``)."""
     check_compatible(placement, stats.num_layers, stats.num_experts, stats.meta.source or "stats")
-    imb = imbalance(gpu_loads_from_stats(stats.load, placement))
+    sp = None
+    if gpu_speeds is not None:
+        sp = parse_gpu_speeds(gpu_speeds, placement.num_gpus, "evaluate", "gpu_speeds")
+        sp = None if (sp == sp[0]).all() else sp
+    imb = imbalance(gpu_loads_from_stats(stats.load, placement), sp)
     out: dict[str, Any] = {"load_imbalance_mean": float(imb.mean()),
                            "load_imbalance_max": float(imb.max())}
     if stats.transitions is not None and stats.num_layers > 1:
@@ -222,7 +246,9 @@ class Evaluator:
 
     def __init__(self, placement: Placement | list[Placement], num_layers: int,
                  num_experts: int, *, window: int = DEFAULT_WINDOW, home: str = "static",
-                 source: str = "trace", backend: str = "auto") -> None:
+                 source: str = "trace", backend: str = "auto",
+                 tokens_per_step: int | None = None,
+                 gpu_speeds: str | np.ndarray | list[float] | None = None) -> None:
         plcs = [placement] if isinstance(placement, Placement) else list(placement)
         if not plcs:
             raise InputError("evaluate", "placements", "none given", "pass at least one placement")
@@ -232,6 +258,9 @@ class Evaluator:
             raise InputError("evaluate", "window", f"{window} < 1", "pass --window >= 1")
         if home not in HOME_MODELS:
             raise InputError("evaluate", "home", f"{home!r} unknown", f"use one of {HOME_MODELS}")
+        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or tokens_per_step < 1):
+            raise InputError("evaluate", "tokens_per_step", f"{tokens_per_step} < 1",
+                             "pass --tokens-per-step >= 1")
         self.placements = plcs
         self.L, self.N = num_layers, num_experts
         self.window = window
@@ -271,6 +300,36 @@ class Evaluator:
         self._scratch = np.zeros((L, N), np.int64) if need_trans else None
         self._known: dict[int, int] = {}
         self._next_token = 0
+        # Speeds: None keeps today's max/mean arithmetic exactly (equal speeds mean the same).
+        self.speeds: np.ndarray | None = None
+        if gpu_speeds is not None:
+            if len({p.num_gpus for p in plcs}) > 1:
+                raise InputError("evaluate", "gpu_speeds", "placements for different GPU "
+                                 "counts share one speed list", "score one cluster at a time")
+            flag = isinstance(gpu_speeds, str)  # text comes from the --gpu-speeds flag
+            sp = parse_gpu_speeds(gpu_speeds, int(self.G[0]), "--gpu-speeds" if flag
+                                  else "evaluate", "value" if flag else "gpu_speeds")
+            self.speeds = None if (sp == sp[0]).all() else sp
+        self.speed_tab = np.ones((P, Gmax))
+        if self.speeds is not None:
+            self.speed_tab[:] = self.speeds
+        # Serving steps: runs of equal ``step`` ids when the trace has them and no size was
+        # given, else blocks of ``tokens_per_step`` tokens (decided on the first chunk).
+        self.tokens_per_step = tokens_per_step
+        self._by_step: bool | None = None
+        self._last_step: int | None = None
+        # Per-copy step stamps only for replicated placements (see _eval_kernels).
+        rep = not self.do_colo.all()
+        check_memory(8.0 * (P * L * (rep * N * C + Gmax + 2) + 2 * L * N),
+                     "the evaluator's step tables", source, "num_experts")
+        self.act_stamp = np.full((P, L, N, C) if rep else (P, 1, 1, 1), -1, np.int64)
+        self.est = np.full((L, N), -1, np.int64)
+        self.alist = np.zeros(L * N, np.int64)
+        self.act_cnt = np.zeros((P, L, Gmax), np.int64)
+        self.act_acc = np.zeros((P, 2, L))
+        self.act_open = np.array([-1, 0], np.int64)  # open step's serial, experts listed
+        self._act = self.act_acc
+        self.steps = 0
 
     def _homes(self, trace: Trace) -> np.ndarray:
         """``[P, T]`` home GPU of each token under each placement."""
@@ -294,6 +353,7 @@ class Evaluator:
             raise InputError(trace.meta.source or "trace", "top_k", "chunk top-k changed",
                              "evaluate one trace at a time")
         self.top_k = trace.top_k
+        ser = self._serials(trace)
         homes = self._homes(trace)
         if self.trans is not None:
             count_into(e, self._scratch, self.trans, None)
@@ -304,16 +364,37 @@ class Evaluator:
             w = None if trace.weights is None else trace.weights[start:stop]
             score_into(e[start:stop], w, np.ascontiguousarray(homes[:, start:stop]),
                        self.copy_gpu, self.cnt, self.rr, self.node_of, load_model,
-                       self.pending, self.traffic, self.colo, self.do_colo, self.backend)
+                       self.pending, self.traffic, self.colo, self.do_colo, ser[start:stop],
+                       self.est, self.alist, self.act_stamp, self.act_cnt, self.act_acc, self.act_open, self.G,
+                       self.speed_tab, self.backend)
             self._pending_tokens += stop - start
             start = stop
             if self._pending_tokens == self.window:
                 self._flush_window()
         self.tokens += T
 
+    def _serials(self, trace: Trace) -> np.ndarray:
+        """``[T]`` serving-step serial of each token of a chunk (0, 1, ... over the trace)."""
+        T = trace.num_tokens
+        has = "step" in trace.tokens
+        if self._by_step is None:
+            self._by_step = has and self.tokens_per_step is None
+        elif self._by_step and not has:
+            raise InputError(trace.meta.source or "trace", "step", "some chunks lack step ids",
+                             "evaluate one trace at a time, or pass tokens_per_step")
+        if not self._by_step:
+            B = self.tokens_per_step or DEFAULT_TOKENS_PER_STEP
+            return (self.tokens + np.arange(T, dtype=np.int64)) // B
+        st = trace.tokens["step"]
+        change = np.empty(T, bool)
+        change[0] = self._last_step is None or int(st[0]) != self._last_step
+        change[1:] = st[1:] != st[:-1]
+        self._last_step = int(st[-1])
+        return int(self.act_open[0]) + np.cumsum(change, dtype=np.int64)
+
     def _flush_window(self) -> None:
         for i, G in enumerate(self.G):
-            imb = imbalance(self.pending[i, :, :G].astype(np.float64))
+            imb = imbalance(self.pending[i, :, :G].astype(np.float64), self.speeds)
             self.win_sum[i] += imb
             self.win_max[i] = np.maximum(self.win_max[i], imb)
         self.win_count += 1
@@ -327,6 +408,11 @@ class Evaluator:
             raise InputError("evaluate", "trace", "no tokens", "evaluate a non-empty trace")
         if self._pending_tokens:
             self._flush_window()
+        # Close the last serving step on copies, so that more chunks may still follow.
+        self._act = self.act_acc.copy()
+        flush_steps(self.act_cnt.copy(), self._act, self.G, self.speed_tab, self.alist,
+                    self.act_open.copy(), self.copy_gpu, self.do_colo)
+        self.steps = int(self.act_open[0]) + 1
         return [self._result(i) for i in range(len(self.placements))]
 
     def result(self) -> EvalResult:
@@ -335,12 +421,15 @@ class Evaluator:
 
     def _result(self, i: int) -> EvalResult:
         p, L, G = self.placements[i], self.L, int(self.G[i])
-        imb = imbalance(self.gpu_load[i, :, :G].astype(np.float64))
+        imb = imbalance(self.gpu_load[i, :, :G].astype(np.float64), self.speeds)
         wmean = self.win_sum[i] / self.win_count
+        act = self._act[i] / self.steps
         df = pd.DataFrame({"layer": np.arange(L), "tokens": self.tokens,
                            "load_imbalance": imb,
                            "window_imbalance_mean": wmean,
-                           "window_imbalance_max": self.win_max[i]})
+                           "window_imbalance_max": self.win_max[i],
+                           "active_experts_max": act[0],
+                           "active_experts_imbalance": act[1]})
         cg = np.full(L, np.nan)
         cn = np.full(L, np.nan)
         cross: tuple[float, float] | None = None
@@ -372,7 +461,14 @@ class Evaluator:
             "load_imbalance_mean": float(imb.mean()), "load_imbalance_max": float(imb.max()),
             "window_imbalance_mean": float(wmean.mean()),
             "window_imbalance_max": float(self.win_max[i].max()),
+            "active_experts_max": float(act[0].mean()),
+            "active_experts_imbalance": float(act[1].mean()),
+            "steps": self.steps,
+            "tokens_per_step": None if self._by_step else (self.tokens_per_step
+                                                           or DEFAULT_TOKENS_PER_STEP),
         }
+        if self.speeds is not None:
+            summary["gpu_speeds"] = [float(x) for x in self.speeds]
         if cross is not None:
             summary["cross_gpu_pair_fraction"] = float(cross[0])
             summary["cross_node_pair_fraction"] = float(cross[1])
@@ -391,8 +487,15 @@ def evaluate_many(trace: Trace | TraceReader | str | os.PathLike[str] | Iterable
                   home: str = "static", chunk_tokens: int = 1 << 16,
                   show_progress: bool | None = None, sample: float = 1.0, seed: int = 0,
                   deadline: float | None = None, total_tokens: int | None = None,
-                  backend: str = "auto") -> list[EvalResult]:
+                  backend: str = "auto", tokens_per_step: int | None = None,
+                  gpu_speeds: str | np.ndarray | list[float] | None = None
+                  ) -> list[EvalResult]:
     """Score several placements in one streaming pass; one result per placement, in order.
+
+    Serving steps for ``active_experts_*``: the trace's ``step`` ids (runs of equal ids) when
+    it has them and ``tokens_per_step`` is None, else blocks of ``tokens_per_step`` (default
+    4096) tokens. ``gpu_speeds`` (``[G]``, or ``"1,1,0.7,0.7"``) makes every imbalance
+    speed-aware; equal or absent speeds give the plain max / mean.
 
     ``sample < 1`` scores a seeded choice of about that fraction of the trace's windows (whole
     windows of ``window`` consecutive tokens, chosen by hashing the window's index with
@@ -409,7 +512,8 @@ def evaluate_many(trace: Trace | TraceReader | str | os.PathLike[str] | Iterable
     chunks, meta, total = as_chunks(trace, step)
     total = total_tokens if total_tokens is not None else total
     ev = Evaluator(placements, meta.num_layers, meta.num_experts, window=window, home=home,
-                   source=meta.source or "trace", backend=backend)
+                   source=meta.source or "trace", backend=backend,
+                   tokens_per_step=tokens_per_step, gpu_speeds=gpu_speeds)
     bar = Progress(total, "scoring", "tokens", enabled=show_progress)
     offset = 0
     stopped = False
@@ -446,10 +550,13 @@ def evaluate(trace: Trace | TraceReader | str | os.PathLike[str] | Iterable[Trac
              placement: Placement, *, window: int = DEFAULT_WINDOW, home: str = "static",
              current: Placement | None = None, expert_bytes: int = 0,
              chunk_tokens: int = 1 << 16, show_progress: bool | None = None,
-             backend: str = "auto") -> EvalResult:
-    """Score ``placement`` on a per-token trace (in memory, a Parquet path, or chunks)."""
+             backend: str = "auto", tokens_per_step: int | None = None,
+             gpu_speeds: str | np.ndarray | list[float] | None = None) -> EvalResult:
+    """Score ``placement`` on a per-token trace (in memory, a Parquet path, or chunks);
+    ``tokens_per_step`` and ``gpu_speeds`` as in ``evaluate_many``."""
     res = evaluate_many(trace, [placement], window=window, home=home, chunk_tokens=chunk_tokens,
-                        show_progress=show_progress, backend=backend)[0]
+                        show_progress=show_progress, backend=backend,
+                        tokens_per_step=tokens_per_step, gpu_speeds=gpu_speeds)[0]
     for key in ("sample_fraction", "sample_seed", "stopped_at_deadline"):
         res.summary.pop(key)
     if current is not None:

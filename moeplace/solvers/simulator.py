@@ -8,6 +8,8 @@ its token count) plus its communication: tokens it sends to and receives from ot
 home model: a token's activation goes to each remote GPU holding one of its experts and the
 result comes back), each direction ``alpha + bytes / bandwidth`` on NVLink inside a node and on
 the network across nodes. The layer takes the slowest GPU's time; a step adds the non-MoE part.
+GPUs of unequal speed (``gpu_speeds``, in the hardware JSON or as an argument; relative to the
+profile's GPU) divide their expert compute time by their speed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from moeplace._validate import as_finite, read_json
 from moeplace.errors import InputError
 from moeplace.placement import Placement
+from moeplace.solvers.cost import parse_gpu_speeds
 from moeplace.traces import Trace
 
 _DATA = "data/hardware"
@@ -43,6 +46,11 @@ class Hardware:
     network_alpha_s: float
     network_efficiency: float
     expert_launch_s: float
+    # Optional: per-GPU speed factors in rank order (checked against the GPU count when used).
+    gpu_speeds: tuple[float, ...] | None = None
+    source: str = ""
+
+    _OPTIONAL = ("gpu_speeds", "source")
 
     @classmethod
     def load(cls, name_or_path: str) -> Hardware:
@@ -57,8 +65,17 @@ class Hardware:
         d = read_json(p, "file", fix, max_bytes=1 << 20)
         if not isinstance(d, dict):
             raise InputError(p, "file", "not a JSON object", fix)
-        vals: dict[str, Any] = {}
+        vals: dict[str, Any] = {"source": str(p)}
+        if d.get("gpu_speeds") is not None:
+            sp = d["gpu_speeds"]
+            if not isinstance(sp, list) or not sp:
+                raise InputError(p, "gpu_speeds", "is not a non-empty list of numbers",
+                                 "give one speed per GPU in rank order, e.g. [1, 1, 0.7, 0.7]")
+            vals["gpu_speeds"] = tuple(float(x) for x in parse_gpu_speeds(sp, len(sp), p,
+                                                                         "gpu_speeds"))
         for k in cls.__dataclass_fields__:
+            if k in cls._OPTIONAL:
+                continue
             if k not in d:
                 raise InputError(p, k, "missing", fix)
             if k == "name":
@@ -111,8 +128,12 @@ def guess_shape(model: str) -> str | None:
 
 
 def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShape,
-              tokens_per_step: int = 4096) -> dict[str, Any]:
-    """Mean estimated step time (s) over windows, with its compute and communication parts."""
+              tokens_per_step: int = 4096,
+              gpu_speeds: str | np.ndarray | list[float] | None = None) -> dict[str, Any]:
+    """Mean estimated step time (s) over windows, with its compute and communication parts.
+
+    ``gpu_speeds`` (else the profile's ``gpu_speeds``, else equal) divides each GPU's expert
+    compute time by its speed."""
     from moeplace.solvers.evaluator import _Resolver, check_compatible, home_gpus
 
     check_compatible(placement, trace.num_layers, trace.num_experts, trace.meta.source or "trace")
@@ -120,6 +141,14 @@ def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShap
         raise InputError("simulate", "tokens_per_step", f"{tokens_per_step} < 1", "use >= 1")
     G, n = placement.num_gpus, placement.gpus_per_node
     L, N = trace.num_layers, trace.num_experts
+    if gpu_speeds is not None:
+        flag = isinstance(gpu_speeds, str)
+        speeds = parse_gpu_speeds(gpu_speeds, G, "--gpu-speeds" if flag else "simulate",
+                                  "value" if flag else "gpu_speeds")
+    elif hw.gpu_speeds is not None:
+        speeds = parse_gpu_speeds(list(hw.gpu_speeds), G, hw.source or hw.name, "gpu_speeds")
+    else:
+        speeds = np.ones(G)
     w_time = shape.expert_params * shape.bytes_per_param / (hw.hbm_bytes_per_s * hw.memory_efficiency)
     flop_rate = hw.bf16_flops * hw.matmul_efficiency
     tok_bytes = shape.hidden_size * shape.activation_bytes
@@ -139,7 +168,7 @@ def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShap
             cnt = np.bincount(key.ravel(), minlength=G * N).reshape(G, N)
             t_exp = np.where(cnt > 0, np.maximum(w_time, 2 * shape.expert_params * cnt / flop_rate)
                              + hw.expert_launch_s, 0.0)
-            compute = t_exp.sum(axis=1)
+            compute = t_exp.sum(axis=1) / speeds
             # distinct remote GPUs per token: one activation out and one result back each
             srt = np.sort(g, axis=1)
             first = np.ones_like(srt, bool)
