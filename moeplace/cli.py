@@ -597,14 +597,16 @@ def _simulation(model_shape: str | None, hardware: str, trace: Any) -> Any:
 
 
 def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
-                 sim: Any = None, tokens_per_step: int = 4096) -> pd.DataFrame:
+                 sim: Any = None, tokens_per_step: int = 4096, speeds: Any = None
+                 ) -> pd.DataFrame:
     """Evaluator metrics per placement (names as in docs/metrics.md): per-token when a trace is
     at hand (one pass for all), else from stats; with a simulation profile, the simulated step
     time and the speedup over the fastest baseline in the table."""
     from moeplace.solvers import evaluate_many, evaluate_stats
 
     if trace is None:
-        return _rows({n: evaluate_stats(stats, p) for n, p in plcs.items()}, {}, False)
+        return _rows({n: evaluate_stats(stats, p, gpu_speeds=speeds) for n, p in plcs.items()},
+                     {}, False)
     res = evaluate_many(trace, list(plcs.values()), window=window, show_progress=False)
     step_ms: dict[str, float] = {}
     if sim is not None:
@@ -644,7 +646,7 @@ def _rows(summaries: dict[str, dict[str, Any]], step_ms: dict[str, float],
 
 _GAIN_METRICS = ("load_imbalance_mean", "load_imbalance_max", "cross_gpu_pair_fraction",
                  "cross_node_pair_fraction", "traffic_static", "traffic_static_remote_nodes",
-                 "traffic_follow", "step_ms")
+                 "traffic_follow", "active_experts_max", "active_experts_imbalance", "step_ms")
 
 
 def strongest_baseline_gains(df: pd.DataFrame, ours: str) -> pd.DataFrame:
@@ -691,6 +693,12 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
               "trtllm (static home, DeepEP dispatch: distinct remote GPUs and nodes per token; "
               "the default for search) or exflow (cross-layer pairs, MoETuner; what dp, cpsat, "
               "ilp-* and moetuner optimise).")
+@click.option("--phase", type=click.Choice(["prefill", "decode"]), default="prefill",
+              show_default=True, help="decode: balance the expected active experts per step of "
+              "--tokens-per-step tokens (memory-bound decode) instead of tokens (search).")
+@click.option("--gpu-speeds", help="Relative speed of each GPU in rank order, e.g. "
+              "1,1,1,1,0.7,0.7,0.7,0.7: the search balances GPU time, and imbalances, bounds and "
+              "the simulator become speed-aware.")
 @click.option("--balance-slack", type=NONNEG_FLOAT, default=0.0, show_default=True,
               help="search: max GPU load per layer may exceed EPLB's by this fraction (on the "
               "fitted load and on each sixteenth of the requests).")
@@ -729,7 +737,8 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @import_options
 @_paths(inputs=("source", "current", "hardware"), outputs={"out": False})
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
-          engine: str | None, weights_text: str | None, balance_slack: float, time_limit: float,
+          engine: str | None, phase: str, gpu_speeds: str | None,
+          weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None,
           respect_groups: int | None, seed: int,
           restarts: int, window: int, expert_bytes: int, ray_address: str | None,
@@ -769,6 +778,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                              f"(exflow) objective, not {engine}'s",
                              "use --method search for sglang/vllm/trtllm, or --engine exflow")
         engine = engine or ("exflow" if exact else "sglang")
+        from moeplace.solvers.cost import parse_gpu_speeds
+
+        speeds = None if gpu_speeds is None else parse_gpu_speeds(gpu_speeds, gpus)
+        # The evaluator's steps: the decode batch the user solved for, else the trace's own.
+        step_tokens = tokens_per_step if phase == "decode" else None
         cur = Placement.load(current) if current else None
         if not time_limit > 0:
             raise InputError("solve", "--time-limit", f"{time_limit} is not positive",
@@ -808,7 +822,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                      time_limit=solve_limit, balance_slack=balance_slack,
                                      current=cur, seed=seed, num_groups=num_groups,
                                      restarts=restarts, respect_groups=respect_groups,
-                                     restart_runner=runner, engine=engine)
+                                     restart_runner=runner, engine=engine, phase=phase,
+                                     tokens_per_step=tokens_per_step, gpu_speeds=speeds)
         plc.info["report"] = rep.as_dict()
         plcs = {rep.method: plc}
         skipped: list[str] = []
@@ -829,7 +844,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         scoring: dict[str, Any] = {}
         hold_rows = None
         if trace is None:
-            fit_rows = _metric_rows(plcs, None, stats, window)
+            fit_rows = _metric_rows(plcs, None, stats, window, speeds=speeds)
         else:
             # Scoring may use the margin the solver kept; it ends 3 s past the deadline at most.
             end = deadline + 3.0
@@ -838,15 +853,16 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             rep_fit = score_placements(trace, plcs, total_tokens=stats.num_tokens,
                                        num_layers=stats.num_layers, window=window,
                                        deadline=fit_end, seed=seed, sim=sim,
-                                       tokens_per_step=tokens_per_step,
-                                       split=None if held is None else (held, "fit"))
+                                       tokens_per_step=tokens_per_step, step_tokens=step_tokens,
+                                       gpu_speeds=speeds, split=None if held is None else (held, "fit"))
             fit_rows = _rows(rep_fit.summaries, rep_fit.step_ms, True)
             scoring["fit"] = rep_fit.scoring
             if holdout is not None:
                 rep_hold = score_placements(trace, plcs, total_tokens=held_tokens,
                                             num_layers=stats.num_layers, window=window,
                                             deadline=end, seed=seed, sim=sim,
-                                            tokens_per_step=tokens_per_step,
+                                            tokens_per_step=tokens_per_step, step_tokens=step_tokens,
+                                            gpu_speeds=speeds,
                                             split=(held, "holdout"))
                 hold_rows = _rows(rep_hold.summaries, rep_hold.step_ms, True)
                 scoring["holdout"] = rep_hold.scoring

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from moeplace.placement import Placement
+from moeplace.solvers.cost import expert_cost
 from moeplace.solvers.evaluator import (
     coactivation_spread,
     gpu_loads_from_stats,
@@ -94,17 +95,27 @@ class ObjectiveValue:
     traffic_static: float = 0.0
     traffic_static_remote_nodes: float = 0.0
     engine: str = "exflow"
+    # phase "decode": the load term is the expected per-step active-experts imbalance instead
+    active_experts_imbalance: float | None = None
+    phase: str = "prefill"
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
 def score(stats: RoutingStats, placement: Placement, weights: Weights = Weights(),
-          current: Placement | None = None, engine: str = "exflow") -> ObjectiveValue:
+          current: Placement | None = None, engine: str = "exflow", phase: str = "prefill",
+          tokens_per_step: int = 4096, gpu_speeds: np.ndarray | None = None) -> ObjectiveValue:
     """Objective of ``placement`` on ``stats`` for ``engine`` (replica loads split evenly
     across copies). Every term is computed whatever the engine; the engine picks which traffic
-    terms make up the total."""
-    imb = float(imbalance(gpu_loads_from_stats(stats.load, placement)).mean())
+    terms make up the total. ``phase="decode"`` balances the expected active experts per step
+    of ``tokens_per_step`` tokens (``cost.expert_cost``) instead of tokens; ``gpu_speeds``
+    makes both imbalances speed-aware (``max_g(x_g / s_g) / (sum x / sum s)``)."""
+    imb = float(imbalance(gpu_loads_from_stats(stats.load, placement), gpu_speeds).mean())
+    act = None
+    if phase == "decode":
+        cost = expert_cost(stats, phase, tokens_per_step)
+        act = float(imbalance(gpu_loads_from_stats(cost, placement), gpu_speeds).mean())
     ts = static_terms(stats, placement)
     rg, rn = ts if ts is not None else (0.0, 0.0)
     cg = cn = 0.0
@@ -124,8 +135,9 @@ def score(stats: RoutingStats, placement: Placement, weights: Weights = Weights(
         traffic = weights.traffic * rg / k + (weights.node * rn / min(k, M - 1) if M > 1 else 0.0)
     else:
         traffic = weights.traffic * cg + weights.node * cn
-    total = weights.load * imb + traffic + weights.migration * mig + weights.coact * co
-    return ObjectiveValue(total, imb, cg, cn, mig, co, rg, rn, engine)
+    balance = imb if act is None else act
+    total = weights.load * balance + traffic + weights.migration * mig + weights.coact * co
+    return ObjectiveValue(total, imb, cg, cn, mig, co, rg, rn, engine, act, phase)
 
 
 def layer_pair_totals(stats: RoutingStats) -> np.ndarray:

@@ -60,6 +60,10 @@ class SolveOptions:
     restart_runner: RestartRunner | None = None
     # the engine the placement is for, which picks the traffic objective (objective.ENGINES)
     engine: str = "sglang"
+    # "decode": balance the expected active experts per step of tokens_per_step tokens
+    phase: str = "prefill"
+    tokens_per_step: int = 4096
+    gpu_speeds: tuple[float, ...] | None = None  # per-GPU speed factors (None: all equal)
 
     def started(self) -> SolveOptions:
         """These options with the deadline ``time_limit`` seconds from now."""
@@ -110,6 +114,8 @@ class Solver(ABC):
     # engines whose traffic objective the method optimises (objective.ENGINES); a method run
     # for another engine is scored on the first of these
     engines: ClassVar[tuple[str, ...]] = ("exflow",)
+    # balances per-expert costs other than token counts (phase decode) on GPUs of unequal speed
+    costs: ClassVar[bool] = False
     rank: ClassVar[int] = 1000
 
     @abstractmethod
@@ -172,6 +178,10 @@ def check_supported(solver: Solver, cluster: Cluster, options: SolveOptions) -> 
                          " with --replicas")
     if solver.baseline:
         return  # a reference layout: the report scores every term, the method optimises none
+    if (options.phase != "prefill" or options.gpu_speeds is not None) and not solver.costs:
+        flag = "--gpu-speeds" if options.gpu_speeds is not None else "--phase"
+        raise InputError("solve", flag, f"--method {name} balances token counts on equal GPUs",
+                         f"use --method {_supporting('costs', baselines=False)} with {flag}")
     if options.weights.coact and not solver.coact:
         raise InputError("solve", "--weights", f"--method {name} has no co-activation term",
                          f"use --method {_supporting('coact', baselines=False)} with coact=")

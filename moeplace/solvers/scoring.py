@@ -125,13 +125,16 @@ def score_placements(source: Trace | TraceReader, placements: dict[str, Placemen
                      deadline: float | None = None, seed: int = 0,
                      sim: tuple[Any, Any] | None = None, tokens_per_step: int = 4096,
                      split: tuple[np.ndarray, str] | None = None,
-                     show_progress: bool | None = None) -> ScoreReport:
+                     show_progress: bool | None = None, step_tokens: int | None = None,
+                     gpu_speeds: np.ndarray | None = None) -> ScoreReport:
     """Evaluate every placement in one pass (sampled when the budget requires), and simulate
     the step time on a seeded sample of steps.
 
     ``split = (held request ids, "fit" | "holdout")`` scores one side of a request split.
     A Parquet reader is sampled by whole row groups (the others are never read); an in-memory
     trace by whole windows. ``total_tokens`` is the size of what is scored when unsampled.
+    ``step_tokens``: serving steps for ``active_experts_*`` (default: the trace's step ids, else
+    4096 tokens); ``gpu_speeds``: speed-aware imbalances and simulated compute.
     """
     from moeplace.traces._kernels import HAVE_NUMBA
 
@@ -186,7 +189,8 @@ def score_placements(source: Trace | TraceReader, placements: dict[str, Placemen
     t_eval = time.monotonic()
     results = evaluate_many(feed(), plcs, window=window, sample=window_sample, seed=seed,
                             deadline=eval_deadline, total_tokens=expected,
-                            show_progress=show_progress)
+                            show_progress=show_progress, tokens_per_step=step_tokens,
+                            gpu_speeds=gpu_speeds)
     summaries = {n: r.summary for n, r in zip(names, results, strict=True)}
     first = results[0].summary
     scoring = {"tokens_in_trace": total_tokens, "tokens_scored": first["tokens"],
@@ -204,7 +208,8 @@ def score_placements(source: Trace | TraceReader, placements: dict[str, Placemen
         for n, p in zip(names, plcs, strict=True):
             if deadline is not None and time.monotonic() > deadline:
                 break
-            step_ms[n] = 1e3 * step_time(tr, p, *sim, tokens_per_step)["step_s"]
+            step_ms[n] = 1e3 * step_time(tr, p, *sim, tokens_per_step,
+                                         gpu_speeds=gpu_speeds)["step_s"]
         scoring["simulated_tokens"] = tr.num_tokens
         scoring["simulation_seconds"] = round(time.monotonic() - t_sim, 2)
     return ScoreReport(summaries, step_ms, scoring)

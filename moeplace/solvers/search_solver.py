@@ -11,13 +11,15 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from moeplace.errors import InputError
 from moeplace.placement import Placement
-from moeplace.solvers.baselines import baseline
+from moeplace.solvers.baselines import balanced_placement, baseline, eplb_distinct
+from moeplace.solvers.cost import expert_cost
 from moeplace.solvers.objective import ENGINES, STATIC_ENGINES, Weights, score
 from moeplace.solvers.registry import (
     Cluster,
@@ -81,21 +83,37 @@ class SearchSolver(Solver):
     coact = True
     migration = True
     engines = ENGINES
+    costs = True
     rank = 10
 
     def solve(self, stats: RoutingStats, cluster: Cluster, options: SolveOptions
               ) -> tuple[Placement, MethodResult]:
         w, current = options.weights, options.current
+        static = options.engine in STATIC_ENGINES
+        decode = options.phase == "decode"
+        speeds = None if options.gpu_speeds is None else np.asarray(options.gpu_speeds, float)
+        if speeds is not None and not (static and cluster.replicas == 0 and stats.has_samples):
+            raise InputError("solve", "--gpu-speeds", "only the static engines' search without "
+                             "replicas (from a trace) weighs GPU speeds",
+                             "use --engine sglang/vllm/trtllm, a trace and no --replicas")
+        # What one expert costs its GPU: tokens (prefill) or expected activations per step.
+        cost = expert_cost(stats, options.phase, options.tokens_per_step)
         # The search keeps copies of one expert on distinct GPUs, so it starts from the
-        # rule-respecting EPLB.
-        start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups,
-                         options.deadline)
+        # rule-respecting EPLB, on the phase's cost; on unequal GPUs from a packing for them.
+        if speeds is not None:
+            start = balanced_placement(cost, cluster.num_gpus, cluster.num_nodes, speeds)
+        elif decode:
+            start = eplb_distinct(cost, cluster.num_gpus, cluster.num_nodes, cluster.replicas,
+                                  num_groups=options.num_groups, deadline=options.deadline)
+        else:
+            start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups,
+                             options.deadline)
         if (current is not None and w.migration > 0 and current.num_replicas == cluster.replicas
                 and current.num_nodes == cluster.num_nodes and not current.colocated):
             start = current  # moving away from what serves now must pay for itself
-        origin = "current" if start is current else "eplb-distinct"
+        origin = "current" if start is current else (
+            "balanced for speeds" if speeds is not None else "eplb-distinct")
         budget = options.budget(0.05 * options.time_limit)
-        static = options.engine in STATIC_ENGINES
         if static and cluster.replicas == 0 and stats.has_samples:
             if (options.restarts or 1) > 1 or options.restart_runner is not None:
                 raise InputError("solve", "--restarts", f"the {options.engine} search is "
@@ -103,7 +121,9 @@ class SearchSolver(Solver):
                                  "drop --restarts/--ray, or use --engine exflow")
             plc, srep = static_search(stats, start, traffic=w.traffic, node=w.node, load=w.load,
                                       migration=w.migration, current=current,
-                                      balance_slack=options.balance_slack, time_limit=budget)
+                                      balance_slack=options.balance_slack, time_limit=budget,
+                                      tokens_per_step=options.tokens_per_step if decode else None,
+                                      gpu_speeds=speeds)
             details: dict[str, Any] = dict(
                 swaps=srep.swaps, kl_passes=srep.kl_passes, repaired_layers=srep.repaired_layers,
                 layers_kept_from_start=srep.layers_given_back,
@@ -117,6 +137,8 @@ class SearchSolver(Solver):
             # objective's stand-in is the within-layer pair spread (co-activation), if known.
             w = Weights(load=w.load, traffic=0.0, node=0.0, migration=w.migration,
                         coact=(w.traffic + w.node if stats.coactivation is not None else 0.0))
+        if decode:  # the layer sweeps balance whatever load they are given
+            stats = replace(stats, load=cost)
         plc, rep = multi_start(stats, start, options.restarts, options.restart_runner,
                                weights=w, balance_slack=options.balance_slack,
                                time_limit=budget, current=current, seed=options.seed)

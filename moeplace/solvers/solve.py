@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 # The methods register themselves when their modules load: these imports fill the table.
 import moeplace.solvers.exact
@@ -15,6 +18,7 @@ from moeplace.errors import InfeasibleError, InputError
 from moeplace.placement import Placement
 from moeplace.solvers.baselines import baseline, default_groups
 from moeplace.solvers.bounds import lower_bound
+from moeplace.solvers.cost import expert_cost, parse_gpu_speeds, speed_load_bound
 from moeplace.solvers.dp import MAX_STATES, num_states
 from moeplace.solvers.groups import expand_groups, group_span, group_stats
 from moeplace.solvers.objective import STATIC_ENGINES, Weights, check_engine, score
@@ -99,7 +103,9 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                       restarts: int | None = None,
                       respect_groups: int | None = None,
                       restart_runner: RestartRunner | None = None,
-                      engine: str = "sglang"
+                      engine: str = "sglang", phase: str = "prefill",
+                      tokens_per_step: int = 4096,
+                      gpu_speeds: Sequence[float] | np.ndarray | None = None
                       ) -> tuple[Placement, SolveReport]:
     """Solve and return the placement with its report (objective, bound, gap, time).
 
@@ -114,12 +120,19 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
     per token) or ``exflow`` (cross-layer pairs). ``search`` optimises either; the exact methods
     and ``moetuner`` optimise the cross-layer objective, so their report is for ``exflow``.
 
+    ``phase="decode"`` balances the expected active experts per step of ``tokens_per_step``
+    tokens (memory-bound decode) instead of tokens; ``gpu_speeds`` (one factor per GPU) balances
+    GPU time, load / speed. Both are ``search``'s (``Solver.costs``).
+
     ``respect_groups=n_group`` only moves whole routing groups (DeepSeek's group-limited
     routing), so the placement can be applied to a checkpoint; see ``solvers.groups``.
     """
+    num_gpus = cluster.num_gpus if isinstance(cluster, Cluster) else int(cluster)
     options = SolveOptions(weights=weights, time_limit=time_limit, balance_slack=balance_slack,
                            current=current, seed=seed, num_groups=num_groups, restarts=restarts,
-                           restart_runner=restart_runner, engine=engine)
+                           restart_runner=restart_runner, engine=engine, phase=phase,
+                           tokens_per_step=tokens_per_step,
+                           gpu_speeds=_speeds(gpu_speeds, num_gpus))
     return solve_with_options(stats, cluster, options, method=method,
                               respect_groups=respect_groups)
 
@@ -149,8 +162,9 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
         options = replace(options, engine=solver.engines[0])  # what the method optimises
     plc, res = solver.solve(stats, c, options)
     engine = options.engine
-    obj = score(stats, plc, options.weights, options.current, engine)
-    bound = engine_bound(stats, c, options.weights, engine)
+    obj = score(stats, plc, options.weights, options.current, engine, options.phase,
+                options.tokens_per_step, _array(options.gpu_speeds))
+    bound = engine_bound(stats, c, options, engine)
     if solver.exact and res.bound is not None and res.bound > bound["total"]:
         bound["total"] = res.bound
     gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
@@ -161,22 +175,52 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
     return plc, report
 
 
-def engine_bound(stats: RoutingStats, c: Cluster, weights: Weights, engine: str
+def _speeds(speeds: Sequence[float] | np.ndarray | None, num_gpus: int
+            ) -> tuple[float, ...] | None:
+    """Validated speed factors, or None when all are equal (the speed-blind path, exactly)."""
+    if speeds is None:
+        return None
+    sp = parse_gpu_speeds(np.asarray(speeds, float) if not isinstance(speeds, str) else speeds,
+                          num_gpus)
+    return None if (sp == sp[0]).all() else tuple(float(x) for x in sp)
+
+
+def _array(speeds: tuple[float, ...] | None) -> np.ndarray | None:
+    return None if speeds is None else np.asarray(speeds, float)
+
+
+def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine: str
                  ) -> dict[str, float]:
-    """Lower bounds on each term and the total of ``engine``'s objective."""
+    """Lower bounds on each term and the total of ``engine``'s objective (the balance term on
+    the phase's cost and the GPUs' speeds)."""
+    weights = options.weights
     lb = lower_bound(stats, c.num_gpus, c.num_nodes, c.replicas, weights)
     bound = lb.as_dict()
+    S = (stats.num_experts + c.replicas) // c.num_gpus
+    balance = lb.load_imbalance_mean
+    if options.phase != "prefill" or options.gpu_speeds is not None:
+        cost = expert_cost(stats, options.phase, options.tokens_per_step)
+        sp = _array(options.gpu_speeds)
+        balance = (float(speed_load_bound(cost, sp, S).mean()) if sp is not None and c.replicas == 0
+                   else 1.0 if sp is not None
+                   else float(lower_bound(replace(stats, load=cost), c.num_gpus, c.num_nodes,
+                                          c.replicas, Weights(load=1.0, traffic=0.0, node=0.0)
+                                          ).load_imbalance_mean))
+        if options.phase == "decode":
+            bound["active_experts_imbalance"] = balance
+        else:
+            bound["load_imbalance_mean"] = balance
+        bound["total"] += weights.load * (balance - lb.load_imbalance_mean)
     if engine in STATIC_ENGINES:
         # A token's k experts fill at least ceil(k / slots) GPUs and ceil(k / node slots) nodes;
         # with replicas a token may find all its experts on one GPU.
         k = max(stats.meta.top_k, 1)
-        S = (stats.num_experts + c.replicas) // c.num_gpus
         n = c.num_gpus // c.num_nodes
         dg, dn = (-(-k // S), -(-k // (S * n))) if c.replicas == 0 else (1, 1)
         sg, sn = term_scales(stats, c.num_gpus, c.num_nodes)
         bound["traffic_static"] = dg * (1 - 1 / c.num_gpus)
         bound["traffic_static_remote_nodes"] = dn * (1 - 1 / c.num_nodes)
-        bound["total"] = (weights.load * lb.load_imbalance_mean + weights.traffic * dg * sg
+        bound["total"] = (weights.load * balance + weights.traffic * dg * sg
                           + weights.node * dn * sn + weights.coact * lb.coactivation_spread)
     return bound
 
@@ -210,6 +254,9 @@ def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, method: str,
     if current is not None and weights.migration:
         raise InputError("solve", "--current", "group-respecting solves have no migration term",
                          "drop migration= from --weights")
+    if options.gpu_speeds is not None:
+        raise InputError("solve", "--gpu-speeds", "group-respecting solves place groups on "
+                         "equal GPUs", "drop --gpu-speeds or --respect-groups")
     # The group problem has its own experts and groups: no current placement, n_group or
     # restart runner carries over to it.
     inner_options = replace(options, current=None, num_groups=None, restart_runner=None,
@@ -219,8 +266,9 @@ def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, method: str,
                                      method=method)
     plc = expand_groups(gplc, n_group, stats.num_experts, c.num_gpus, c.num_nodes, stats.load)
     engine = inner.details.get("engine", options.engine)
-    obj = score(stats, plc, weights, current, engine)
-    bound = engine_bound(stats, Cluster(c.num_gpus, c.num_nodes), weights, engine)
+    obj = score(stats, plc, weights, current, engine, options.phase, options.tokens_per_step,
+                _array(options.gpu_speeds))
+    bound = engine_bound(stats, Cluster(c.num_gpus, c.num_nodes), options, engine)
     details = {**inner.details, "respect_groups": n_group, "group_span_gpus": span,
                "group_status": inner.status, "group_bound": inner.bound["total"]}
     if span == 1 and inner.bound["total"] > bound["total"]:

@@ -101,27 +101,34 @@ def _deltas(sets: np.ndarray, gpu_of: np.ndarray, G: int, n: int, N: int,
     return delta
 
 
-def _scenario_gpu_loads(gpu_of: np.ndarray, loads: np.ndarray, G: int) -> np.ndarray:
-    """``[B, G]`` GPU loads of each load scenario."""
+def _scenario_gpu_loads(gpu_of: np.ndarray, loads: np.ndarray, G: int,
+                        speeds: np.ndarray | None = None) -> np.ndarray:
+    """``[B, G]`` GPU loads of each load scenario (divided by each GPU's speed: its time)."""
     B = loads.shape[0]
     out = np.empty((B, G))
     for b in range(B):
         out[b] = np.bincount(gpu_of, weights=loads[b], minlength=G)
-    return out
+    return out if speeds is None else out / speeds[None, :]
 
 
-def _swap_loads(gpu_of: np.ndarray, loads: np.ndarray, G: int
+def _swap_loads(gpu_of: np.ndarray, loads: np.ndarray, G: int,
+                speeds: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Loads after swapping each pair (a, b): ``(now, new_a, new_b, new_max)`` where
     ``now [B, N]`` is each expert's GPU load now, ``new_a [B, N, N]`` a's GPU load after
     swapping a and b (``new_b`` b's), and ``new_max [B, N, N]`` each scenario's max GPU load
-    after the swap."""
-    gl = _scenario_gpu_loads(gpu_of, loads, G)  # [B, G]
+    after the swap. With ``speeds`` every GPU load is its time (load / speed)."""
+    gl = _scenario_gpu_loads(gpu_of, loads, G, speeds)  # [B, G]
     B = gl.shape[0]
     ga = gl[:, gpu_of]  # [B, N]
     diff = loads[:, None, :] - loads[:, :, None]  # [B, a, b] = w_b - w_a: a's GPU gains it
-    new_a = ga[:, :, None] + diff
-    new_b = ga[:, None, :] - diff
+    if speeds is None:
+        new_a = ga[:, :, None] + diff
+        new_b = ga[:, None, :] - diff
+    else:
+        s = speeds[gpu_of]
+        new_a = ga[:, :, None] + diff / s[None, :, None]
+        new_b = ga[:, None, :] - diff / s[None, None, :]
     # Max over the GPUs the swap leaves alone: the largest of the top three not at ga or gb.
     top = np.argsort(-gl, axis=1)[:, :3] if G >= 3 else np.argsort(-gl, axis=1)
     rest = np.full((B, len(gpu_of), len(gpu_of)), -np.inf)
@@ -149,11 +156,12 @@ class Balance:
     loads: np.ndarray
     caps: np.ndarray
     weight: float = 0.0
+    speeds: np.ndarray | None = None  # per-GPU speed: limits and load term apply to load / speed
 
     def swaps(self, gpu_of: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
         """``[N, N]`` allowed swaps (a, b on different GPUs, within the limits) and the load
         term's change for each."""
-        _, new_a, new_b, new_max = _swap_loads(gpu_of, self.loads, G)
+        _, new_a, new_b, new_max = _swap_loads(gpu_of, self.loads, G, self.speeds)
         c = self.caps
         ok = (new_a[0] <= c[0] + 1e-9) & (new_b[0] <= c[0] + 1e-9)
         change = np.zeros(ok.shape)
@@ -161,13 +169,14 @@ class Balance:
             summed = new_max[1:].sum(axis=0)
             ok &= summed <= c[1:].sum() + 1e-9
             if self.weight:
-                now = _scenario_gpu_loads(gpu_of, self.loads[1:], G).max(axis=1).sum()
+                now = _scenario_gpu_loads(gpu_of, self.loads[1:], G, self.speeds).max(
+                    axis=1).sum()
                 change = self.weight * (summed - now)
         return ok & (gpu_of[:, None] != gpu_of[None, :]), change
 
     def violation(self, gpu_of: np.ndarray, G: int) -> float:
         """How far a map is outside the limits (0 inside)."""
-        gl = _scenario_gpu_loads(gpu_of, self.loads, G)
+        gl = _scenario_gpu_loads(gpu_of, self.loads, G, self.speeds)
         v = float(np.maximum(gl[0] - self.caps[0], 0).sum())
         if self.loads.shape[0] > 1:
             v += max(float(gl[1:].max(axis=1).sum() - self.caps[1:].sum()), 0.0)
@@ -178,11 +187,11 @@ class Balance:
         if not self.weight or self.loads.shape[0] < 2:
             return 0.0
         return self.weight * float(
-            _scenario_gpu_loads(gpu_of, self.loads[1:], G).max(axis=1).sum())
+            _scenario_gpu_loads(gpu_of, self.loads[1:], G, self.speeds).max(axis=1).sum())
 
     def loosened(self) -> Balance:
         """No limits, same load term (for a search that repairs afterwards)."""
-        return Balance(self.loads, self.caps * 1e6, self.weight)
+        return Balance(self.loads, self.caps * 1e6, self.weight, self.speeds)
 
 
 def layer_value(sets: np.ndarray, gpu_of: np.ndarray, G: int, n: int, wg: float, wn: float,
@@ -308,12 +317,12 @@ def repair(sets: np.ndarray, gpu_of: np.ndarray, num_gpus: int, num_nodes: int,
         if deadline is not None and time.monotonic() > deadline:
             return None
         delta = _deltas(sets, gpu_of, G, n, N, wg, wn, mig)
-        ga, new_a, new_b, new_max = _swap_loads(gpu_of, loads, G)
+        ga, new_a, new_b, new_max = _swap_loads(gpu_of, loads, G, bal.speeds)
         c0 = caps[0]
         gain = (np.maximum(ga[0][:, None] - c0, 0) + np.maximum(ga[0][None, :] - c0, 0)
                 - np.maximum(new_a[0] - c0, 0) - np.maximum(new_b[0] - c0, 0))
         if loads.shape[0] > 1:
-            gl = _scenario_gpu_loads(gpu_of, loads, G)
+            gl = _scenario_gpu_loads(gpu_of, loads, G, bal.speeds)
             over = max(float(gl[1:].max(axis=1).sum() - caps[1:].sum()), 0.0)
             gain = gain + over - np.maximum(new_max[1:].sum(axis=0) - caps[1:].sum(), 0)
         ok = (gain > 1e-9) & (gpu_of[:, None] != gpu_of[None, :])
@@ -373,7 +382,8 @@ class StaticReport:
     history: list[float] = field(default_factory=list)
 
 
-def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: float
+def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: float,
+                  tokens_per_step: int | None = None, speeds: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Load scenarios ``[L, B, N]`` (the fitted load, then the even request buckets), their caps
     ``[L, B]`` (the reference placement's max GPU load in each scenario times
@@ -384,27 +394,44 @@ def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: floa
     of the buckets' max GPU loads estimates the max on new traffic of that size, which a cap on
     the fitted load alone does not control (a search filling every GPU up to the cap loses
     balance on new traffic). The search picks placements that happen to look good on the
-    buckets it sees, so the held-back half judges the result."""
-    load = stats.load.astype(np.float64)[:, None, :]
+    buckets it sees, so the held-back half judges the result.
+
+    ``tokens_per_step`` (decode): every scenario is the expected active experts per step
+    (``cost.expert_cost``) of its own tokens instead of the token load; ``speeds``: caps on
+    load / speed (GPU time)."""
+    k = max(stats.meta.top_k, 1)
+
+    def cost(counts: np.ndarray) -> np.ndarray:  # counts [..., N] of (counts.sum / k) tokens
+        counts = counts.astype(np.float64)
+        if tokens_per_step is None:
+            return counts
+        tokens = np.maximum(counts.sum(axis=-1, keepdims=True) / k, 1.0)
+        p = np.clip(counts / tokens, 0.0, 1.0)
+        with np.errstate(divide="ignore"):
+            return -np.expm1(tokens_per_step * np.log1p(-p))
+
+    load = cost(stats.load)[:, None, :]
     held = np.zeros((stats.num_layers, 0, stats.num_experts))
     if stats.load_buckets is not None:
-        buckets = stats.load_buckets.astype(np.float64)
-        buckets = np.moveaxis(buckets[buckets.sum(axis=(1, 2)) > 0], 0, 1)  # [L, H, N], non-empty
+        buckets = stats.load_buckets
+        buckets = cost(np.moveaxis(buckets[buckets.sum(axis=(1, 2)) > 0], 0, 1))  # [L, H, N]
         if buckets.shape[1] >= 4:
             held = buckets[:, 1::2]
             buckets = buckets[:, 0::2]
         load = np.concatenate([load, buckets], axis=1)
     gpu = reference.expert_gpu()
     G = reference.num_gpus
-    caps = np.stack([_scenario_gpu_loads(gpu[l], load[l], G).max(axis=1)
+    caps = np.stack([_scenario_gpu_loads(gpu[l], load[l], G, speeds).max(axis=1)
                      for l in range(stats.num_layers)])
     return load, caps * (1 + balance_slack), held
 
 
-def _mean_max(gpu_of: np.ndarray, loads: np.ndarray, G: int) -> float:
-    """Mean over scenarios of max GPU load / mean GPU load (the buckets' mean imbalance)."""
-    gl = _scenario_gpu_loads(gpu_of, loads, G)
-    mean = np.maximum(gl.mean(axis=1), 1e-12)
+def _mean_max(gpu_of: np.ndarray, loads: np.ndarray, G: int,
+              speeds: np.ndarray | None = None) -> float:
+    """Mean over scenarios of the (speed-aware) imbalance: the buckets' mean imbalance."""
+    gl = _scenario_gpu_loads(gpu_of, loads, G, speeds)
+    total = gl.sum(axis=1) if speeds is None else (gl * speeds[None, :]).sum(axis=1)
+    mean = np.maximum(total / (G if speeds is None else speeds.sum()), 1e-12)
     return float((gl.max(axis=1) / mean).mean())
 
 
@@ -436,8 +463,9 @@ def choose_layers(values: np.ndarray, excess: np.ndarray, budget: float) -> np.n
 def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0,
                   node: float = 1.0, load: float = 1.0, migration: float = 0.0,
                   current: Placement | None = None, balance_slack: float = 0.0,
-                  time_limit: float = 30.0,
-                  deadline: float | None = None) -> tuple[Placement, StaticReport]:
+                  time_limit: float = 30.0, deadline: float | None = None,
+                  tokens_per_step: int | None = None, gpu_speeds: np.ndarray | None = None
+                  ) -> tuple[Placement, StaticReport]:
     """Place each layer's experts (no replicas) to minimise distinct GPUs and nodes per token,
     within ``start``'s balance on every load scenario (see ``scenario_caps``).
 
@@ -462,7 +490,7 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
     # The sample is ordered by priority, so its head is a uniform sample too: 8,192 tokens fix
     # each layer's distinct-GPU mean to about 1% and halve the work per swap round.
     sets_all = stats.token_sample[:SEARCH_TOKENS].astype(np.int64)
-    loads, caps, held = scenario_caps(stats, start, balance_slack)
+    loads, caps, held = scenario_caps(stats, start, balance_slack, tokens_per_step, gpu_speeds)
     rep.scenarios = loads.shape[1] + held.shape[1]
     gpu = start.expert_gpu().copy()
     cur = current.expert_gpu() if (current is not None and migration > 0
@@ -477,9 +505,9 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
 
     # The load term, load * mean over layers of the imbalance, in one layer's units (sums over
     # sampled tokens, as the traffic terms): the buckets' mean of max GPU load / mean GPU load.
-    bucket_mean = loads[:, 1:].sum(axis=2) / G  # [L, H]
+    bucket_mean = loads[:, 1:].sum(axis=2) / (G if gpu_speeds is None else gpu_speeds.sum())
     bal = [Balance(loads[l], caps[l], (load * len(sets_all) / max(loads.shape[1] - 1, 1))
-                   / max(float(bucket_mean[l].mean()), 1e-12)) for l in range(L)]
+                   / max(float(bucket_mean[l].mean()), 1e-12), gpu_speeds) for l in range(L)]
 
     def val(l: int, g: np.ndarray) -> float:
         return layer_value(sets_all[:, l, :], g, G, n, wg, wn, mig(l), bal[l])
@@ -529,7 +557,8 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
     if held.shape[1]:
         cands = [ref, steady, gpu]
         values = np.array([[val(l, c[l]) for c in cands] for l in range(L)])
-        excess = np.array([[_mean_max(c[l], held[l], G) - _mean_max(ref[l], held[l], G)
+        excess = np.array([[_mean_max(c[l], held[l], G, gpu_speeds)
+                             - _mean_max(ref[l], held[l], G, gpu_speeds)
                             for c in cands] for l in range(L)])
         pick = choose_layers(values, excess, balance_slack * L)
         gpu = np.stack([cands[c][l] for l, c in enumerate(pick)])
