@@ -895,9 +895,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                  f"{b['traffic_static_remote_nodes']:.3f}" if eng != "exflow" else
                  f"cross-GPU >= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= "
                  f"{b['cross_node_pair_fraction']:.3f}")
-        click.echo(f"objective ({eng}) {rep.objective['total']:.4f}, lower bound "
-                   f"{b['total']:.4f}, gap {rep.gap:.1%} (bounds: imbalance >= "
-                   f"{b['load_imbalance_mean']:.3f}, {terms})")
+        bal = (f"active_experts_imbalance >= {b['active_experts_imbalance']:.3f}"
+               if b.get("active_experts_imbalance") is not None else
+               f"imbalance >= {b['load_imbalance_mean']:.3f}")
+        click.echo(f"objective ({eng}, {phase}) {rep.objective['total']:.4f}, lower bound "
+                   f"{b['total']:.4f}, gap {rep.gap:.1%} (bounds: {bal}, {terms})")
         label = "fitted trace" if holdout is not None else "trace"
         click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}"
                    f"{_scored_note(scoring.get('fit'))}):")

@@ -29,6 +29,7 @@ from moeplace.solvers.registry import (
     Solver,
     register,
 )
+from moeplace.solvers.robust import give_back
 from moeplace.solvers.search import SearchReport, search
 from moeplace.solvers.static import static_search
 from moeplace.traces import RoutingStats
@@ -142,9 +143,17 @@ class SearchSolver(Solver):
         plc, rep = multi_start(stats, start, options.restarts, options.restart_runner,
                                weights=w, balance_slack=options.balance_slack,
                                time_limit=budget, current=current, seed=options.seed)
+        # This search weighs balance on the fitted load only: for the static engines the
+        # held-back request buckets decide which of its layers keep their balance on new
+        # traffic. The cross-layer (exflow) search stays as measured before: its gains come
+        # from moving most layers, and giving them back would undo nearly all of them.
+        back = 0
+        if static:
+            plc, back = give_back(stats, plc, start, options.balance_slack,
+                                  options.tokens_per_step if decode else None, speeds)
         details = dict(sweeps=rep.sweeps, swaps=rep.swaps, relabels=rep.relabels,
                        assignments=rep.assignments, stopped=rep.stopped, restarts=rep.restarts,
-                       start=origin)
+                       start=origin, layers_kept_from_start=back)
         if static:
             details["objective_proxy"] = "co-activation pairs" if w.coact else "balance only"
         status = "time limit" if rep.stopped == "time limit" else "local optimum"

@@ -195,7 +195,7 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
     the phase's cost and the GPUs' speeds)."""
     weights = options.weights
     lb = lower_bound(stats, c.num_gpus, c.num_nodes, c.replicas, weights)
-    bound = lb.as_dict()
+    bound = {**lb.as_dict(), "engine": engine, "phase": options.phase}
     S = (stats.num_experts + c.replicas) // c.num_gpus
     balance = lb.load_imbalance_mean
     if options.phase != "prefill" or options.gpu_speeds is not None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from moeplace.placement import Placement
 from moeplace.placement.placement import from_gpu_lists
+from moeplace.solvers.robust import bucket_scenarios, choose_layers
 from moeplace.traces import RoutingStats
 
 SEARCH_TOKENS = 8192
@@ -387,7 +388,7 @@ def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: floa
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Load scenarios ``[L, B, N]`` (the fitted load, then the even request buckets), their caps
     ``[L, B]`` (the reference placement's max GPU load in each scenario times
-    ``1 + balance_slack``), and the odd buckets ``[L, H, N]``, held back for ``check_balance``.
+    ``1 + balance_slack``), and the held-back buckets ``[L, H, N]`` (``robust.bucket_scenarios``).
 
     Within the limits (``_feasible``) a placement is no less balanced than the reference on the
     fitted traffic and, on average over the buckets, on a sixteenth of the requests: the mean
@@ -399,26 +400,8 @@ def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: floa
     ``tokens_per_step`` (decode): every scenario is the expected active experts per step
     (``cost.expert_cost``) of its own tokens instead of the token load; ``speeds``: caps on
     load / speed (GPU time)."""
-    k = max(stats.meta.top_k, 1)
-
-    def cost(counts: np.ndarray) -> np.ndarray:  # counts [..., N] of (counts.sum / k) tokens
-        counts = counts.astype(np.float64)
-        if tokens_per_step is None:
-            return counts
-        tokens = np.maximum(counts.sum(axis=-1, keepdims=True) / k, 1.0)
-        p = np.clip(counts / tokens, 0.0, 1.0)
-        with np.errstate(divide="ignore"):
-            return -np.expm1(tokens_per_step * np.log1p(-p))
-
-    load = cost(stats.load)[:, None, :]
-    held = np.zeros((stats.num_layers, 0, stats.num_experts))
-    if stats.load_buckets is not None:
-        buckets = stats.load_buckets
-        buckets = cost(np.moveaxis(buckets[buckets.sum(axis=(1, 2)) > 0], 0, 1))  # [L, H, N]
-        if buckets.shape[1] >= 4:
-            held = buckets[:, 1::2]
-            buckets = buckets[:, 0::2]
-        load = np.concatenate([load, buckets], axis=1)
+    fitted, train, held = bucket_scenarios(stats, tokens_per_step)
+    load = np.concatenate([fitted[:, None, :], train], axis=1)
     gpu = reference.expert_gpu()
     G = reference.num_gpus
     caps = np.stack([_scenario_gpu_loads(gpu[l], load[l], G, speeds).max(axis=1)
@@ -433,31 +416,6 @@ def _mean_max(gpu_of: np.ndarray, loads: np.ndarray, G: int,
     total = gl.sum(axis=1) if speeds is None else (gl * speeds[None, :]).sum(axis=1)
     mean = np.maximum(total / (G if speeds is None else speeds.sum()), 1e-12)
     return float((gl.max(axis=1) / mean).mean())
-
-
-def choose_layers(values: np.ndarray, excess: np.ndarray, budget: float) -> np.ndarray:
-    """Pick one candidate per layer (``values [L, C]`` objective, lower is better; ``excess
-    [L, C]`` held-back imbalance above the reference's) minimising the summed value with the
-    summed excess at most ``budget``; greedy on the multiple-choice knapsack: start from each
-    layer's least-excess candidate, then take the upgrades that buy most value per unit of
-    excess while the budget lasts. Returns the chosen column per layer."""
-    L, C = values.shape
-    pick = np.argmin(excess + 1e-12 * values, axis=1)
-    used = float(excess[np.arange(L), pick].sum())
-    while True:
-        cur_v = values[np.arange(L), pick][:, None]
-        cur_e = excess[np.arange(L), pick][:, None]
-        dv = cur_v - values  # value gained by switching
-        de = excess - cur_e  # excess added
-        room = budget - used
-        ok = (dv > 1e-9) & (de <= room + 1e-12)
-        if not ok.any():
-            return pick
-        ratio = np.where(ok, dv / np.maximum(de, 1e-12), -np.inf)
-        ratio[ok & (de <= 0)] = np.inf  # better and no less balanced: always take
-        l, c = divmod(int(np.argmax(np.where(ok, ratio, -np.inf))), C)
-        used += float(de[l, c])
-        pick[l] = c
 
 
 def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0,

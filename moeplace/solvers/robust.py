@@ -1,0 +1,114 @@
+"""Balance on traffic a placement was not fitted to: request buckets as load scenarios, and a
+check on held-back buckets that gives layers back to the start where balance does not hold.
+
+The statistics split the load by request into hashed buckets (``RoutingStats.load_buckets``),
+each a different slice of the requests. A search fitted on the whole load can fill every GPU up
+to the start's max while putting experts that rise and fall together on one GPU; on new
+requests its max then moves up. Searches use the even buckets as scenarios; the odd ones, which
+no search sees, judge the result (a search picks what happens to look good on the buckets it
+sees, so those cannot judge it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from moeplace.placement import Placement
+from moeplace.traces import RoutingStats
+
+
+def bucket_scenarios(stats: RoutingStats, tokens_per_step: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fitted [L, N], train [L, H1, N], held [L, H2, N])``: the fitted load and the non-empty
+    request buckets, even ones for searching, odd ones held back (none held back with fewer
+    than four buckets). ``tokens_per_step`` (decode): each is the expected active experts per
+    step of its own tokens (``cost.expert_cost``) instead of token counts."""
+    k = max(stats.meta.top_k, 1)
+
+    def cost(counts: np.ndarray) -> np.ndarray:  # counts [..., N] of (counts.sum / k) tokens
+        counts = counts.astype(np.float64)
+        if tokens_per_step is None:
+            return counts
+        tokens = np.maximum(counts.sum(axis=-1, keepdims=True) / k, 1.0)
+        p = np.clip(counts / tokens, 0.0, 1.0)
+        with np.errstate(divide="ignore"):
+            return -np.expm1(tokens_per_step * np.log1p(-p))
+
+    L, N = stats.load.shape
+    train = held = np.zeros((L, 0, N))
+    if stats.load_buckets is not None:
+        b = stats.load_buckets
+        b = cost(np.moveaxis(b[b.sum(axis=(1, 2)) > 0], 0, 1))  # [L, H, N]
+        train, held = (b[:, 0::2], b[:, 1::2]) if b.shape[1] >= 4 else (b, held)
+    return cost(stats.load), train, held
+
+
+def layer_imbalance(placement: Placement, scenarios: np.ndarray,
+                    speeds: np.ndarray | None = None) -> np.ndarray:
+    """``[L]`` mean over scenarios ``[L, H, N]`` of each layer's (speed-aware) imbalance, an
+    expert's load split evenly over its copies."""
+    cnt = placement.logcnt().astype(np.float64)  # [L, N]
+    L, H, _ = scenarios.shape
+    if H == 0:
+        return np.ones(L)
+    share = np.take_along_axis(scenarios / cnt[:, None, :],
+                               np.broadcast_to(placement.phy2log[:, None, :],
+                                               (L, H, placement.phy2log.shape[1])), axis=2)
+    gl = share.reshape(L, H, placement.num_gpus, placement.slots_per_gpu).sum(axis=3)
+    if speeds is None:
+        mean = gl.mean(axis=2)
+        top = gl.max(axis=2)
+    else:
+        mean = gl.sum(axis=2) / speeds.sum()
+        top = (gl / speeds).max(axis=2)
+    return (top / np.maximum(mean, 1e-12)).mean(axis=1)
+
+
+def choose_layers(values: np.ndarray, excess: np.ndarray, budget: float) -> np.ndarray:
+    """Pick one candidate per layer (``values [L, C]`` objective, lower is better; ``excess
+    [L, C]`` held-back imbalance above the reference's) minimising the summed value with the
+    summed excess at most ``budget``; greedy on the multiple-choice knapsack: start from each
+    layer's least-excess candidate, then take the upgrades that buy most value per unit of
+    excess while the budget lasts. Returns the chosen column per layer."""
+    L, C = values.shape
+    pick = np.argmin(excess + 1e-12 * values, axis=1)
+    used = float(excess[np.arange(L), pick].sum())
+    while True:
+        cur_v = values[np.arange(L), pick][:, None]
+        cur_e = excess[np.arange(L), pick][:, None]
+        dv = cur_v - values  # value gained by switching
+        de = excess - cur_e  # excess added
+        room = budget - used
+        ok = (dv > 1e-9) & (de <= room + 1e-12)
+        if not ok.any():
+            return pick
+        ratio = np.where(ok, dv / np.maximum(de, 1e-12), -np.inf)
+        ratio[ok & (de <= 0)] = np.inf  # better and no less balanced: always take
+        l, c = divmod(int(np.argmax(ratio)), C)
+        used += float(de[l, c])
+        pick[l] = c
+
+
+def give_back(stats: RoutingStats, placement: Placement, start: Placement, balance_slack: float,
+              tokens_per_step: int | None = None, speeds: np.ndarray | None = None
+              ) -> tuple[Placement, int]:
+    """``placement`` with the layers whose held-back imbalance exceeds ``start``'s replaced by
+    ``start``'s, most excess first, until the mean excess over layers is at most
+    ``balance_slack``; and how many layers went back. For searches that weigh balance only on
+    the fitted load (the cross-layer search, replicas)."""
+    _, _, held = bucket_scenarios(stats, tokens_per_step)
+    if held.shape[1] == 0 or placement.phy2log.shape != start.phy2log.shape:
+        return placement, 0
+    excess = layer_imbalance(placement, held, speeds) - layer_imbalance(start, held, speeds)
+    values = np.zeros((len(excess), 2))
+    values[:, 0] = 1.0  # any layer the search changed is worth keeping; the budget decides
+    pick = choose_layers(values, np.stack([excess, np.zeros_like(excess)], axis=1),
+                         balance_slack * len(excess))
+    back = np.flatnonzero(pick == 1)
+    if back.size == 0:
+        return placement, 0
+    phy = placement.phy2log.copy()
+    phy[back] = start.phy2log[back]
+    return replace(placement, phy2log=phy, info=dict(placement.info)), int(back.size)
