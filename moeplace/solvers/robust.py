@@ -47,12 +47,12 @@ def bucket_scenarios(stats: RoutingStats, tokens_per_step: int | None = None
 
 def layer_imbalance(placement: Placement, scenarios: np.ndarray,
                     speeds: np.ndarray | None = None) -> np.ndarray:
-    """``[L]`` mean over scenarios ``[L, H, N]`` of each layer's (speed-aware) imbalance, an
+    """``[L, H]`` each layer's (speed-aware) imbalance in each scenario ``[L, H, N]``, an
     expert's load split evenly over its copies."""
     cnt = placement.logcnt().astype(np.float64)  # [L, N]
     L, H, _ = scenarios.shape
     if H == 0:
-        return np.ones(L)
+        return np.ones((L, 0))
     share = np.take_along_axis(scenarios / cnt[:, None, :],
                                np.broadcast_to(placement.phy2log[:, None, :],
                                                (L, H, placement.phy2log.shape[1])), axis=2)
@@ -63,7 +63,22 @@ def layer_imbalance(placement: Placement, scenarios: np.ndarray,
     else:
         mean = gl.sum(axis=2) / speeds.sum()
         top = (gl / speeds).max(axis=2)
-    return (top / np.maximum(mean, 1e-12)).mean(axis=1)
+    return top / np.maximum(mean, 1e-12)
+
+
+def choose_robust(values: np.ndarray, excess: np.ndarray, budget: float) -> np.ndarray:
+    """``choose_layers`` on ``excess [L, C, H]`` given per held-back bucket, with the budget
+    lowered by one standard error of the chosen layers' summed excess over the buckets: the
+    buckets estimate the excess on new requests, and a choice made on them is judged with
+    their noise in mind (about one-sided 84% confidence that it holds)."""
+    mean = excess.mean(axis=2)
+    pick = choose_layers(values, mean, budget)
+    H = excess.shape[2]
+    if H < 2:
+        return pick
+    total = excess[np.arange(len(pick)), pick].sum(axis=0)  # [H]
+    se = float(total.std(ddof=1) / np.sqrt(H))
+    return choose_layers(values, mean, budget - se)
 
 
 def choose_layers(values: np.ndarray, excess: np.ndarray, budget: float) -> np.ndarray:
@@ -103,8 +118,8 @@ def give_back(stats: RoutingStats, placement: Placement, start: Placement, balan
         return placement, 0
     excess = layer_imbalance(placement, held, speeds) - layer_imbalance(start, held, speeds)
     values = np.zeros((len(excess), 2))
-    values[:, 0] = 1.0  # any layer the search changed is worth keeping; the budget decides
-    pick = choose_layers(values, np.stack([excess, np.zeros_like(excess)], axis=1),
+    values[:, 0] = -1.0  # any layer the search changed is worth keeping; the budget decides
+    pick = choose_robust(values, np.stack([excess, np.zeros_like(excess)], axis=1),
                          balance_slack * len(excess))
     back = np.flatnonzero(pick == 1)
     if back.size == 0:

@@ -25,7 +25,7 @@ import numpy as np
 
 from moeplace.placement import Placement
 from moeplace.placement.placement import from_gpu_lists
-from moeplace.solvers.robust import bucket_scenarios, choose_layers
+from moeplace.solvers.robust import bucket_scenarios, choose_robust
 from moeplace.traces import RoutingStats
 
 SEARCH_TOKENS = 8192
@@ -409,13 +409,13 @@ def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: floa
     return load, caps * (1 + balance_slack), held
 
 
-def _mean_max(gpu_of: np.ndarray, loads: np.ndarray, G: int,
-              speeds: np.ndarray | None = None) -> float:
-    """Mean over scenarios of the (speed-aware) imbalance: the buckets' mean imbalance."""
+def _bucket_imbalance(gpu_of: np.ndarray, loads: np.ndarray, G: int,
+                      speeds: np.ndarray | None = None) -> np.ndarray:
+    """``[B]`` the (speed-aware) imbalance of a layer's map in each scenario."""
     gl = _scenario_gpu_loads(gpu_of, loads, G, speeds)
     total = gl.sum(axis=1) if speeds is None else (gl * speeds[None, :]).sum(axis=1)
     mean = np.maximum(total / (G if speeds is None else speeds.sum()), 1e-12)
-    return float((gl.max(axis=1) / mean).mean())
+    return gl.max(axis=1) / mean
 
 
 def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0,
@@ -515,10 +515,10 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
     if held.shape[1]:
         cands = [ref, steady, gpu]
         values = np.array([[val(l, c[l]) for c in cands] for l in range(L)])
-        excess = np.array([[_mean_max(c[l], held[l], G, gpu_speeds)
-                             - _mean_max(ref[l], held[l], G, gpu_speeds)
-                            for c in cands] for l in range(L)])
-        pick = choose_layers(values, excess, balance_slack * L)
+        excess = np.array([[_bucket_imbalance(c[l], held[l], G, gpu_speeds)
+                             - _bucket_imbalance(ref[l], held[l], G, gpu_speeds)
+                            for c in cands] for l in range(L)])  # [L, C, H]
+        pick = choose_robust(values, excess, balance_slack * L)
         gpu = np.stack([cands[c][l] for l, c in enumerate(pick)])
         rep.layers_given_back = int((pick == 0).sum())
         rep.balance_first_layers = int((pick == 1).sum())

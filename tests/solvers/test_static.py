@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from moeplace.placement import contiguous
 from moeplace.solvers import Cluster, evaluate, score, solve_with_report
 from moeplace.solvers.baselines import eplb_distinct
+from moeplace.solvers.robust import choose_layers, give_back, layer_imbalance
 from moeplace.solvers.static import (
     Balance,
     _deltas,
-    choose_layers,
     distinct_per_token,
     layer_search,
     layer_value,
@@ -178,3 +178,38 @@ def test_deepseek_static_engine_beats_eplb_on_held_out_traffic_at_its_balance():
     assert ours["traffic_static"] <= 0.97 * ref["traffic_static"]
     assert ours["traffic_static_remote_nodes"] <= 0.98 * ref["traffic_static_remote_nodes"]
     assert ours["load_imbalance_mean"] <= ref["load_imbalance_mean"] + 0.01
+
+
+def test_layer_imbalance_is_a_naive_count_with_replicas(rng):
+    from moeplace.solvers.baselines import eplb_distinct as ed
+
+    s = compute_stats(random_trace(rng, 2000, 2, 8, 2, requests=100))
+    plc = ed(s.load, 4, 1, 4)  # 12 slots: some experts have two copies
+    scen = rng.integers(0, 100, (2, 3, 8)).astype(float)
+    got = layer_imbalance(plc, scen)
+    cnt = plc.logcnt()
+    for l in range(2):
+        for h in range(3):
+            gl = [sum(scen[l, h, e] / cnt[l, e] for e in plc.phy2log[l, g * 3:(g + 1) * 3])
+                  for g in range(4)]
+            assert got[l, h] == pytest.approx(max(gl) / (sum(gl) / 4))
+
+
+def test_give_back_restores_balance_on_held_back_buckets(rng):
+    tr = random_trace(rng, 4000, 4, 16, 2, requests=400)
+    p = 1.0 / np.arange(1, 17)  # skewed: expert 0 hottest
+    tr.experts[:] = np.stack([[rng.choice(16, 2, replace=False, p=p / p.sum()) for _ in range(4)]
+                              for _ in range(4000)])
+    s = compute_stats(tr)
+    start = eplb_distinct(s.load, 4, 2)
+    worst = contiguous(4, 16, 4, 2)  # the four hottest experts on GPU 0
+    out, back = give_back(s, worst, start, 0.0)
+    from moeplace.solvers.robust import bucket_scenarios
+
+    held = bucket_scenarios(s)[2]
+    excess = (layer_imbalance(out, held) - layer_imbalance(start, held)).mean(axis=1).sum()
+    assert excess <= 1e-9
+    assert back >= 1
+    # Layers not given back are the search's, bit for bit.
+    kept = [l for l in range(4) if (out.phy2log[l] != start.phy2log[l]).any()]
+    assert all((out.phy2log[l] == worst.phy2log[l]).all() for l in kept)
