@@ -18,6 +18,17 @@ import numpy as np
 from moeplace.placement import Placement
 from moeplace.traces import RoutingStats
 
+# Held-back buckets needed to judge balance on new traffic: with fewer requests than this twice
+# over, a search changes nothing unless --balance-slack accepts the risk.
+MIN_HELD_BUCKETS = 8
+
+
+def too_few_requests(stats: RoutingStats, balance_slack: float) -> bool:
+    """Whether the statistics hold too few requests to check balance on new traffic (and the
+    user left no slack to spend without that check)."""
+    held = bucket_scenarios(stats)[2]
+    return balance_slack <= 0 and held.shape[1] < MIN_HELD_BUCKETS
+
 
 def bucket_scenarios(stats: RoutingStats, tokens_per_step: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,7 +125,11 @@ def give_back(stats: RoutingStats, placement: Placement, start: Placement, balan
     ``balance_slack``; and how many layers went back. For searches that weigh balance only on
     the fitted load (the cross-layer search, replicas)."""
     _, _, held = bucket_scenarios(stats, tokens_per_step)
-    if held.shape[1] == 0 or placement.phy2log.shape != start.phy2log.shape:
+    if placement.phy2log.shape != start.phy2log.shape:
+        return placement, 0
+    if too_few_requests(stats, balance_slack):
+        return start, placement.num_layers
+    if held.shape[1] == 0:
         return placement, 0
     excess = layer_imbalance(placement, held, speeds) - layer_imbalance(start, held, speeds)
     values = np.zeros((len(excess), 2))

@@ -25,7 +25,7 @@ import numpy as np
 
 from moeplace.placement import Placement
 from moeplace.placement.placement import from_gpu_lists
-from moeplace.solvers.robust import bucket_scenarios, choose_robust
+from moeplace.solvers.robust import bucket_scenarios, choose_robust, too_few_requests
 from moeplace.traces import RoutingStats
 
 SEARCH_TOKENS = 8192
@@ -450,6 +450,10 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
     sets_all = stats.token_sample[:SEARCH_TOKENS].astype(np.int64)
     loads, caps, held = scenario_caps(stats, start, balance_slack, tokens_per_step, gpu_speeds)
     rep.scenarios = loads.shape[1] + held.shape[1]
+    if too_few_requests(stats, balance_slack):
+        rep.stopped = "too few requests to check balance on new traffic"
+        rep.layers_given_back = start.num_layers
+        return start, rep
     gpu = start.expert_gpu().copy()
     cur = current.expert_gpu() if (current is not None and migration > 0
                                    and current.num_replicas == 0) else None

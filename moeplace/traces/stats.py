@@ -29,6 +29,8 @@ LOAD_BUCKETS = 64
 # whole expert set, such as distinct GPUs per token; ~16k tokens fix a mean of a few units to
 # about 1%.
 SAMPLE_TOKENS = 16384
+# Consecutive tokens taken as one request when a trace has no request ids (about one prompt).
+UNKNOWN_REQUEST_TOKENS = 128
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -114,13 +116,15 @@ class RoutingStats:
     def _add_samples(self, trace: Trace) -> None:
         T, L, _k = trace.experts.shape
         N = self.num_experts
+        # Tokens of one request share a bucket; their priorities differ by position.
+        salt = np.arange(T, dtype=np.uint64) + np.uint64(self.num_tokens)
         if "request" in trace.tokens:
             req = np.asarray(trace.tokens["request"], np.int64)
-            # Tokens of one request share a bucket; their priorities differ by position.
-            salt = np.arange(T, dtype=np.uint64) + np.uint64(self.num_tokens)
-        else:  # each token is its own request: number them through the whole stream
-            req = np.arange(T, dtype=np.int64) + self.num_tokens
-            salt = np.zeros(T, np.uint64)
+        else:
+            # Without request ids, blocks of consecutive tokens stand in for requests: tokens
+            # close in a stream share prompts, steps and topics, and buckets of single tokens
+            # would hide how much the load moves from one part of the traffic to another.
+            req = (np.arange(T, dtype=np.int64) + self.num_tokens) // UNKNOWN_REQUEST_TOKENS
         h = _mix64(req.view(np.uint64) if req.dtype == np.int64 else req.astype(np.uint64))
         bucket = (h % np.uint64(LOAD_BUCKETS)).astype(np.intp)
         e = trace.experts.astype(np.intp)

@@ -131,7 +131,7 @@ def test_static_search_no_worse_than_its_start_on_balance_and_traffic(rng):
     tr = random_trace(rng, 3000, 3, 16, 3, requests=300)
     s = compute_stats(tr)
     start = eplb_distinct(s.load, 4, 2)
-    plc, rep = static_search(s, start, time_limit=20)
+    plc, _ = static_search(s, start, time_limit=20)
     loads, caps, _ = scenario_caps(s, start, 0.0)
     gpu = plc.expert_gpu()
     for l in range(3):
