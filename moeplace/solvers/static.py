@@ -19,7 +19,7 @@ this is ``M[a, gb] + M[b, ga] + Q[a, b] + Q[b, a]`` (see ``_deltas``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -380,7 +380,6 @@ class StaticReport:
     stopped: str = "converged"
     seconds: float = 0.0
     scenarios: int = 1
-    history: list[float] = field(default_factory=list)
 
 
 def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: float,
@@ -433,7 +432,8 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
     walk to); time left goes to Kernighan-Lin passes on the traffic candidates. Last, the
     held-back request buckets judge balance: each layer keeps ``start``, its balance-first or
     its traffic candidate so that the mean held-back imbalance over layers is no worse than
-    ``start``'s (+ ``balance_slack``) at the least traffic (``choose_layers``).
+    ``start``'s (+ ``balance_slack``) at the least traffic (``robust.choose_robust``). With
+    too few requests for that check and no slack, ``start`` comes back unchanged.
     """
     t0 = time.monotonic()
     end = t0 + time_limit if deadline is None else min(deadline, t0 + time_limit)
