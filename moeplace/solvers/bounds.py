@@ -1,22 +1,44 @@
-"""Combinatorial lower bounds on the objective, reported next to every heuristic answer.
+"""Lower bounds on the objective, reported next to every heuristic answer.
 
-- Load: at layer l some GPU holds the heaviest expert (or, with R replicas, its largest
-  possible share) plus S-1 others, and no GPU can be below the mean: per layer
-  ``max(total / G, w_max / min(G, R + 1) + (sum of the S-1 smallest shares))`` over the mean.
-- Traffic: a copy of expert a at layer l shares its GPU with S experts of layer l+1, so at
-  most a's ``c_a * S`` heaviest successors can be co-located with it (``c_a`` copies,
-  at most R + 1); the same holds column-wise; the smaller total bounds co-located pairs.
-  At node level the window is ``c_a * S * n`` (n GPUs per node).
-- Co-activation: an expert copy shares its GPU with S-1 others, so at most its ``c_a * (S-1)``
-  heaviest within-layer partners are co-located.
+Every bound holds for every placement of the statistics on the cluster (replica copies of an
+expert split its load evenly, as ``evaluator.gpu_loads_from_stats`` does; copies may even share
+a GPU). Tests compare each one against enumeration of all placements on tiny instances.
+
+- Load (per layer, max GPU load over the mean). Without replicas: the mean (rounded up to a
+  whole count when loads are counts), and the scheduling bounds with exactly S items per GPU:
+  among the ``j*G + 1`` heaviest experts some GPU holds ``j + 1``, at least the ``j + 1``
+  lightest of them, plus ``S - j - 1`` others (at least the lightest experts). With replicas:
+  the smallest cap ``T`` for which the copies each expert needs (``ceil(w / (T - (S-1) m))``
+  with ``m`` the lightest possible copy) fit into the ``N + R`` slots, found by bisection.
+- Cross-layer pairs (GPU and node level), per consecutive layer pair: each copy of expert a
+  shares its GPU with S experts of the next layer, and each copy of b with S of the previous,
+  while the copies beyond one per expert number at most R. The most pair weight that can be
+  co-located under these degree limits is a bipartite b-matching, solved exactly as a min-cost
+  flow (integral, so this is the LP relaxation's value); the node level uses windows of
+  ``S * gpus_per_node`` and at most ``min(M, R + 1)`` node copies.
+- Co-activation spread: the same flow on the layer's pair graph with degree ``S - 1`` per copy
+  (the bipartite double cover; the LP has a symmetric optimum so nothing is lost).
+- ``static_bound``: a token's distinct GPUs (nodes) are at least a convex function of its
+  co-located pairs (``distinct_floor``), whose mean the co-activation flow bounds; and at least
+  ceil(k / S).
+
+The flows are solved while the time limit lasts; a layer pair left over falls back to the
+per-expert "heaviest partners" bound (each row and each column alone, whole extra copies given
+greedily), which is usually weaker; where it is tighter (whole copies), the smaller is used.
 """
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 
+from moeplace.errors import InputError
 from moeplace.solvers.objective import ObjectiveValue, Weights
 from moeplace.traces import RoutingStats
+
+DEFAULT_TIME_LIMIT = 2.0
 
 
 def _top_sum(rows: np.ndarray, width: np.ndarray) -> float:
@@ -27,55 +49,287 @@ def _top_sum(rows: np.ndarray, width: np.ndarray) -> float:
     return float(csum[np.arange(rows.shape[0]), w].sum())
 
 
+# ---- load ------------------------------------------------------------------------------------
+def _load_bound_plain(w: np.ndarray, G: int, S: int) -> float:
+    """Lower bound on one layer's max GPU load, each expert once, exactly S per GPU."""
+    N = w.shape[0]
+    total = float(w.sum())
+    lb = total / G
+    if np.all(w == np.round(w)):
+        lb = max(lb, math.ceil(total / G - 1e-9))  # whole counts: some GPU gets the rest
+    desc = np.sort(w)[::-1]
+    asc = desc[::-1]
+    small = np.concatenate([[0.0], np.cumsum(asc)])
+    for j in range(S):
+        top = j * G + 1  # among these, some GPU holds j + 1
+        if top > N:
+            break
+        part = float(desc[top - j - 1:top].sum())  # the j + 1 lightest of them
+        lb = max(lb, part + float(small[S - j - 1]))
+    return lb
+
+
+def _load_bound_replicas(w: np.ndarray, G: int, S: int, R: int) -> float:
+    """Lower bound on one layer's max GPU load with R extra copies (even split over copies).
+
+    A GPU holding a copy of e also holds S - 1 other copies, each at least ``m``, the lightest
+    expert's load over its most copies (R + 1), so a cap T needs ``c_e >= w_e / (T - (S-1) m)``
+    copies of e; the smallest T whose needs fit in N + R slots bounds the max (bisection).
+    """
+    N = w.shape[0]
+    mean = float(w.sum()) / G
+    if mean <= 0:
+        return 0.0
+    m = float(w.min()) / (R + 1)
+    pad = (S - 1) * m
+
+    def fits(cap: float) -> bool:
+        room = cap - pad
+        if room <= 0:
+            return False
+        need = np.maximum(1.0, np.ceil(w / room - 1e-12))
+        return bool(need.max() <= R + 1 and need.sum() <= N + R)
+
+    lo, hi = mean, max(mean, float(w.max()) + pad)
+    if fits(lo):
+        return lo
+    for _ in range(60):  # lo never fits, hi always does
+        mid = 0.5 * (lo + hi)
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    return lo
+
+
 def load_bound(load: np.ndarray, num_gpus: int, slots_per_gpu: int, replicas: int) -> np.ndarray:
     """``[L]`` lower bound on max GPU load / mean GPU load."""
-    L, _N = load.shape
     w = load.astype(np.float64)
-    mean = w.sum(axis=1) / num_gpus
-    max_copies = min(num_gpus, replicas + 1)
-    top = w.max(axis=1) / max_copies
-    if replicas == 0 and slots_per_gpu > 1:
-        smallest = np.sort(w, axis=1)[:, : slots_per_gpu - 1].sum(axis=1)
-        top = top + smallest
-    lb = np.maximum(mean, top)
-    return np.divide(lb, mean, out=np.ones(L), where=mean > 0)
+    out = np.ones(w.shape[0])
+    for layer, row in enumerate(w):
+        mean = float(row.sum()) / num_gpus
+        if mean <= 0:
+            continue
+        if replicas == 0:
+            top = _load_bound_plain(row, num_gpus, slots_per_gpu)
+        else:
+            top = _load_bound_replicas(row, num_gpus, slots_per_gpu, replicas)
+        out[layer] = max(1.0, top / mean)
+    return out
 
 
-def traffic_bound(transitions: np.ndarray, window: int, max_copies: int) -> float:
-    """Lower bound on the fraction of pairs not co-located (GPU window = S, node = S * n)."""
-    tot = float(transitions.sum())
+# ---- co-located pair weight --------------------------------------------------------------------
+def _int_costs(t: np.ndarray) -> tuple[np.ndarray, float]:
+    """Integer arc weights for the flow and the factor back; rounded up, so still a bound."""
+    if np.all(t == np.round(t)) and t.max(initial=0) < 2**40:
+        return t.astype(np.int64), 1.0
+    scale = 2.0**30 / max(float(t.max(initial=0)), 1e-300)
+    return np.ceil(t * scale).astype(np.int64), 1.0 / scale
+
+
+def colocated_flow(t: np.ndarray, degree: int, extra: int, max_copies: int) -> float:
+    """Most weight of pairs (a, b) that can be co-located, with t ``[A, B]`` >= 0.
+
+    Each of a's copies is co-located with at most ``degree`` experts of the other side (and
+    likewise for b); each expert has 1 to ``max_copies`` copies and the copies beyond the first
+    number at most ``extra`` per side. A bipartite b-matching, solved exactly as a min-cost
+    flow: source -> a (capacity ``degree``, plus up to ``degree * (max_copies - 1)`` through a
+    shared hub of capacity ``degree * extra``) -> b (capacity 1 per pair) -> sink, mirrored.
+    """
+    from ortools.graph.python import min_cost_flow
+
+    A, B = t.shape
+    a_idx, b_idx = np.nonzero(t > 0)
+    if a_idx.size == 0:
+        return 0.0
+    cost, back = _int_costs(t[a_idx, b_idx])
+    extra_cap = degree * extra if max_copies > 1 else 0
+    more = degree * (max_copies - 1)
+    src, sink, hub_a, hub_b = A + B, A + B + 1, A + B + 2, A + B + 3
+    total = degree * A + extra_cap
+    ar_a, ar_b = np.arange(A), A + np.arange(B)
+    tails = np.concatenate([a_idx, np.full(A, src), np.full(A, hub_a), ar_b, ar_b,
+                            [src, hub_b, src]])
+    heads = np.concatenate([A + b_idx, ar_a, ar_a, np.full(B, sink), np.full(B, hub_b),
+                            [hub_a, sink, sink]])
+    caps = np.concatenate([np.ones(a_idx.size), np.full(A, degree), np.full(A, more),
+                           np.full(B, degree), np.full(B, more),
+                           [extra_cap, extra_cap, total]]).astype(np.int64)
+    costs = np.concatenate([-cost, np.zeros(2 * A + 2 * B + 3, np.int64)])
+    f = min_cost_flow.SimpleMinCostFlow()
+    f.add_arcs_with_capacity_and_unit_cost(tails.astype(np.int32), heads.astype(np.int32),
+                                           caps, costs)
+    f.set_node_supply(src, int(total))
+    f.set_node_supply(sink, -int(total))
+    status = f.solve()
+    if status != f.OPTIMAL:  # pragma: no cover - the network is always feasible (bypass arc)
+        raise RuntimeError(f"min-cost flow status {status}")
+    return -float(f.optimal_cost()) * back
+
+
+def _copy_widths(t: np.ndarray, degree: int, extra: int, max_copies: int) -> float:
+    """Rows alone: each row's heaviest ``degree`` partners per copy, the extra copies given
+    to the rows that gain most (greedy is optimal: each row's gains only shrink)."""
+    srt = -np.sort(-t, axis=1)
+    A, B = t.shape
+    pad = np.zeros((A, degree * max_copies))
+    k = min(B, pad.shape[1])
+    pad[:, :k] = srt[:, :k]
+    blocks = pad.reshape(A, max_copies, degree).sum(axis=2)  # gain of each copy, decreasing
+    base = float(blocks[:, 0].sum())
+    if max_copies > 1 and extra > 0:
+        gains = np.sort(blocks[:, 1:].ravel())[::-1]
+        base += float(gains[:extra].sum())
+    return base
+
+
+def colocated_greedy(t: np.ndarray, degree: int, extra: int, max_copies: int) -> float:
+    """The weaker, fast bound: the smaller of the rows-alone and columns-alone bounds."""
+    return min(_copy_widths(t, degree, extra, max_copies),
+               _copy_widths(t.T, degree, extra, max_copies), float(t.sum()))
+
+
+def _colocated(t: np.ndarray, degree: int, extra: int, max_copies: int,
+               deadline: float | None) -> float:
+    if degree <= 0:
+        return 0.0
+    if deadline is not None and time.monotonic() > deadline:
+        return colocated_greedy(t, degree, extra, max_copies)
+    # The flow lets copies be fractional; the greedy bound's whole copies are sometimes tighter.
+    return min(colocated_flow(t, degree, extra, max_copies),
+               colocated_greedy(t, degree, extra, max_copies))
+
+
+def traffic_bound(transitions: np.ndarray, window: int, max_copies: int, extra: int = 0,
+                  deadline: float | None = None) -> float:
+    """Lower bound on the fraction of pairs not co-located (GPU window = S, node = S * n).
+
+    ``max_copies``: most GPUs (or nodes) one expert can be on; ``extra``: copies beyond one per
+    expert, per layer (the replicas R).
+    """
+    t = transitions.astype(np.float64)
+    tot = float(t.sum())
     if tot == 0:
         return 0.0
-    same = 0.0
-    for t in transitions.astype(np.float64):
-        width = np.full(t.shape[0], window * max_copies)
-        same += min(_top_sum(t, width), _top_sum(t.T, width), float(t.sum()))
+    same = sum(_colocated(tl, window, extra, max_copies, deadline) for tl in t)
     return max(0.0, 1.0 - same / tot)
 
 
+def coactivation_bound(coactivation: np.ndarray, slots_per_gpu: int, max_copies: int,
+                       extra: int = 0, deadline: float | None = None) -> float:
+    """Lower bound on the co-activation spread (share of within-layer pairs on no common GPU)."""
+    c = _off_diagonal(coactivation)
+    tot = float(c.sum())
+    if tot == 0:
+        return 0.0
+    same = sum(_colocated(cl, slots_per_gpu - 1, extra, max_copies, deadline) for cl in c)
+    return max(0.0, 1.0 - same / tot)
+
+
+def _off_diagonal(coactivation: np.ndarray) -> np.ndarray:
+    c = coactivation.astype(np.float64).copy()
+    idx = np.arange(c.shape[1])
+    c[:, idx, idx] = 0.0
+    return c
+
+
+# ---- the objective ---------------------------------------------------------------------------
 def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas: int = 0,
-                weights: Weights = Weights()) -> ObjectiveValue:
+                weights: Weights = Weights(), *,
+                time_limit: float = DEFAULT_TIME_LIMIT) -> ObjectiveValue:
     """Lower bounds on each objective term and the weighted total, for any placement of
-    ``stats`` on this cluster (migration is bounded by 0: staying put is always allowed)."""
+    ``stats`` on this cluster (migration is bounded by 0: staying put is always allowed).
+
+    ``time_limit`` (seconds) caps the flow computations; layer pairs not reached in time use
+    the faster, weaker bound, so the answer is always a valid bound.
+    """
+    deadline = time.monotonic() + max(time_limit, 0.0)
+    G, M, R = num_gpus, num_nodes, replicas
     N = stats.num_experts
-    S = (N + replicas) // num_gpus
-    imb = float(load_bound(stats.load, num_gpus, S, replicas).mean())
+    S = (N + R) // G
+    imb = float(load_bound(stats.load, G, S, R).mean())
+    copies = min(G, R + 1)
     cg = cn = 0.0
     if stats.transitions is not None and stats.num_layers > 1:
-        copies = min(num_gpus, replicas + 1)
-        cg = traffic_bound(stats.transitions, S, copies)
-        if num_nodes > 1:
-            cn = traffic_bound(stats.transitions, S * (num_gpus // num_nodes), copies)
+        cg = traffic_bound(stats.transitions, S, copies, R, deadline)
+        if M > 1:
+            cn = traffic_bound(stats.transitions, S * (G // M), min(M, R + 1), R, deadline)
     co = 0.0
     if stats.coactivation is not None:
-        # An expert copy shares its GPU with S-1 others, so at most its S-1 heaviest partners.
-        c = stats.coactivation.astype(np.float64).copy()
-        idx = np.arange(N)
-        c[:, idx, idx] = 0.0
-        tot = c.sum()
-        if tot > 0:
-            width = np.full(N, (S - 1) * min(num_gpus, replicas + 1))
-            same = sum(_top_sum(cl, width) for cl in c)
-            co = max(0.0, 1.0 - same / tot)
+        co = coactivation_bound(stats.coactivation, S, copies, R, deadline)
     total = weights.load * imb + weights.traffic * cg + weights.node * cn + weights.coact * co
     return ObjectiveValue(total, imb, cg, cn, 0.0, co)
+
+
+def distinct_floor(k: int, pairs: float) -> float:
+    """Convex lower bound on the distinct groups of k items with ``pairs`` same-group pairs.
+
+    ``d`` groups hold at least ``p(d)`` pairs (balanced sizes), so a token with P pairs spans
+    at least ``min{d : p(d) <= P}`` groups; the lower convex hull through ``(p(d), d)`` is below
+    that step function and convex, so by Jensen it also bounds the mean over tokens at the mean
+    pair count.
+    """
+    if k <= 1:
+        return float(k)
+    pts = []
+    for d in range(k, 0, -1):
+        q, r = divmod(k, d)
+        pts.append((r * (q + 1) * q / 2 + (d - r) * q * (q - 1) / 2, float(d)))
+    hull: list[tuple[float, float]] = []
+    for pt in pts:  # P increasing, d decreasing: keep the lower convex chain
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (pt[0] - x1) >= (pt[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(pt)
+    if pairs >= hull[-1][0]:
+        return 1.0
+    for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False):
+        if pairs <= x2:
+            return y1 + (y2 - y1) * (max(pairs, x1) - x1) / (x2 - x1)
+    return 1.0  # pragma: no cover
+
+
+def static_bound(coactivation: np.ndarray, num_tokens: int, top_k: int, num_gpus: int,
+                 num_nodes: int, slots_per_gpu: int, replicas: int = 0, *,
+                 time_limit: float = DEFAULT_TIME_LIMIT) -> tuple[float, float]:
+    """Lower bounds on ``traffic_static`` and ``traffic_static_remote_nodes`` with a uniform
+    home: ``(1 - 1/G) * mean distinct GPUs`` and ``(1 - 1/M) * mean distinct nodes`` holding a
+    token's experts, over tokens and MoE layers, for every placement without replicas.
+
+    The layer's co-located pairs are at most the co-activation flow bound (``coactivation``
+    counts each unordered pair twice; its diagonal, the load, is ignored), so tokens average at
+    most ``P`` co-located pairs, and ``distinct_floor(k, P)`` bounds their mean distinct GPUs.
+    Each token also needs ``ceil(k / S)`` GPUs at least.
+    """
+    if replicas:
+        raise InputError("static_bound", "replicas", f"{replicas} replicas: the bound covers "
+                         "placements with each expert once", "pass replicas=0")
+    if coactivation.ndim != 3 or coactivation.shape[1] != coactivation.shape[2]:
+        raise InputError("static_bound", "coactivation", f"shape {coactivation.shape} is not "
+                         "[layers, experts, experts]", "pass RoutingStats.coactivation")
+    L, N, _ = coactivation.shape
+    G, M, S = num_gpus, num_nodes, slots_per_gpu
+    if num_tokens <= 0 or L == 0:
+        return 0.0, 0.0
+    if G < 1 or M < 1 or G % M or S * G != N:
+        raise InputError("static_bound", "num_gpus", f"{G} GPUs x {S} slots in {M} nodes do "
+                         f"not hold {N} experts once each", "pass S = N / G and M dividing G")
+    deadline = time.monotonic() + max(time_limit, 0.0)
+    c = _off_diagonal(coactivation)
+    k = top_k
+
+    def mean_distinct(window: int) -> float:
+        per_layer = []
+        for cl in c:
+            pairs = _colocated(cl, window - 1, 0, 1, deadline) / 2.0
+            per_layer.append(max(distinct_floor(k, pairs / num_tokens), math.ceil(k / window)))
+        return float(np.mean(per_layer))
+
+    gpu = (1.0 - 1.0 / G) * mean_distinct(S)
+    node = (1.0 - 1.0 / M) * mean_distinct(S * (G // M)) if M > 1 else 0.0
+    return gpu, node
