@@ -29,6 +29,7 @@ greedily), which is usually weaker; where it is tighter (whole copies), the smal
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -288,7 +289,7 @@ def distinct_floor(k: int, pairs: float) -> float:
         hull.append(pt)
     if pairs >= hull[-1][0]:
         return 1.0
-    for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False):
+    for (x1, y1), (x2, y2) in itertools.pairwise(hull):
         if pairs <= x2:
             return y1 + (y2 - y1) * (max(pairs, x1) - x1) / (x2 - x1)
     return 1.0  # pragma: no cover

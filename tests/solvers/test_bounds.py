@@ -62,7 +62,7 @@ def states(N: int, G: int, R: int) -> np.ndarray:
 def terms(stats, cnt: np.ndarray, M: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Written from the objective's prose: per layer and state the imbalance and the
     co-activation pairs apart; per layer pair and state pair the pairs apart (GPU, node)."""
-    L, N = stats.load.shape
+    _L, N = stats.load.shape
     K, _, G = cnt.shape
     n = G // M
     share = cnt / cnt.sum(axis=2, keepdims=True)  # an expert's load split evenly over copies
