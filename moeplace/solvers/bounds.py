@@ -243,8 +243,8 @@ def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas
     """Lower bounds on each objective term and the weighted total, for any placement of
     ``stats`` on this cluster (migration is bounded by 0: staying put is always allowed).
 
-    ``time_limit`` (seconds) caps the flow computations; layer pairs not reached in time use
-    the faster, weaker bound, so the answer is always a valid bound.
+    ``time_limit`` (seconds) caps the flow computations; layer pairs not reached in time, and
+    terms whose weight is 0, use the faster, weaker bound, so the answer is always valid.
     """
     deadline = time.monotonic() + max(time_limit, 0.0)
     G, M, R = num_gpus, num_nodes, replicas
@@ -252,14 +252,20 @@ def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas
     S = (N + R) // G
     imb = float(load_bound(stats.load, G, S, R).mean())
     copies = min(G, R + 1)
+
+    def by(weight: float) -> float:
+        # A term the objective does not weigh gets the fast bound: the time goes to the others.
+        return deadline if weight > 0 else -math.inf
+
     cg = cn = 0.0
     if stats.transitions is not None and stats.num_layers > 1:
-        cg = traffic_bound(stats.transitions, S, copies, R, deadline)
+        cg = traffic_bound(stats.transitions, S, copies, R, by(weights.traffic))
         if M > 1:
-            cn = traffic_bound(stats.transitions, S * (G // M), min(M, R + 1), R, deadline)
+            cn = traffic_bound(stats.transitions, S * (G // M), min(M, R + 1), R,
+                               by(weights.node))
     co = 0.0
     if stats.coactivation is not None:
-        co = coactivation_bound(stats.coactivation, S, copies, R, deadline)
+        co = coactivation_bound(stats.coactivation, S, copies, R, by(weights.coact))
     total = weights.load * imb + weights.traffic * cg + weights.node * cn + weights.coact * co
     return ObjectiveValue(total, imb, cg, cn, 0.0, co)
 
