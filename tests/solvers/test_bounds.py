@@ -16,10 +16,12 @@ from moeplace.errors import InputError
 from moeplace.placement import Placement
 from moeplace.solvers import Weights, lower_bound, score
 from moeplace.solvers.bounds import (
+    _bipartite,
     colocated_flow,
     colocated_greedy,
     distinct_floor,
     load_bound,
+    spectral_colocated,
     static_bound,
 )
 from moeplace.traces import compute_stats
@@ -262,3 +264,39 @@ def test_static_bound_rejects_replicas_and_bad_shapes():
         static_bound(c, 10, 2, 2, 1, 2, replicas=2)
     with pytest.raises(InputError):
         static_bound(c, 10, 2, 3, 1, 2)
+
+
+def _best_split(w: np.ndarray, parts: int, blocks: int) -> float:
+    """Enumerated ``max sum_p z_p' w z_p`` over splits with equal shares of every block."""
+    n = w.shape[0]
+    nb = n // blocks
+    per = nb // parts
+    labels = []
+    for perm in set(itertools.permutations(np.repeat(np.arange(parts), per))):
+        labels.append(np.array(perm))
+    best = -math.inf
+    for combo in itertools.product(labels, repeat=blocks):
+        lab = np.concatenate(combo)
+        val = sum(float(w[np.ix_(lab == p, lab == p)].sum()) for p in range(parts))
+        best = max(best, val)
+    return best
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), case=st.sampled_from([(4, 2, 2), (6, 2, 2), (6, 3, 2),
+                                                         (4, 2, 1), (6, 3, 1), (6, 2, 1),
+                                                         (8, 4, 1), (8, 2, 1)]))
+def test_spectral_bound_above_every_split(seed, case):
+    """The eigenvalue bound is above the best split (bipartite layer pairs and within-layer
+    graphs), for any number of descent steps."""
+    N, parts, blocks = case
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, 30, (N, N)).astype(float) * (rng.random((N, N)) < 0.7)
+    if blocks == 2:
+        w = _bipartite(t)
+    else:
+        w = np.triu(t, 1) + np.triu(t, 1).T
+    best = _best_split(w, parts, blocks)
+    for iters in (1, 5, 40):
+        val, _d = spectral_colocated(w, parts, blocks, None, iters)
+        assert val >= best - 1e-6 * max(1.0, abs(best))
