@@ -7,7 +7,9 @@ a GPU). Tests compare each one against enumeration of all placements on tiny ins
 - Load (per layer, max GPU load over the mean). Without replicas: the mean (rounded up to a
   whole count when loads are counts), and the scheduling bounds with exactly S items per GPU:
   among the ``j*G + 1`` heaviest experts some GPU holds ``j + 1``, at least the ``j + 1``
-  lightest of them, plus ``S - j - 1`` others (at least the lightest experts). With replicas:
+  lightest of them, plus ``S - j - 1`` others (at least the lightest experts); where these
+  stay below the greedy split, CP-SAT's proven optimum (``exact.min_max_partition``) within
+  a quarter of the time limit. With replicas:
   the smallest cap ``T`` for which the copies each expert needs (``ceil(w / (T - (S-1) m))``
   with ``m`` the lightest possible copy) fit into the ``N + R`` slots, found by bisection.
 - Cross-layer pairs (GPU and node level), per consecutive layer pair: each copy of expert a
@@ -105,16 +107,43 @@ def _load_bound_replicas(w: np.ndarray, G: int, S: int, R: int) -> float:
     return lo
 
 
-def load_bound(load: np.ndarray, num_gpus: int, slots_per_gpu: int, replicas: int) -> np.ndarray:
-    """``[L]`` lower bound on max GPU load / mean GPU load."""
+def _greedy_max(w: np.ndarray, G: int, S: int) -> float:
+    """Heaviest GPU of the heaviest-first greedy split (an upper bound on the optimum)."""
+    loads = np.zeros(G)
+    room = np.full(G, S)
+    for e in np.argsort(-w, kind="stable"):
+        g = int(np.argmin(np.where(room > 0, loads, np.inf)))
+        loads[g] += w[e]
+        room[g] -= 1
+    return float(loads.max())
+
+
+def load_bound(load: np.ndarray, num_gpus: int, slots_per_gpu: int, replicas: int,
+               deadline: float | None = None) -> np.ndarray:
+    """``[L]`` lower bound on max GPU load / mean GPU load.
+
+    Without replicas and with whole-count loads, a layer whose scheduling bound is below the
+    greedy split's load is solved exactly (``exact.min_max_partition``, CP-SAT) while
+    ``deadline`` allows, and the optimum is used when proven.
+    """
     w = load.astype(np.float64)
     out = np.ones(w.shape[0])
+    whole = bool(np.all(w == np.round(w)))
     for layer, row in enumerate(w):
         mean = float(row.sum()) / num_gpus
         if mean <= 0:
             continue
         if replicas == 0:
             top = _load_bound_plain(row, num_gpus, slots_per_gpu)
+            left = -1.0 if deadline is None else deadline - time.monotonic()
+            if (whole and left > 0.01 and num_gpus > 1
+                    and top < _greedy_max(row, num_gpus, slots_per_gpu) - 0.5):
+                from moeplace.solvers.exact import min_max_partition
+
+                _groups, value, proven = min_max_partition(load[layer].astype(np.int64),
+                                                           num_gpus, min(0.2, left))
+                if proven:
+                    top = max(top, float(value))
         else:
             top = _load_bound_replicas(row, num_gpus, slots_per_gpu, replicas)
         out[layer] = max(1.0, top / mean)
@@ -356,11 +385,14 @@ def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas
     ``time_limit`` (seconds) caps the flow computations; layer pairs not reached in time, and
     terms whose weight is 0, use the faster, weaker bound, so the answer is always valid.
     """
-    deadline = time.monotonic() + max(time_limit, 0.0)
+    start = time.monotonic()
+    deadline = start + max(time_limit, 0.0)
     G, M, R = num_gpus, num_nodes, replicas
     N = stats.num_experts
     S = (N + R) // G
-    imb = float(load_bound(stats.load, G, S, R).mean())
+    # Exact per-layer partitions get at most a quarter of the time (when the load is weighed).
+    load_deadline = start + 0.25 * max(time_limit, 0.0) if weights.load > 0 else None
+    imb = float(load_bound(stats.load, G, S, R, load_deadline).mean())
     copies = min(G, R + 1)
 
     def by(weight: float) -> float:
