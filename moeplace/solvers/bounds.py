@@ -168,12 +168,20 @@ def colocated_flow(t: np.ndarray, degree: int, extra: int, max_copies: int) -> f
     flow: source -> a (capacity ``degree``, plus up to ``degree * (max_copies - 1)`` through a
     shared hub of capacity ``degree * extra``) -> b (capacity 1 per pair) -> sink, mirrored.
     """
+    return _flow(t, degree, extra, max_copies)[0]
+
+
+def _flow(t: np.ndarray, degree: int, extra: int, max_copies: int
+          ) -> tuple[float, np.ndarray]:
+    """``colocated_flow``'s value and its pairs (0/1 ``[A, B]``); t may have entries <= 0,
+    which no pair uses (the limits are upper limits, so this stays an upper bound)."""
     from ortools.graph.python import min_cost_flow
 
     A, B = t.shape
+    x = np.zeros((A, B))
     a_idx, b_idx = np.nonzero(t > 0)
     if a_idx.size == 0:
-        return 0.0
+        return 0.0, x
     cost, back = _int_costs(t[a_idx, b_idx])
     extra_cap = degree * extra if max_copies > 1 else 0
     more = degree * (max_copies - 1)
@@ -196,7 +204,8 @@ def colocated_flow(t: np.ndarray, degree: int, extra: int, max_copies: int) -> f
     status = f.solve()
     if status != f.OPTIMAL:  # pragma: no cover - the network is always feasible (bypass arc)
         raise RuntimeError(f"min-cost flow status {status}")
-    return -float(f.optimal_cost()) * back
+    x[a_idx, b_idx] = f.flows(np.arange(a_idx.size))
+    return -float(f.optimal_cost()) * back, x
 
 
 def _copy_widths(t: np.ndarray, degree: int, extra: int, max_copies: int) -> float:
@@ -234,6 +243,9 @@ def _colocated(t: np.ndarray, degree: int, extra: int, max_copies: int,
 
 SPECTRAL_ITERS = 40
 SPECTRAL_PROBE = 3  # layer pairs tried before a stage that never beats the flow is dropped
+DECOMP_ITERS = 20  # decomposition steps per layer pair and round
+DECOMP_STEP = 0.25  # first step, in units of the pair weight per expert (tuned on DeepSeek)
+MAX_ROUNDS = 10
 
 
 def _center(x: np.ndarray, blocks: int) -> np.ndarray:
@@ -302,38 +314,101 @@ def _pairs_colocated(t: np.ndarray, window: int, max_copies: int, extra: int,
     return np.array([_colocated(tl, window, extra, max_copies, deadline) for tl in t])
 
 
-def _refine_spectral(stages: list[tuple[np.ndarray, np.ndarray, int, bool]],
+def decomposed_colocated(t: np.ndarray, parts: int, degree: int, deadline: float | None,
+                         iters: int, state: tuple[np.ndarray, np.ndarray, int]
+                         ) -> tuple[float, tuple[np.ndarray, np.ndarray, int]]:
+    """Flow and eigenvalue bounds combined on one layer pair (Lagrangian decomposition).
+
+    For any split ``t = (t - X) + X`` the co-located weight is at most the flow bound of
+    ``t - X`` plus the eigenvalue bound of ``X`` (each part's best placement is at least as
+    good as the shared one's), and the sum is convex in ``(X, D)``: a normalised subgradient
+    descent on both, from ``state = (X, D, steps taken)``, for ``iters`` steps or until the
+    deadline. Returns the best value seen and the state to continue from.
+    """
+    X, d, done = state
+    X, d = X.copy(), d.copy()
+    A = t.shape[0]
+    n = 2 * A
+    m = n / parts
+    best = math.inf
+    scale = max(float(t.sum()) / A, 1e-12)
+    for it in range(done, done + iters):
+        fval, xs = _flow(t - X, degree, 0, 1)
+        mat = _center(_bipartite(X), 2) + _center(np.diag(d), 2)
+        vals, vecs = np.linalg.eigh(mat)
+        v = vecs[:, -(parts - 1):]
+        sval = m * (float(X.sum()) / n + d.sum() / n + float(vals[-(parts - 1):].sum())) \
+            - float(d.sum())
+        best = min(best, fval + sval)
+        if deadline is not None and time.monotonic() > deadline:
+            return best, (X, d, it + 1)
+        gx = m * (1.0 / n + v[:A] @ v[A:].T) - xs
+        gd = m * ((v ** 2).sum(axis=1) + 1.0 / n) - 1.0
+        norm = math.sqrt(float((gx ** 2).sum() + (gd ** 2).sum()))
+        if norm < 1e-12:
+            return best, (X, d, it + 1)
+        step = DECOMP_STEP * scale / math.sqrt(it + 1) / norm
+        X -= step * gx
+        d -= step * gd
+    return best, (X, d, done + iters)
+
+
+def _refine_spectral(stages: list[tuple[np.ndarray, np.ndarray, int, bool, int]],
                      deadline: float | None) -> None:
-    """Lower each stage's ``same`` (co-located weight bound per layer or layer pair) by the
-    eigenvalue bound while time lasts: a short pass over every pair first (most of the gain:
-    ~20 steps reach ~90% of 300 steps' improvement), then more steps from where each stopped.
-    A stage is ``(same, matrices, parts, bipartite)``."""
-    first, more = SPECTRAL_ITERS // 2, SPECTRAL_ITERS - SPECTRAL_ITERS // 2
+    """Lower each stage's ``same`` (co-located weight bound per layer or layer pair) while
+    time lasts. A stage is ``(same, matrices, parts, bipartite, degree)``.
+
+    First a short eigenvalue pass over every pair (most of its gain: ~20 steps reach ~90% of
+    300 steps' improvement), dropped for a stage whose first pairs never beat the flow (many
+    small parts); then, round after round, more steps of the flow + eigenvalue decomposition
+    on layer pairs (from whichever bound was tighter) and of the eigenvalue bound on
+    within-layer graphs.
+    """
+    first = SPECTRAL_ITERS // 2
+    # One expert per GPU: each layer pair is an assignment problem, which the flow solves.
+    stages = [st for st in stages if st[2] > 1 and not (st[3] and st[4] == 1)]
     ds: list[list[np.ndarray | None]] = [[None] * len(st[1]) for st in stages]
-    for rnd in range(2):
-        for k, (same, mats, parts, bipartite) in enumerate(stages):
-            if parts <= 1:
+    states: list[list[tuple[np.ndarray, np.ndarray, int] | None]] = [
+        [None] * len(st[1]) for st in stages]
+    for k, (same, mats, parts, bipartite, _deg) in enumerate(stages):
+        prev_d, prev_w, gained = None, 1.0, False
+        for i, tl in enumerate(mats):
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            if i == SPECTRAL_PROBE and not gained:
+                break  # many small parts (e.g. 8 GPUs): the flow stays tighter
+            if same[i] <= 0:
                 continue
-            prev_d, prev_w, gained = None, 1.0, False
+            w = _bipartite(tl) if bipartite else tl
+            size = float(np.abs(w).sum())
+            # Consecutive layer pairs look alike: start from the previous one's D.
+            start = None if prev_d is None else prev_d * (size / max(prev_w, 1e-300))
+            val, d = spectral_colocated(w, parts, 2 if bipartite else 1, deadline, first, start)
+            prev_d, prev_w = d, size
+            if val < same[i]:
+                gained = True
+                same[i] = val
+                ds[k][i] = d
+    for _round in range(MAX_ROUNDS):
+        for k, (same, mats, parts, bipartite, deg) in enumerate(stages):
             for i, tl in enumerate(mats):
                 if deadline is not None and time.monotonic() > deadline:
                     return
-                if rnd == 0 and i == SPECTRAL_PROBE and not gained:
-                    break  # many small parts (e.g. 8 GPUs): the flow stays tighter, save time
-                if same[i] <= 0 or (rnd and ds[k][i] is None):
+                if same[i] <= 0:
                     continue
-                w = _bipartite(tl) if bipartite else tl
-                size = float(np.abs(w).sum())
-                if rnd == 0:
-                    # Consecutive layer pairs look alike: start from the previous one's D.
-                    start = None if prev_d is None else prev_d * (size / max(prev_w, 1e-300))
-                    val, d = spectral_colocated(w, parts, 2 if bipartite else 1, deadline,
-                                                first, start)
-                else:
-                    val, d = spectral_colocated(w, parts, 2 if bipartite else 1, deadline,
-                                                more, ds[k][i], first)
-                ds[k][i], prev_d, prev_w = d, d, size
-                gained = gained or val < same[i]
+                if not bipartite:
+                    if ds[k][i] is not None:
+                        val, ds[k][i] = spectral_colocated(tl, parts, 1, deadline, first,
+                                                           ds[k][i], first)
+                        same[i] = min(same[i], val)
+                    continue
+                st = states[k][i]
+                if st is None:  # start from the tighter of the two bounds
+                    d0 = ds[k][i]
+                    st = ((tl.copy(), d0, first) if d0 is not None
+                          else (np.zeros_like(tl), np.zeros(2 * tl.shape[0]), 0))
+                val, states[k][i] = decomposed_colocated(tl, parts, deg, deadline,
+                                                         DECOMP_ITERS, st)
                 same[i] = min(same[i], val)
 
 
@@ -351,7 +426,7 @@ def traffic_bound(transitions: np.ndarray, window: int, max_copies: int, extra: 
         return 0.0
     same = _pairs_colocated(t, window, max_copies, extra, deadline)
     if extra == 0 and parts > 1:
-        _refine_spectral([(same, t, parts, True)], deadline)
+        _refine_spectral([(same, t, parts, True, window)], deadline)
     return max(0.0, 1.0 - float(same.sum()) / tot)
 
 
@@ -364,7 +439,7 @@ def coactivation_bound(coactivation: np.ndarray, slots_per_gpu: int, max_copies:
         return 0.0
     same = _pairs_colocated(c, slots_per_gpu - 1, max_copies, extra, deadline)
     if extra == 0 and parts > 1:
-        _refine_spectral([(same, c, parts, False)], deadline)
+        _refine_spectral([(same, c, parts, False, slots_per_gpu - 1)], deadline)
     return max(0.0, 1.0 - float(same.sum()) / tot)
 
 
@@ -402,7 +477,7 @@ def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas
     # Flows first for every term (fast), then eigenvalue refinements while time lasts, node
     # level first: the flow is weakest for a few large parts (a bisection of each layer).
     cg = cn = co = 0.0
-    terms: list[tuple[np.ndarray, np.ndarray, int, bool, float]] = []
+    terms: list[tuple[np.ndarray, np.ndarray, int, bool, int, float]] = []
     if stats.transitions is not None and stats.num_layers > 1:
         t = stats.transitions.astype(np.float64)
         tot = float(t.sum())
@@ -410,17 +485,18 @@ def lower_bound(stats: RoutingStats, num_gpus: int, num_nodes: int = 1, replicas
             gpu_same = _pairs_colocated(t, S, copies, R, by(weights.traffic))
             if M > 1:
                 node_same = _pairs_colocated(t, S * (G // M), min(M, R + 1), R, by(weights.node))
-                terms.append((node_same, t, M, True, weights.node))
-            terms.append((gpu_same, t, G, True, weights.traffic))
+                terms.append((node_same, t, M, True, S * (G // M), weights.node))
+            terms.append((gpu_same, t, G, True, S, weights.traffic))
     c = None
     if stats.coactivation is not None:
         c = _off_diagonal(stats.coactivation)
         if c.sum() > 0:
             co_same = _pairs_colocated(c, S - 1, copies, R, by(weights.coact))
-            terms.append((co_same, c, G, False, weights.coact))
+            terms.append((co_same, c, G, False, S - 1, weights.coact))
     if R == 0:
-        _refine_spectral([(same, mats, parts, bip) for same, mats, parts, bip, weight in terms
-                          if weight > 0], deadline)
+        _refine_spectral([(same, mats, parts, bip, deg)
+                          for same, mats, parts, bip, deg, weight in terms if weight > 0],
+                         deadline)
     if stats.transitions is not None and stats.num_layers > 1:
         tot = float(stats.transitions.sum())
         if tot > 0:

@@ -19,6 +19,7 @@ from moeplace.solvers.bounds import (
     _bipartite,
     colocated_flow,
     colocated_greedy,
+    decomposed_colocated,
     distinct_floor,
     load_bound,
     spectral_colocated,
@@ -299,4 +300,20 @@ def test_spectral_bound_above_every_split(seed, case):
     best = _best_split(w, parts, blocks)
     for iters in (1, 5, 40):
         val, _d = spectral_colocated(w, parts, blocks, None, iters)
+        assert val >= best - 1e-6 * max(1.0, abs(best))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), case=st.sampled_from([(4, 2), (6, 2), (6, 3), (8, 2)]))
+def test_decomposition_above_every_split(seed, case):
+    """Flow of t - X plus eigenvalue bound of X stays above the best aligned split of a layer
+    pair, from any starting split X (random here) and after any number of steps."""
+    N, parts = case
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, 30, (N, N)).astype(float) * (rng.random((N, N)) < 0.7)
+    best = _best_split(_bipartite(t), parts, 2)
+    X0 = t * rng.random((N, N)) * rng.integers(0, 2)
+    state = (X0, rng.normal(0, 3, 2 * N) * rng.integers(0, 2), 0)
+    for iters in (1, 10):
+        val, state = decomposed_colocated(t, parts, N // parts, None, iters, state)
         assert val >= best - 1e-6 * max(1.0, abs(best))
