@@ -17,7 +17,7 @@ from moeplace._limits import check_memory
 from moeplace.errors import InfeasibleError, InputError
 from moeplace.placement import Placement
 from moeplace.solvers.baselines import baseline, default_groups
-from moeplace.solvers.bounds import lower_bound
+from moeplace.solvers.bounds import lower_bound, static_bound
 from moeplace.solvers.cost import expert_cost, parse_gpu_speeds, speed_load_bound
 from moeplace.solvers.dp import MAX_STATES, num_states
 from moeplace.solvers.groups import expand_groups, group_span, group_stats
@@ -30,9 +30,11 @@ from moeplace.solvers.registry import (
     check_supported,
     get,
     names,
+    reserve_seconds,
 )
 from moeplace.solvers.static import term_scales
 from moeplace.traces import RoutingStats
+from moeplace.traces._kernels import count_into
 
 # The built-in methods as registered ("auto" picks dp or search), and the baselines among them.
 METHODS = ("auto", *names())
@@ -194,18 +196,19 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
     """Lower bounds on each term and the total of ``engine``'s objective (the balance term on
     the phase's cost and the GPUs' speeds)."""
     weights = options.weights
-    lb = lower_bound(stats, c.num_gpus, c.num_nodes, c.replicas, weights)
+    # The bounds' flow and eigenvalue refinements share the time the solve kept for itself.
+    seconds = min(3.0, 0.6 * reserve_seconds(options.time_limit))
+    lb = lower_bound(stats, c.num_gpus, c.num_nodes, c.replicas, weights, time_limit=seconds / 2)
     bound = {**lb.as_dict(), "engine": engine, "phase": options.phase}
     S = (stats.num_experts + c.replicas) // c.num_gpus
     balance = lb.load_imbalance_mean
     if options.phase != "prefill" or options.gpu_speeds is not None:
         cost = expert_cost(stats, options.phase, options.tokens_per_step)
         sp = _array(options.gpu_speeds)
-        balance = (float(speed_load_bound(cost, sp, S).mean()) if sp is not None and c.replicas == 0
-                   else 1.0 if sp is not None
-                   else float(lower_bound(replace(stats, load=cost), c.num_gpus, c.num_nodes,
-                                          c.replicas, Weights(load=1.0, traffic=0.0, node=0.0)
-                                          ).load_imbalance_mean))
+        # speed_load_bound holds for real-valued costs (the integer-count refinements of
+        # lower_bound do not); with replicas only the trivial bound is known.
+        sp = np.ones(c.num_gpus) if sp is None else sp
+        balance = float(speed_load_bound(cost, sp, S).mean()) if c.replicas == 0 else 1.0
         if options.phase == "decode":
             bound["active_experts_imbalance"] = balance
         else:
@@ -217,11 +220,24 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
         k = max(stats.meta.top_k, 1)
         n = c.num_gpus // c.num_nodes
         dg, dn = (-(-k // S), -(-k // (S * n))) if c.replicas == 0 else (1, 1)
+        rg, rn = dg * (1 - 1 / c.num_gpus), dn * (1 - 1 / c.num_nodes)
+        if c.replicas == 0 and stats.token_sample is not None and len(stats.token_sample):
+            # The static terms are measured on the token sample, so its pair counts bound them.
+            sample = stats.token_sample
+            L, N = stats.load.shape
+            co = np.zeros((L, N, N), np.int64)
+            count_into(sample, np.zeros((L, N), np.int64), None, co)
+            rg, rn = (max(a, b) for a, b in zip(
+                (rg, rn), static_bound(co, len(sample), k, c.num_gpus, c.num_nodes, S,
+                                       time_limit=seconds / 2), strict=True))
         sg, sn = term_scales(stats, c.num_gpus, c.num_nodes)
-        bound["traffic_static"] = dg * (1 - 1 / c.num_gpus)
-        bound["traffic_static_remote_nodes"] = dn * (1 - 1 / c.num_nodes)
-        bound["total"] = (weights.load * balance + weights.traffic * dg * sg
-                          + weights.node * dn * sn + weights.coact * lb.coactivation_spread)
+        bound["traffic_static"] = rg
+        bound["traffic_static_remote_nodes"] = rn
+        bound["total"] = (weights.load * balance
+                          + weights.traffic * rg / (1 - 1 / c.num_gpus) * sg
+                          + (weights.node * rn / (1 - 1 / c.num_nodes) * sn
+                             if c.num_nodes > 1 else 0.0)
+                          + weights.coact * lb.coactivation_spread)
     return bound
 
 
