@@ -116,8 +116,11 @@ class RoutingStats:
     def _add_samples(self, trace: Trace) -> None:
         T, L, _k = trace.experts.shape
         N = self.num_experts
-        # Tokens of one request share a bucket; their priorities differ by position.
-        salt = np.arange(T, dtype=np.uint64) + np.uint64(self.num_tokens)
+        # Tokens of one request share a bucket; their priorities differ by position (in the
+        # request when the trace says, so shards give the same sample as one pass).
+        salt = (np.asarray(trace.tokens["position"]).astype(np.uint64)
+                if "position" in trace.tokens and "request" in trace.tokens
+                else np.arange(T, dtype=np.uint64) + np.uint64(self.num_tokens))
         if "request" in trace.tokens:
             req = np.asarray(trace.tokens["request"], np.int64)
         else:
@@ -132,7 +135,13 @@ class RoutingStats:
         self.load_buckets += np.bincount(key, minlength=LOAD_BUCKETS * L * N).reshape(
             LOAD_BUCKETS, L, N)
         assert self.token_sample is not None and self.sample_priority is not None
-        pr = _mix64(h ^ _mix64(salt))
+        # The token's experts enter its priority too, so equal priorities mean equal tokens and
+        # the sample does not depend on the order shards are merged in.
+        with np.errstate(over="ignore"):
+            flat = trace.experts.reshape(T, -1).astype(np.uint64)
+            content = (flat * _mix64(np.arange(flat.shape[1], dtype=np.uint64))[None, :]).sum(
+                axis=1)
+        pr = _mix64(h ^ _mix64(salt) ^ _mix64(content))
         self._merge_sample(trace.experts.astype(np.int32), pr)
 
     def _merge_sample(self, sets: np.ndarray, pr: np.ndarray) -> None:
