@@ -25,7 +25,7 @@ from moeplace.traces import compute_stats, import_trace
 SHARED = Path(os.environ.get("MOEPLACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 TRACES = {
     "deepseek": ("traces/deepseek-v2-lite-puffin-prefill/deepseek_v2_lite_prefill_routing.npz",
-                 {}, [Cluster(8, 2), Cluster(8, 1)]),
+                 {}, [Cluster(8, 2)]),
     "qwen": ("traces/qwen1.5-moe-a2.7b-5layers/qwen15_moe_a27b_5layers.npz", {},
              [Cluster(6, 2)]),
 }
