@@ -25,7 +25,7 @@ def test_profile_solve_apply_keeps_the_model(tmp_path):
         model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     stats = compute_stats(rec.trace())
     assert stats.meta.moe_layer_ids == (1, 2)
-    plc, rep = solve_with_report(stats, 4, respect_groups=model.config.n_group)
+    plc, rep = solve_with_report(stats, 4, respect_groups=model.config.n_group, engine="exflow")
     assert plc.moe_layer_ids == (1, 2)  # carried from the trace, as apply needs
     rewrite_checkpoint(tmp_path / "ckpt", tmp_path / "placed", plc)
     placed = type(model).from_pretrained(tmp_path / "placed").eval()

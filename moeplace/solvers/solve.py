@@ -32,7 +32,6 @@ from moeplace.solvers.registry import (
     names,
     reserve_seconds,
 )
-from moeplace.solvers.static import term_scales
 from moeplace.traces import RoutingStats
 from moeplace.traces._kernels import count_into
 
@@ -230,12 +229,12 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
             rg, rn = (max(a, b) for a, b in zip(
                 (rg, rn), static_bound(co, len(sample), k, c.num_gpus, c.num_nodes, S,
                                        time_limit=seconds / 2), strict=True))
-        sg, sn = term_scales(stats, c.num_gpus, c.num_nodes)
         bound["traffic_static"] = rg
         bound["traffic_static_remote_nodes"] = rn
-        bound["total"] = (weights.load * balance
-                          + weights.traffic * rg / (1 - 1 / c.num_gpus) * sg
-                          + (weights.node * rn / (1 - 1 / c.num_nodes) * sn
+        # The same normalisation as objective.score: traffic_static / k, remote nodes over
+        # min(k, M - 1).
+        bound["total"] = (weights.load * balance + weights.traffic * rg / k
+                          + (weights.node * rn / min(k, c.num_nodes - 1)
                              if c.num_nodes > 1 else 0.0)
                           + weights.coact * lb.coactivation_spread)
     return bound
