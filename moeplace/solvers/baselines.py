@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
+from dataclasses import replace
 
 import numpy as np
 
@@ -442,6 +443,23 @@ def _swap_improve(w: np.ndarray, gpu: np.ndarray, load: np.ndarray, s: np.ndarra
         load[g] += w[eb] - w[ea]
         load[hb] += w[ea] - w[eb]
         gpu[ea], gpu[eb] = hb, g
+
+
+def eplb_where_distinct(load: np.ndarray, num_gpus: int, num_nodes: int = 1, replicas: int = 0,
+                        num_groups: int | None = None, deadline: float | None = None
+                        ) -> Placement:
+    """Per layer, the stacks' ``eplb`` where it keeps the copies of each expert on distinct
+    GPUs, else ``eplb_distinct``: the closest start to what the stacks run that moeplace's
+    own solvers may start from (they never put two copies of one expert on one GPU)."""
+    b = eplb_distinct(load, num_gpus, num_nodes, replicas, num_groups=num_groups,
+                      deadline=deadline)
+    if not replicas:
+        return b
+    a = eplb(load, num_gpus, num_nodes, replicas, num_groups=num_groups, deadline=deadline)
+    slots = np.sort(a.phy2log.reshape(a.num_layers, num_gpus, -1), axis=2)
+    shared = (slots[:, :, 1:] == slots[:, :, :-1]).any(axis=(1, 2))
+    phy = np.where(shared[:, None], b.phy2log, a.phy2log)
+    return replace(b, phy2log=phy, info={**b.info, "eplb_layers": int((~shared).sum())})
 
 
 def balanced_placement(cost: np.ndarray, num_gpus: int, num_nodes: int = 1,

@@ -18,7 +18,13 @@ import numpy as np
 
 from moeplace.errors import InputError
 from moeplace.placement import Placement
-from moeplace.solvers.baselines import balanced_placement, baseline, eplb_distinct
+from moeplace.solvers.baselines import (
+    balanced_placement,
+    baseline,
+    default_groups,
+    eplb_distinct,
+    eplb_where_distinct,
+)
 from moeplace.solvers.cost import expert_cost
 from moeplace.solvers.objective import ENGINES, STATIC_ENGINES, Weights, score
 from moeplace.solvers.registry import (
@@ -106,6 +112,12 @@ class SearchSolver(Solver):
         elif decode:
             start = eplb_distinct(cost, cluster.num_gpus, cluster.num_nodes, cluster.replicas,
                                   num_groups=options.num_groups, deadline=options.deadline)
+        elif static and cluster.replicas:
+            # The static engines are held to EPLB's balance on new traffic: start from the
+            # stacks' EPLB itself wherever its layers allow.
+            groups = default_groups(stats) if options.num_groups is None else options.num_groups
+            start = eplb_where_distinct(stats.load, cluster.num_gpus, cluster.num_nodes,
+                                        cluster.replicas, groups, options.deadline)
         else:
             start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups,
                              options.deadline)
@@ -113,7 +125,9 @@ class SearchSolver(Solver):
                 and current.num_nodes == cluster.num_nodes and not current.colocated):
             start = current  # moving away from what serves now must pay for itself
         origin = "current" if start is current else (
-            "balanced for speeds" if speeds is not None else "eplb-distinct")
+            "balanced for speeds" if speeds is not None else
+            "eplb where distinct" if static and cluster.replicas and not decode
+            else "eplb-distinct")
         budget = options.budget(0.05 * options.time_limit)
         if static and cluster.replicas == 0 and stats.has_samples:
             if (options.restarts or 1) > 1 or options.restart_runner is not None:

@@ -84,8 +84,11 @@ def check_request(stats: RoutingStats, cluster: Cluster, time_limit: float,
     # refuse up front (with the estimate) rather than fail in the middle of a solve.
     L = stats.num_layers
     pairs = (stats.transitions is not None) + (stats.coactivation is not None)
-    check_memory(4 * pairs * L * N * N * 8, f"solving {L} layers x {N} experts",
-                 stats.meta.source or "solve", "num_experts")
+    # The static search's swap tables: about eight [scenarios, N, N] float arrays per round.
+    scenarios = 0 if stats.load_buckets is None else 1 + stats.load_buckets.shape[0] // 2
+    check_memory(4 * pairs * L * N * N * 8 + 8 * scenarios * N * N * 8,
+                 f"solving {L} layers x {N} experts", stats.meta.source or "solve",
+                 "num_experts")
     if current is not None and (current.num_layers, current.num_experts) != (
             stats.num_layers, stats.num_experts):
         raise InputError(current.source, "phy2log", f"current placement is {current.num_layers} "
