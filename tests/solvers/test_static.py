@@ -213,3 +213,24 @@ def test_give_back_restores_balance_on_held_back_buckets(rng):
     # Layers not given back are the search's, bit for bit.
     kept = [l for l in range(4) if (out.phy2log[l] != start.phy2log[l]).any()]
     assert all((out.phy2log[l] == worst.phy2log[l]).all() for l in kept)
+
+
+def test_eplb_where_distinct_is_eplb_wherever_eplb_keeps_copies_apart(rng):
+    from moeplace.solvers.baselines import eplb, eplb_where_distinct
+
+    tr = random_trace(rng, 3000, 6, 16, 2, requests=100)
+    p = 1.0 / np.arange(1, 17) ** 1.5  # three skewed layers, where EPLB doubles hot experts
+    tr.experts[:, :3] = np.stack([[rng.choice(16, 2, replace=False, p=p / p.sum())
+                                   for _ in range(3)] for _ in range(3000)])
+    s = compute_stats(tr)
+    a, b = eplb(s.load, 4, 2, 8), eplb_distinct(s.load, 4, 2, 8)
+    got = eplb_where_distinct(s.load, 4, 2, 8)
+    kinds = set()
+    for l in range(6):
+        gpus = [sorted(a.phy2log[l, g * 6:(g + 1) * 6].tolist()) for g in range(4)]
+        shared = any(len(set(x)) < len(x) for x in gpus)
+        kinds.add(shared)
+        want = b if shared else a
+        assert got.phy2log[l].tolist() == want.phy2log[l].tolist()
+        assert all(len(set(got.phy2log[l, g * 6:(g + 1) * 6])) == 6 for g in range(4))
+    assert kinds == {True, False}  # both kinds of layer were exercised
