@@ -42,6 +42,7 @@ from moeplace.solvers.cost import parse_gpu_speeds, speed_imbalance
 from moeplace.traces import RoutingStats, Trace, TraceReader
 from moeplace.traces._kernels import count_into
 from moeplace.traces.store import as_chunks
+from moeplace.traces.trace import mix64
 
 HOME_MODELS = ("static", "follow")
 DEFAULT_WINDOW = 4096
@@ -227,11 +228,7 @@ class EvalResult:
 
 def _keep_blocks(blocks: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Seeded, order-free choice of about ``fraction`` of block ids (splitmix64 of id and seed)."""
-    with np.errstate(over="ignore"):
-        z = blocks.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+    z = mix64(blocks, seed)
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 

@@ -17,7 +17,7 @@ from moeplace._validate import NpzMembers, as_int, loads_json
 from moeplace.errors import InputError
 from moeplace.traces._kernels import count_into
 from moeplace.traces.store import TraceReader, as_chunks
-from moeplace.traces.trace import Trace, TraceMeta
+from moeplace.traces.trace import Trace, TraceMeta, expert_dtype, mix64
 
 STATS_FORMAT = "moeplace.stats"
 STATS_VERSION = 1
@@ -33,13 +33,16 @@ SAMPLE_TOKENS = 16384
 UNKNOWN_REQUEST_TOKENS = 128
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a fixed, seedless hash of integer ids (same on every machine)."""
+def _content_hash(experts: np.ndarray, block: int = 4096) -> np.ndarray:
+    """``[T]`` a hash of each token's whole expert array, in blocks (bounded temporaries)."""
+    T = experts.shape[0]
+    flat = experts.reshape(T, -1)
+    w = mix64(np.arange(flat.shape[1], dtype=np.uint64))
+    out = np.empty(T, np.uint64)
     with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+        for s in range(0, T, block):
+            out[s:s + block] = (flat[s:s + block].astype(np.uint64) * w).sum(axis=1)
+    return out
 
 
 @dataclass
@@ -102,7 +105,7 @@ class RoutingStats:
             transitions=np.zeros((max(L - 1, 0), N, N), np.int64) if transitions else None,
             coactivation=np.zeros((L, N, N), np.int64) if coactivation else None,
             load_buckets=np.zeros((LOAD_BUCKETS, L, N), np.int64) if samples else None,
-            token_sample=np.zeros((0, L, k), np.int32) if samples else None,
+            token_sample=np.zeros((0, L, k), expert_dtype(N)) if samples else None,
             sample_priority=np.zeros(0, np.uint64) if samples else None,
         )
 
@@ -110,12 +113,14 @@ class RoutingStats:
         """Count one chunk into these statistics in place."""
         count_into(trace.experts, self.load, self.transitions, self.coactivation, backend)
         if self.load_buckets is not None:
-            self._add_samples(trace)
+            self._add_samples(trace, backend)
         self.num_tokens += trace.num_tokens
 
-    def _add_samples(self, trace: Trace) -> None:
-        T, L, _k = trace.experts.shape
-        N = self.num_experts
+    def _add_samples(self, trace: Trace, backend: str) -> None:
+        """Count the chunk into its request buckets and offer its tokens to the sample."""
+        T = trace.num_tokens
+        if T == 0:
+            return
         # Tokens of one request share a bucket; their priorities differ by position (in the
         # request when the trace says, so shards give the same sample as one pass).
         salt = (np.asarray(trace.tokens["position"]).astype(np.uint64)
@@ -128,30 +133,33 @@ class RoutingStats:
             # close in a stream share prompts, steps and topics, and buckets of single tokens
             # would hide how much the load moves from one part of the traffic to another.
             req = (np.arange(T, dtype=np.int64) + self.num_tokens) // UNKNOWN_REQUEST_TOKENS
-        h = _mix64(req.view(np.uint64) if req.dtype == np.int64 else req.astype(np.uint64))
+        h = mix64(req)
         bucket = (h % np.uint64(LOAD_BUCKETS)).astype(np.intp)
-        e = trace.experts.astype(np.intp)
-        key = (bucket[:, None, None] * (L * N) + np.arange(L)[None, :, None] * N + e).ravel()
-        self.load_buckets += np.bincount(key, minlength=LOAD_BUCKETS * L * N).reshape(
-            LOAD_BUCKETS, L, N)
-        assert self.token_sample is not None and self.sample_priority is not None
+        # One bucket's tokens at a time through the load counter: memory of a 64th of a chunk.
+        order = np.argsort(bucket, kind="stable")
+        ends = np.searchsorted(bucket[order], np.arange(LOAD_BUCKETS + 1))
+        assert self.load_buckets is not None
+        for b in np.flatnonzero(np.diff(ends)):
+            count_into(trace.experts[order[ends[b]:ends[b + 1]]], self.load_buckets[b], None,
+                       None, backend)
         # The token's experts enter its priority too, so equal priorities mean equal tokens and
         # the sample does not depend on the order shards are merged in.
-        with np.errstate(over="ignore"):
-            flat = trace.experts.reshape(T, -1).astype(np.uint64)
-            content = (flat * _mix64(np.arange(flat.shape[1], dtype=np.uint64))[None, :]).sum(
-                axis=1)
-        pr = _mix64(h ^ _mix64(salt) ^ _mix64(content))
-        self._merge_sample(trace.experts.astype(np.int32), pr)
+        pr = mix64(h ^ mix64(salt) ^ mix64(_content_hash(trace.experts)))
+        self._merge_sample(trace.experts, pr)
 
     def _merge_sample(self, sets: np.ndarray, pr: np.ndarray) -> None:
         """Keep the ``SAMPLE_TOKENS`` lowest priorities of the current sample and ``sets``."""
         assert self.token_sample is not None and self.sample_priority is not None
         if len(self.sample_priority) >= SAMPLE_TOKENS:
             keep = pr < self.sample_priority.max()
+            if not keep.any():
+                return
             sets, pr = sets[keep], pr[keep]
+        if len(pr) > SAMPLE_TOKENS:  # only the chunk's own lowest can enter
+            idx = np.argpartition(pr, SAMPLE_TOKENS - 1)[:SAMPLE_TOKENS]
+            sets, pr = sets[idx], pr[idx]
         allp = np.concatenate([self.sample_priority, pr])
-        alls = np.concatenate([self.token_sample, sets])
+        alls = np.concatenate([self.token_sample, sets.astype(self.token_sample.dtype)])
         if len(allp) > SAMPLE_TOKENS:
             idx = np.argpartition(allp, SAMPLE_TOKENS - 1)[:SAMPLE_TOKENS]
             allp, alls = allp[idx], alls[idx]
@@ -249,12 +257,15 @@ class RoutingStats:
                     raise InputError(path, key, f"dtype {dtype} is not an integer type",
                                      "counts are integers")
                 total += 8 * int(np.prod(shape))
+            # The optional samples, at most their declared limits (the header's sizes).
+            total += 8 * LOAD_BUCKETS * L * N * ("load_buckets" in z)
+            total += 8 * SAMPLE_TOKENS * (L * meta.top_k + 1) * ("token_sample" in z)
             check_memory(total, f"statistics for {L} layers x {N} experts", path, "meta")
             num_tokens = z.scalar_int("num_tokens", 0, 2**62) if "num_tokens" in z else None
             if num_tokens is None:
                 raise InputError(path, "num_tokens", "missing", fix)
             arrays = {k: _counts(z.read(k), path, k) for k in want if k in z}
-            samples = _read_samples(z, path, meta, fix)
+            samples = _read_samples(z, path, meta, num_tokens, fix)
         stats = cls(meta, num_tokens, arrays["load"], arrays.get("transitions"),
                     arrays.get("coactivation"), *samples)
         stats._check_totals(path)
@@ -287,11 +298,14 @@ class RoutingStats:
                                  f"{self.num_tokens * k * k}", "re-create the file")
 
 
-def _read_samples(z: NpzMembers, path: object, meta: TraceMeta, fix: str
+def _read_samples(z: NpzMembers, path: object, meta: TraceMeta, num_tokens: int, fix: str
                   ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """The optional request buckets and token sample, checked (shapes, ids, sizes) before use."""
     L, N, k = meta.num_layers, meta.num_experts, meta.top_k
     buckets = sample = prio = None
+    if ("token_sample" in z) != ("load_buckets" in z):
+        raise InputError(path, "token_sample", "the token sample and load_buckets come together",
+                         fix)
     if "load_buckets" in z:
         got, dtype = z.header("load_buckets")
         if got != (LOAD_BUCKETS, L, N) or dtype.kind not in "iu":
@@ -303,10 +317,11 @@ def _read_samples(z: NpzMembers, path: object, meta: TraceMeta, fix: str
                          fix)
     if "token_sample" in z:
         got, dtype = z.header("token_sample")
-        if (len(got) != 3 or got[0] > SAMPLE_TOKENS or got[1:] != (L, k)
+        if (len(got) != 3 or got[0] > min(SAMPLE_TOKENS, num_tokens) or got[1:] != (L, k)
                 or dtype.kind not in "iu"):
             raise InputError(path, "token_sample", f"{dtype} array of shape {got}, expected "
-                             f"integers of shape (<= {SAMPLE_TOKENS}, {L}, {k})", fix)
+                             f"integers of shape (<= {min(SAMPLE_TOKENS, num_tokens)}, {L}, {k}"
+                             ")", fix)
         pgot, pdtype = z.header("sample_priority")
         if pgot != (got[0],) or pdtype != np.dtype(np.uint64):
             raise InputError(path, "sample_priority", f"{pdtype} array of shape {pgot}, expected "
@@ -314,7 +329,7 @@ def _read_samples(z: NpzMembers, path: object, meta: TraceMeta, fix: str
         raw = z.read("token_sample")
         if raw.size and (int(raw.min()) < 0 or int(raw.max()) >= N):
             raise InputError(path, "token_sample", f"expert ids outside 0..{N - 1}", fix)
-        sample = raw.astype(np.int32)
+        sample = raw.astype(expert_dtype(N))
         prio = z.read("sample_priority")
     return buckets, sample, prio
 

@@ -153,6 +153,16 @@ def check_experts(experts: Any, num_experts: int | None, source: object,
     return np.ascontiguousarray(arr, dtype=expert_dtype(n))
 
 
+def mix64(x: np.ndarray, seed: int = 1) -> np.ndarray:
+    """splitmix64 of integer ids under ``seed``: a fixed hash, the same on every machine
+    (negative ids wrap to uint64 first)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x).astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def held_request_ids(requests: np.ndarray, fraction: float, seed: int,
                      source: object) -> np.ndarray:
     """The held-out ids among the sorted unique ``requests``: ``fraction`` of them (at least
