@@ -55,10 +55,17 @@ def expert_cost(stats: RoutingStats, phase: str, tokens_per_step: int) -> np.nda
     if stats.num_tokens < 1:
         raise InputError(stats.meta.source or "stats", "num_tokens", "no tokens counted",
                          "compute statistics from a non-empty trace")
-    p = np.clip(load / stats.num_tokens, 0.0, 1.0)
+    return active_per_step(load, stats.num_tokens, int(tokens_per_step))
+
+
+def active_per_step(counts: np.ndarray, num_tokens: np.ndarray | float, tokens_per_step: int
+                    ) -> np.ndarray:
+    """``1 - (1 - p)^B`` with ``p = counts / num_tokens``: the chance an expert is active in a
+    step of B independent tokens (``num_tokens`` broadcasts against ``counts``)."""
+    p = np.clip(np.asarray(counts, np.float64) / num_tokens, 0.0, 1.0)
     with np.errstate(divide="ignore"):
         # 1 - (1 - p)^B without cancellation for small p
-        return -np.expm1(int(tokens_per_step) * np.log1p(-p))
+        return -np.expm1(tokens_per_step * np.log1p(-p))
 
 
 def parse_gpu_speeds(value: str | Sequence[Any] | np.ndarray, num_gpus: int,

@@ -16,6 +16,8 @@ from dataclasses import replace
 import numpy as np
 
 from moeplace.placement import Placement
+from moeplace.solvers.cost import active_per_step
+from moeplace.solvers.evaluator import gpu_loads_from_stats, imbalance
 from moeplace.traces import RoutingStats
 
 # Held-back buckets needed to judge balance on new traffic: with fewer requests than this twice
@@ -26,8 +28,12 @@ MIN_HELD_BUCKETS = 8
 def too_few_requests(stats: RoutingStats, balance_slack: float) -> bool:
     """Whether the statistics hold too few requests to check balance on new traffic (and the
     user left no slack to spend without that check)."""
-    held = bucket_scenarios(stats)[2]
-    return balance_slack <= 0 and held.shape[1] < MIN_HELD_BUCKETS
+    if balance_slack > 0:
+        return False
+    b = stats.load_buckets
+    filled = 0 if b is None else int((b.sum(axis=(1, 2)) > 0).sum())
+    held = filled // 2 if filled >= 4 else 0  # as bucket_scenarios splits them
+    return held < MIN_HELD_BUCKETS
 
 
 def bucket_scenarios(stats: RoutingStats, tokens_per_step: int | None = None
@@ -39,13 +45,10 @@ def bucket_scenarios(stats: RoutingStats, tokens_per_step: int | None = None
     k = max(stats.meta.top_k, 1)
 
     def cost(counts: np.ndarray) -> np.ndarray:  # counts [..., N] of (counts.sum / k) tokens
-        counts = counts.astype(np.float64)
         if tokens_per_step is None:
-            return counts
+            return counts.astype(np.float64)
         tokens = np.maximum(counts.sum(axis=-1, keepdims=True) / k, 1.0)
-        p = np.clip(counts / tokens, 0.0, 1.0)
-        with np.errstate(divide="ignore"):
-            return -np.expm1(tokens_per_step * np.log1p(-p))
+        return active_per_step(counts, tokens, tokens_per_step)
 
     L, N = stats.load.shape
     train = held = np.zeros((L, 0, N))
@@ -60,21 +63,11 @@ def layer_imbalance(placement: Placement, scenarios: np.ndarray,
                     speeds: np.ndarray | None = None) -> np.ndarray:
     """``[L, H]`` each layer's (speed-aware) imbalance in each scenario ``[L, H, N]``, an
     expert's load split evenly over its copies."""
-    cnt = placement.logcnt().astype(np.float64)  # [L, N]
     L, H, _ = scenarios.shape
     if H == 0:
         return np.ones((L, 0))
-    share = np.take_along_axis(scenarios / cnt[:, None, :],
-                               np.broadcast_to(placement.phy2log[:, None, :],
-                                               (L, H, placement.phy2log.shape[1])), axis=2)
-    gl = share.reshape(L, H, placement.num_gpus, placement.slots_per_gpu).sum(axis=3)
-    if speeds is None:
-        mean = gl.mean(axis=2)
-        top = gl.max(axis=2)
-    else:
-        mean = gl.sum(axis=2) / speeds.sum()
-        top = (gl / speeds).max(axis=2)
-    return top / np.maximum(mean, 1e-12)
+    gl = np.stack([gpu_loads_from_stats(scenarios[:, h], placement) for h in range(H)], axis=1)
+    return imbalance(gl, speeds)
 
 
 def choose_robust(values: np.ndarray, excess: np.ndarray, budget: float) -> np.ndarray:

@@ -35,7 +35,7 @@ from moeplace.solvers.registry import (
     Solver,
     register,
 )
-from moeplace.solvers.robust import give_back
+from moeplace.solvers.robust import give_back, too_few_requests
 from moeplace.solvers.search import SearchReport, search
 from moeplace.solvers.static import static_search
 from moeplace.traces import RoutingStats
@@ -147,6 +147,11 @@ class SearchSolver(Solver):
                 start=origin)
             status = "time limit" if srep.stopped == "time limit" else "local optimum"
             return plc, MethodResult(status, None, details)
+        if static and too_few_requests(stats, options.balance_slack):
+            # give_back would return the start whatever the search found: do not search.
+            return start, MethodResult("local optimum", None, dict(
+                start=origin, layers_kept_from_start=start.num_layers,
+                stopped="too few requests to check balance on new traffic"))
         if static:
             # Without a token sample (statistics from counts) or with replicas, the static
             # objective's stand-in is the within-layer pair spread (co-activation), if known.

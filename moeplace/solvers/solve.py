@@ -172,7 +172,9 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
     if solver.exact and res.bound is not None and res.bound > bound["total"]:
         bound["total"] = res.bound
     gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
-    plc.info = {**plc.info, "method": method, "status": res.status, "engine": engine}
+    # A copy: a method may hand back its start, which can be the caller's current placement.
+    plc = replace(plc, info={**plc.info, "method": method, "status": res.status,
+                             "engine": engine})
     _label_layers(plc, stats)
     report = SolveReport(method, res.status, obj.as_dict(), bound, gap,
                          time.perf_counter() - t0, {**res.details, "engine": engine})

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeplace.placement import Placement
-from moeplace.placement.placement import from_gpu_lists
+from moeplace.solvers.evaluator import imbalance
 from moeplace.solvers.robust import bucket_scenarios, choose_robust, too_few_requests
 from moeplace.traces import RoutingStats
 
@@ -131,7 +131,7 @@ def _swap_loads(gpu_of: np.ndarray, loads: np.ndarray, G: int,
         new_a = ga[:, :, None] + diff / s[None, :, None]
         new_b = ga[:, None, :] - diff / s[None, None, :]
     # Max over the GPUs the swap leaves alone: the largest of the top three not at ga or gb.
-    top = np.argsort(-gl, axis=1)[:, :3] if G >= 3 else np.argsort(-gl, axis=1)
+    top = np.argsort(-gl, axis=1)[:, :3]
     rest = np.full((B, len(gpu_of), len(gpu_of)), -np.inf)
     done = np.zeros_like(rest, dtype=bool)
     for r in range(top.shape[1]):
@@ -192,7 +192,7 @@ class Balance:
 
     def loosened(self) -> Balance:
         """No limits, same load term (for a search that repairs afterwards)."""
-        return Balance(self.loads, self.caps * 1e6, self.weight, self.speeds)
+        return Balance(self.loads, np.full_like(self.caps, np.inf), self.weight, self.speeds)
 
 
 def layer_value(sets: np.ndarray, gpu_of: np.ndarray, G: int, n: int, wg: float, wn: float,
@@ -206,6 +206,14 @@ def layer_value(sets: np.ndarray, gpu_of: np.ndarray, G: int, n: int, wg: float,
     if mig is not None:
         v += mig[1] * float((gpu_of != mig[0]).sum())
     return float(v)
+
+
+def _traffic_deltas(sets: np.ndarray, gpu_of: np.ndarray, G: int, n: int, N: int,
+                    wg: float, wn: float, mig: tuple[np.ndarray, float] | None) -> np.ndarray | float:
+    """``_deltas``, or 0 for a balance-only search (no traffic or migration term to count)."""
+    if not wg and not wn and mig is None:
+        return 0.0
+    return _deltas(sets, gpu_of, G, n, N, wg, wn, mig)
 
 
 def layer_search(sets: np.ndarray, gpu_of: np.ndarray, num_gpus: int, num_nodes: int,
@@ -234,7 +242,8 @@ def layer_search(sets: np.ndarray, gpu_of: np.ndarray, num_gpus: int, num_nodes:
         if deadline is not None and time.monotonic() > deadline:
             break
         ok, change = bal.swaps(gpu_of, G)
-        cand = np.where(ok, _deltas(sets, gpu_of, G, n, N, wg, wn, mig) + change, np.inf)
+        cand = np.where(ok, _traffic_deltas(sets, gpu_of, G, n, N, wg, wn, mig) + change,
+                         np.inf)
         flat = np.flatnonzero(cand < -1e-9)
         if flat.size == 0:
             break
@@ -286,7 +295,8 @@ def kl_pass(sets: np.ndarray, gpu_of: np.ndarray, num_gpus: int, num_nodes: int,
             break
         ok, change = bal.swaps(gpu_of, G)
         ok &= ~locked[:, None] & ~locked[None, :]
-        cand = np.where(ok, _deltas(sets, gpu_of, G, n, N, wg, wn, mig) + change, np.inf)
+        cand = np.where(ok, _traffic_deltas(sets, gpu_of, G, n, N, wg, wn, mig) + change,
+                         np.inf)
         i = int(np.argmin(cand))
         if not np.isfinite(cand.flat[i]):
             break
@@ -389,7 +399,7 @@ def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: floa
     ``[L, B]`` (the reference placement's max GPU load in each scenario times
     ``1 + balance_slack``), and the held-back buckets ``[L, H, N]`` (``robust.bucket_scenarios``).
 
-    Within the limits (``_feasible``) a placement is no less balanced than the reference on the
+    Within the limits (``Balance.swaps``) a placement is no less balanced than the reference on the
     fitted traffic and, on average over the buckets, on a sixteenth of the requests: the mean
     of the buckets' max GPU loads estimates the max on new traffic of that size, which a cap on
     the fitted load alone does not control (a search filling every GPU up to the cap loses
@@ -411,10 +421,7 @@ def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: floa
 def _bucket_imbalance(gpu_of: np.ndarray, loads: np.ndarray, G: int,
                       speeds: np.ndarray | None = None) -> np.ndarray:
     """``[B]`` the (speed-aware) imbalance of a layer's map in each scenario."""
-    gl = _scenario_gpu_loads(gpu_of, loads, G, speeds)
-    total = gl.sum(axis=1) if speeds is None else (gl * speeds[None, :]).sum(axis=1)
-    mean = np.maximum(total / (G if speeds is None else speeds.sum()), 1e-12)
-    return gl.max(axis=1) / mean
+    return imbalance(_scenario_gpu_loads(gpu_of, loads, G), speeds)
 
 
 def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0,
@@ -448,12 +455,12 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
     # The sample is ordered by priority, so its head is a uniform sample too: 8,192 tokens fix
     # each layer's distinct-GPU mean to about 1% and halve the work per swap round.
     sets_all = stats.token_sample[:SEARCH_TOKENS].astype(np.int64)
-    loads, caps, held = scenario_caps(stats, start, balance_slack, tokens_per_step, gpu_speeds)
-    rep.scenarios = loads.shape[1] + held.shape[1]
     if too_few_requests(stats, balance_slack):
         rep.stopped = "too few requests to check balance on new traffic"
         rep.layers_given_back = start.num_layers
         return start, rep
+    loads, caps, held = scenario_caps(stats, start, balance_slack, tokens_per_step, gpu_speeds)
+    rep.scenarios = loads.shape[1] + held.shape[1]
     gpu = start.expert_gpu().copy()
     cur = current.expert_gpu() if (current is not None and migration > 0
                                    and current.num_replicas == 0) else None
@@ -467,9 +474,11 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
 
     # The load term, load * mean over layers of the imbalance, in one layer's units (sums over
     # sampled tokens, as the traffic terms): the buckets' mean of max GPU load / mean GPU load.
+    H = loads.shape[1] - 1
     bucket_mean = loads[:, 1:].sum(axis=2) / (G if gpu_speeds is None else gpu_speeds.sum())
-    bal = [Balance(loads[l], caps[l], (load * len(sets_all) / max(loads.shape[1] - 1, 1))
-                   / max(float(bucket_mean[l].mean()), 1e-12), gpu_speeds) for l in range(L)]
+    bal = [Balance(loads[l], caps[l], (load * len(sets_all) / H)
+                   / max(float(bucket_mean[l].mean()), 1e-12) if H else 0.0, gpu_speeds)
+           for l in range(L)]
 
     def val(l: int, g: np.ndarray) -> float:
         return layer_value(sets_all[:, l, :], g, G, n, wg, wn, mig(l), bal[l])
@@ -481,15 +490,19 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
         if left <= 0:
             rep.stopped = "time limit"
             break
-        # Half of this layer's share of the remaining time, so later layers keep theirs.
-        dl = time.monotonic() + 0.5 * left / (L - l)
+        # Half of this layer's share of the remaining time, so later layers keep theirs; each
+        # candidate gets its own slice of it (one slow search must not starve the others).
+        now = time.monotonic()
+        share = 0.5 * left / (L - l)
         sets = sets_all[:, l, :]
-        kw = dict(wg=wg, wn=wn, deadline=dl, mig=mig(l))
+        kw = dict(wg=wg, wn=wn, mig=mig(l))
         if bal[l].weight:
-            steady[l], _ = layer_search(sets, gpu[l], G, M, bal[l], **{**kw, "wg": 0.0,
-                                                                        "wn": 0.0, "mig": None})
-        a, na = layer_search(sets, gpu[l], G, M, bal[l], **kw)
-        free, _ = layer_search(sets, gpu[l], G, M, bal[l].loosened(), **kw)
+            steady[l], _ = layer_search(sets, gpu[l], G, M, bal[l], wg=0.0, wn=0.0,
+                                        deadline=now + 0.2 * share)
+        a, na = layer_search(sets, gpu[l], G, M, bal[l], deadline=now + 0.5 * share, **kw)
+        free, _ = layer_search(sets, gpu[l], G, M, bal[l].loosened(), deadline=now + 0.7 * share,
+                               **kw)
+        kw["deadline"] = now + share
         b = repair(sets, free, G, M, bal[l], **kw)
         if b is not None:
             b, nb = layer_search(sets, b, G, M, bal[l], **kw)
@@ -515,18 +528,21 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
             g, na = layer_search(sets, g, G, M, bal[l], **kw)
             gpu[l] = g
             rep.swaps += na
+    if improving and rep.stopped == "converged":
+        rep.stopped = "time limit"
     ref = start.expert_gpu()
     if held.shape[1]:
         cands = [ref, steady, gpu]
         values = np.array([[val(l, c[l]) for c in cands] for l in range(L)])
-        excess = np.array([[_bucket_imbalance(c[l], held[l], G, gpu_speeds)
-                             - _bucket_imbalance(ref[l], held[l], G, gpu_speeds)
-                            for c in cands] for l in range(L)])  # [L, C, H]
+        imb = np.array([[_bucket_imbalance(c[l], held[l], G, gpu_speeds) for c in cands]
+                        for l in range(L)])  # [L, C, H]
+        excess = imb - imb[:, :1]  # against the start, the first candidate
         pick = choose_robust(values, excess, balance_slack * L)
         gpu = np.stack([cands[c][l] for l, c in enumerate(pick)])
         rep.layers_given_back = int((pick == 0).sum())
         rep.balance_first_layers = int((pick == 1).sum())
     rep.seconds = time.monotonic() - t0
-    layers = [[[int(e) for e in np.flatnonzero(gpu[l] == g)] for g in range(G)] for l in range(L)]
-    plc = from_gpu_lists(layers, num_nodes=M, num_experts=N)
+    # Experts by GPU (stable: ascending ids within a GPU), S slots each.
+    plc = Placement(np.argsort(gpu, axis=1, kind="stable"), num_gpus=G, num_nodes=M,
+                    num_experts=N)
     return plc, rep
