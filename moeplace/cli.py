@@ -607,7 +607,8 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
     if trace is None:
         return _rows({n: evaluate_stats(stats, p, gpu_speeds=speeds) for n, p in plcs.items()},
                      {}, False)
-    res = evaluate_many(trace, list(plcs.values()), window=window, show_progress=False)
+    res = evaluate_many(trace, list(plcs.values()), window=window, show_progress=False,
+                        gpu_speeds=speeds)
     step_ms: dict[str, float] = {}
     if sim is not None:
         from moeplace.solvers.simulator import step_time
@@ -731,7 +732,8 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @click.option("--model-shape", help="Expert size for the simulator (default: from the trace's "
               "model name, e.g. deepseek-v2-lite, mixtral-8x7b, deepseek-v3).")
 @click.option("--tokens-per-step", type=POS_INT, default=4096, show_default=True,
-              help="Tokens in one simulated serving step.")
+              help="Tokens in one serving step: the simulated step, and with --phase decode the "
+              "decode batch the search balances and the evaluator's active_experts_* step.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the placement JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @import_options
@@ -748,6 +750,24 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
     import contextlib
 
+    import moeplace.solvers.solve  # noqa: F401  (fills the method registry)
+    from moeplace.solvers.objective import STATIC_ENGINES
+    from moeplace.solvers.registry import get
+
+    # The engine's objective must be one the method optimises; checked before Ray starts.
+    solver = None if method == "auto" else get(method)
+    if engine and solver is not None and not solver.baseline and engine not in solver.engines:
+        raise InputError("solve", "--engine", f"--method {method} optimises the "
+                         f"{'/'.join(solver.engines)} objective, not {engine}'s",
+                         f"use --method search for {engine}, or --engine {solver.engines[0]}")
+    if engine is None:
+        engine = solver.engines[0] if solver is not None and not solver.baseline else "sglang"
+    if (engine in STATIC_ENGINES and replicas == 0 and method in ("auto", "search")
+            and (restarts > 1 or ray_address)):
+        raise InputError("solve", "--ray" if ray_address else "--restarts",
+                         f"the {engine} search is deterministic: restarts from other seeds "
+                         "find the same placement", "drop --restarts/--ray, or use --engine "
+                         "exflow or --replicas")
     session: Any = contextlib.nullcontext()
     runner = None
     if ray_address:
@@ -772,21 +792,12 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
 
         weights = Weights.parse(weights_text)
         cluster = Cluster(gpus, nodes, replicas)
-        exact = method in ("dp", "cpsat", "ilp-cbc", "ilp-highs", "moetuner")
-        if engine not in (None, "exflow") and exact:
-            raise InputError("solve", "--engine", f"--method {method} optimises the cross-layer "
-                             f"(exflow) objective, not {engine}'s",
-                             "use --method search for sglang/vllm/trtllm, or --engine exflow")
-        engine = engine or ("exflow" if exact else "sglang")
         from moeplace.solvers.cost import parse_gpu_speeds
 
         speeds = None if gpu_speeds is None else parse_gpu_speeds(gpu_speeds, gpus)
         # The evaluator's steps: the decode batch the user solved for, else the trace's own.
         step_tokens = tokens_per_step if phase == "decode" else None
         cur = Placement.load(current) if current else None
-        if not time_limit > 0:
-            raise InputError("solve", "--time-limit", f"{time_limit} is not positive",
-                             "give a time limit in seconds > 0")
         src = _open(source, kw, in_memory_max=0)  # Parquet is streamed, never held in memory
         trace = None if isinstance(src, RoutingStats) else src
         if holdout is not None and trace is None:
@@ -814,10 +825,10 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         # One budget from here on: solving, bounds and scoring end by the deadline (+ a margin).
         deadline = time.monotonic() + time_limit
         solve_limit = 0.75 * time_limit if show_pareto else time_limit
+        sim = _simulation(model_shape, hardware, trace)
         if trace is not None:  # keep up to 30% of the budget for scoring per token
             solve_limit -= min(0.3 * time_limit, scoring_seconds(
-                trace.num_tokens, stats.num_layers, 3, _simulation(model_shape, hardware, trace)
-                is not None))
+                trace.num_tokens, stats.num_layers, 3, sim is not None))
         plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
                                      time_limit=solve_limit, balance_slack=balance_slack,
                                      current=cur, seed=seed, num_groups=num_groups,
@@ -840,7 +851,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             per = max(deadline - time.monotonic(), 0.7) / len(slacks)
             front = pareto(stats, cluster, slacks, weights=weights, time_limit=per, seed=seed,
                            num_groups=num_groups)
-        sim = _simulation(model_shape, hardware, trace)
         scoring: dict[str, Any] = {}
         hold_rows = None
         if trace is None:
@@ -870,6 +880,9 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             scoring["skipped_baselines"] = skipped
         if out:
             plc.save(out)
+        # Gains on the held-out requests when there are some: traffic it was not fitted to.
+        gains = strongest_baseline_gains(hold_rows if hold_rows is not None else fit_rows,
+                                         rep.method)
         if as_json:
             res: dict[str, Any] = {"report": rep.as_dict(), "fit": fit_rows.to_dict("records"),
                                    "cluster": {"num_gpus": gpus, "num_nodes": nodes,
@@ -879,7 +892,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                 res["holdout"] = hold_rows.to_dict("records")
             if front is not None:
                 res["pareto"] = [{k: v for k, v in r.items() if k != "placement"} for r in front]
-            gains = strongest_baseline_gains(fit_rows, rep.method)
             if len(gains):
                 res["vs_strongest_baseline"] = gains.to_dict("records")
             if cur is not None:
@@ -914,8 +926,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             click.echo("\ntraffic-versus-balance frontier (search):")
             _print_table(pd.DataFrame([{k: v for k, v in r.items() if k != "placement"}
                                        for r in front]))
-        gains = strongest_baseline_gains(hold_rows if hold_rows is not None else fit_rows,
-                                         rep.method)
         if len(gains):
             click.echo(f"\n{rep.method} against the strongest baseline on each metric (lower is "
                        "better; change < 0 is a gain):")

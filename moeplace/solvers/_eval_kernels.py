@@ -35,6 +35,7 @@ import itertools
 
 import numpy as np
 
+from moeplace.solvers.cost import speed_imbalance
 from moeplace.traces._kernels import HAVE_NUMBA
 
 # traffic[p, m, X, l] indices
@@ -296,11 +297,8 @@ def flush_steps(act_cnt: np.ndarray, act_acc: np.ndarray, ngpu: np.ndarray,
         G = int(ngpu[p])
         a = act_cnt[p, :, :G].astype(np.float64)
         s = speeds[p, :G]
-        mx = (a / s).max(axis=1)
-        tot = a.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            act_acc[p, 1] += np.where(tot > 0, mx / (tot / s.sum()), 1.0)
-        act_acc[p, 0] += mx
+        act_acc[p, 1] += speed_imbalance(a, s)
+        act_acc[p, 0] += (a / s).max(axis=1)
     act_cnt[:] = 0
     act_open[1] = 0
 

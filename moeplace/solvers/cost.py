@@ -103,6 +103,16 @@ def parse_gpu_speeds(value: str | Sequence[Any] | np.ndarray, num_gpus: int,
     return np.array(vals, np.float64)
 
 
+def unequal_speeds(value: str | Sequence[Any] | np.ndarray | None, num_gpus: int,
+                   source: str = "--gpu-speeds", field: str = "value") -> np.ndarray | None:
+    """``parse_gpu_speeds``, or None when there are none or all are equal: the speed-blind
+    arithmetic then runs unchanged (equal speeds mean the same imbalance)."""
+    if value is None:
+        return None
+    sp = parse_gpu_speeds(value, num_gpus, source, field)
+    return None if (sp == sp[0]).all() else sp
+
+
 def speed_imbalance(gpu_load: np.ndarray, speeds: np.ndarray) -> np.ndarray:
     """``max_g(x_g / s_g) / (sum x / sum s)`` over the last axis (1.0 where nothing ran):
     the slowest GPU's time over the time of a split in proportion to speed. With equal speeds

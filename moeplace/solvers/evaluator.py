@@ -38,7 +38,7 @@ from moeplace.solvers._eval_kernels import (
     flush_steps,
     score_into,
 )
-from moeplace.solvers.cost import parse_gpu_speeds, speed_imbalance
+from moeplace.solvers.cost import speed_imbalance, unequal_speeds
 from moeplace.traces import RoutingStats, Trace, TraceReader
 from moeplace.traces._kernels import count_into
 from moeplace.traces.store import as_chunks
@@ -125,10 +125,7 @@ def evaluate_stats(stats: RoutingStats, placement: Placement,
     """Metrics 1 (whole trace) and 2 from aggregated statistics alone (``gpu_speeds``: the
     speed-aware imbalance, as in ``evaluate_many``)."""
     check_compatible(placement, stats.num_layers, stats.num_experts, stats.meta.source or "stats")
-    sp = None
-    if gpu_speeds is not None:
-        sp = parse_gpu_speeds(gpu_speeds, placement.num_gpus, "evaluate", "gpu_speeds")
-        sp = None if (sp == sp[0]).all() else sp
+    sp = unequal_speeds(gpu_speeds, placement.num_gpus, "evaluate", "gpu_speeds")
     imb = imbalance(gpu_loads_from_stats(stats.load, placement), sp)
     out: dict[str, Any] = {"load_imbalance_mean": float(imb.mean()),
                            "load_imbalance_max": float(imb.max())}
@@ -255,8 +252,9 @@ class Evaluator:
             raise InputError("evaluate", "window", f"{window} < 1", "pass --window >= 1")
         if home not in HOME_MODELS:
             raise InputError("evaluate", "home", f"{home!r} unknown", f"use one of {HOME_MODELS}")
-        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or tokens_per_step < 1):
-            raise InputError("evaluate", "tokens_per_step", f"{tokens_per_step} < 1",
+        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or not isinstance(
+                tokens_per_step, (int, np.integer)) or tokens_per_step < 1):
+            raise InputError("evaluate", "tokens_per_step", f"{tokens_per_step!r} is not an integer >= 1",
                              "pass --tokens-per-step >= 1")
         self.placements = plcs
         self.L, self.N = num_layers, num_experts
@@ -304,9 +302,8 @@ class Evaluator:
                 raise InputError("evaluate", "gpu_speeds", "placements for different GPU "
                                  "counts share one speed list", "score one cluster at a time")
             flag = isinstance(gpu_speeds, str)  # text comes from the --gpu-speeds flag
-            sp = parse_gpu_speeds(gpu_speeds, int(self.G[0]), "--gpu-speeds" if flag
-                                  else "evaluate", "value" if flag else "gpu_speeds")
-            self.speeds = None if (sp == sp[0]).all() else sp
+            self.speeds = unequal_speeds(gpu_speeds, int(self.G[0]), "--gpu-speeds" if flag
+                                         else "evaluate", "value" if flag else "gpu_speeds")
         self.speed_tab = np.ones((P, Gmax))
         if self.speeds is not None:
             self.speed_tab[:] = self.speeds

@@ -18,7 +18,7 @@ from moeplace.errors import InfeasibleError, InputError
 from moeplace.placement import Placement
 from moeplace.solvers.baselines import baseline, default_groups
 from moeplace.solvers.bounds import lower_bound, static_bound
-from moeplace.solvers.cost import expert_cost, parse_gpu_speeds, speed_load_bound
+from moeplace.solvers.cost import expert_cost, speed_load_bound, unequal_speeds
 from moeplace.solvers.dp import MAX_STATES, num_states
 from moeplace.solvers.groups import expand_groups, group_span, group_stats
 from moeplace.solvers.objective import STATIC_ENGINES, Weights, check_engine, score
@@ -184,11 +184,8 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
 def _speeds(speeds: Sequence[float] | np.ndarray | None, num_gpus: int
             ) -> tuple[float, ...] | None:
     """Validated speed factors, or None when all are equal (the speed-blind path, exactly)."""
-    if speeds is None:
-        return None
-    sp = parse_gpu_speeds(np.asarray(speeds, float) if not isinstance(speeds, str) else speeds,
-                          num_gpus)
-    return None if (sp == sp[0]).all() else tuple(float(x) for x in sp)
+    sp = unequal_speeds(speeds, num_gpus)
+    return None if sp is None else tuple(float(x) for x in sp)
 
 
 def _array(speeds: tuple[float, ...] | None) -> np.ndarray | None:
