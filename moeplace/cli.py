@@ -778,6 +778,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     with session:
         import time
 
+        # The budget covers the whole command from here: reading and counting the trace too.
+        started = time.monotonic()
         from moeplace.errors import TimeLimitError
         from moeplace.placement import Placement
         from moeplace.solvers import Cluster, Weights, pareto, solve_with_report
@@ -822,12 +824,17 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         check_request(stats, cluster, time_limit, cur)
         if num_groups is None:  # the model's n_group, else 1 (as vLLM and SGLang run EPLB)
             num_groups = default_groups(stats, model_shape)
-        # One budget from here on: solving, bounds and scoring end by the deadline (+ a margin).
-        deadline = time.monotonic() + time_limit
-        solve_limit = 0.75 * time_limit if show_pareto else time_limit
+        # One budget: solving, bounds and scoring end by the deadline (+ a margin), after the
+        # time reading and counting took.
+        deadline = started + time_limit
+        left = deadline - time.monotonic()
+        if left < 0.2 * time_limit:
+            raise TimeLimitError(f"reading and counting {source} took {time_limit - left:.1f} s "
+                                 f"of --time-limit {time_limit:g}; raise --time-limit")
+        solve_limit = 0.75 * left if show_pareto else left
         sim = _simulation(model_shape, hardware, trace)
         if trace is not None:  # keep up to 30% of the budget for scoring per token
-            solve_limit -= min(0.3 * time_limit, scoring_seconds(
+            solve_limit -= min(0.3 * left, scoring_seconds(
                 trace.num_tokens, stats.num_layers, 3, sim is not None))
         plc, rep = solve_with_report(stats, cluster, method=method, weights=weights,
                                      time_limit=solve_limit, balance_slack=balance_slack,
