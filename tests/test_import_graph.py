@@ -113,7 +113,7 @@ def test_solvers_import_graph_is_acyclic(graph):
 
 def test_traces_import_no_later_stage(graph):
     later = ("moeplace.profiling", "moeplace.solvers", "moeplace.placement", "moeplace.service",
-             "moeplace.cli")
+             "moeplace.integrations", "moeplace.cli")
     bad = {(m, t) for m, targets in graph.items() if m.startswith("moeplace.traces")
            for t in targets if t.startswith(later) or t == "moeplace"}
     assert not bad
@@ -124,4 +124,20 @@ def test_solvers_import_only_traces_placement_and_helpers(graph):
     allowed = ("moeplace.traces", "moeplace.placement", "moeplace.solvers")
     bad = {(m, t) for m, targets in graph.items() if m.startswith("moeplace.solvers")
            for t in targets if t not in helpers and not t.startswith(allowed)}
+    assert not bad
+
+
+@pytest.mark.parametrize("stage", ["moeplace.profiling", "moeplace.placement"])
+def test_profiling_and_placement_import_only_traces_and_helpers(graph, stage):
+    helpers = {_module_name(p) for p in ROOT.glob("*.py")} - {"moeplace", "moeplace.cli"}
+    bad = {(m, t) for m, targets in graph.items() if m.startswith(stage)
+           for t in targets if t not in helpers and not t.startswith(("moeplace.traces", stage))}
+    assert not bad
+
+
+def test_only_the_glue_imports_integrations(graph):
+    # The engines' plug-ins are leaves: the core (and import moeplace) never reaches them.
+    glue = ("moeplace.integrations", "moeplace.cli", "moeplace.service")
+    bad = {(m, t) for m, targets in graph.items() if not m.startswith(glue)
+           for t in targets if t.startswith("moeplace.integrations")}
     assert not bad
