@@ -24,7 +24,9 @@ def _check(arch, plc, devices):
     dmap = apply_to_model(model, plc, devices)
     ids = torch.randint(1, VOCAB, (3, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits.cpu(), ref(ids).logits, atol=1e-5, rtol=0)
+        # The inputs go where the model's embeddings now live (devices[0] unless main_device).
+        torch.testing.assert_close(model(ids.to(dmap[""])).logits.cpu(), ref(ids).logits, atol=1e-5,
+                                   rtol=0)
         a = model.generate(input_ids=ids.to(dmap[""]), max_new_tokens=4, do_sample=False)
         b = ref.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(a.cpu(), b)
