@@ -195,7 +195,7 @@ class OnlinePolicy:
         share = np.where(tot > 0, load / np.where(tot > 0, tot, 1), 1.0 / load.shape[1])
         D = len(self.decays)
         if self._mean is None:
-            self._mean = np.zeros((D,) + load.shape)
+            self._mean = np.zeros((D, *load.shape))
             self._z = np.zeros(D)
             self._err = np.zeros(D)
         else:
@@ -319,17 +319,17 @@ def _gpu_loads(rows: np.ndarray, w: np.ndarray, G: int) -> np.ndarray:
     P = rows.shape[-1]
     N = w.shape[-1]
     flat = rows.reshape(-1, P)
-    ww = np.broadcast_to(w, rows.shape[:-1] + (N,)).reshape(-1, N)
+    ww = np.broadcast_to(w, (*rows.shape[:-1], N)).reshape(-1, N)
     cnt = np.zeros_like(ww)
     np.add.at(cnt, (np.arange(len(flat))[:, None], flat), 1)
     share = np.take_along_axis(ww / np.maximum(cnt, 1), flat, axis=1)
-    return share.reshape(rows.shape[:-1] + (G, P // G)).sum(axis=-1)
+    return share.reshape((*rows.shape[:-1], G, P // G)).sum(axis=-1)
 
 
 def _realized_gain(old: np.ndarray, new: np.ndarray, loads: np.ndarray, G: int) -> np.ndarray:
     """``[K]`` max GPU load with ``old`` minus with ``new`` on each interval of ``loads``."""
-    a = _gpu_loads(np.broadcast_to(old, (len(loads),) + old.shape), loads, G).max(axis=1)
-    b = _gpu_loads(np.broadcast_to(new, (len(loads),) + new.shape), loads, G).max(axis=1)
+    a = _gpu_loads(np.broadcast_to(old, (len(loads), *old.shape)), loads, G).max(axis=1)
+    b = _gpu_loads(np.broadcast_to(new, (len(loads), *new.shape)), loads, G).max(axis=1)
     return a - b
 
 
