@@ -1,0 +1,445 @@
+"""moeplace's online rebalancing policy: what an engine calls at every EPLB step.
+
+API (stable; the vLLM plug-in and the SGLang launcher call exactly this)::
+
+    from moeplace.solvers.online import OnlinePolicy, Decision
+
+    policy = OnlinePolicy(num_gpus, num_nodes=1, num_groups=1, *, expert_bytes=0,
+                          hardware=None, allow_colocated_copies=False, **tuning)
+    d = policy.step(load, current)
+    # load:    [L, N] tokens routed to each logical expert since the previous call (what the
+    #          engine measured in that interval; the policy keeps its own decayed history)
+    # current: [L, P] int phy2log serving now (slot p on GPU p // (P // num_gpus)), or None
+    #          for a first placement (P = tuning ``num_slots``, default N rounded up to G)
+    d.rebalance      # bool: False means keep ``current`` (d.phy2log is then == current)
+    d.phy2log        # [L, P] int64 map to serve from now on
+    d.moved_copies   # (GPU, expert) pairs a GPU holds now and did not before (vLLM's count)
+    d.reason         # one line: why it rebalanced or not
+    d.expected_gain  # mean over layers of the predicted drop in max-GPU load / mean load
+    d.stall_s        # estimated transfer stall (0 when expert_bytes is 0)
+    d.cpu_s          # CPU seconds the decision took
+    d.layers_changed # layers whose map changed
+
+``hardware`` is a ``moeplace.solvers.simulator.Hardware`` or a profile name (default
+``h100-nvlink``). Tuning keys: ``num_slots``, ``decays``, ``z`` (one-sided confidence of the
+gain test, default 1.64), ``history`` (intervals kept for the test, default 16),
+``copy_cost_tokens`` (override the cost of one copied expert, in token-expert assignments of
+GPU time), ``max_moves_per_layer``, ``guard`` (default True), ``guard_intervals`` (how many
+of the last intervals the engine's default refits on, default 1), ``seed``.
+
+How it decides (everything per layer, then summed):
+
+1. *Load estimate.* Per-layer shares of the load are kept as exponentially decayed means
+   under several decays (0 = the last interval alone, as the engines refit, up to long
+   memories). Each call first scores every decay on the interval that just arrived (squared
+   error of its prediction) and uses the decay with the lowest decayed error: stationary
+   traffic selects a long memory (noise averages out), drifting traffic a short one.
+2. *Moves from the current map.* A greedy local search on the estimate starting from
+   ``current``: at each step the hottest GPU either swaps one copy with a copy elsewhere
+   (2 copies moved) or a spare replica of a lightly loaded expert is re-targeted to an
+   expert of the hottest GPU (1 copy moved). Slots not touched keep their expert, so copies
+   that stay never move. Copies of one expert stay on distinct GPUs unless
+   ``allow_colocated_copies``; with a hierarchical layout (``num_groups % num_nodes == 0``
+   and several nodes, as the stacks' EPLB) an expert's copies stay inside its node.
+3. *Which moves pay back.* One copied expert costs ``copy_cost_tokens`` token-expert
+   assignments of GPU time: the transfer (expert bytes / link bandwidth) over the time one
+   token spends in one expert (2 flops per bf16 parameter = expert bytes / sustained flops),
+   so the ratio is ``bf16_flops * matmul_efficiency / link bandwidth`` whatever the expert
+   size. A drop of the max GPU load counts for ``horizon`` intervals, the memory of the
+   selected decay (1 / (1 - decay)): a gain lasts as long as the traffic it was fitted on.
+   Per layer the prefix of the move sequence with the largest net gain is kept.
+4. *When not to rebalance.* A layer's kept moves are applied only when their gain, measured
+   on each of the recent intervals separately (max GPU load before minus after), has a mean
+   whose one-sided lower confidence bound (mean - z * standard error) still pays the copies.
+5. *Guard.* Where the engine's default (DeepSeek's EPLB refit on the last interval(s), as
+   ``moeplace.solvers.baselines.eplb`` reproduces it) would leave a lower max on the
+   estimate than the chosen map, the search continues until it is no worse, paying whatever
+   moves that needs (the promise: never worse balance than the default would leave).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moeplace.errors import InputError
+from moeplace.solvers.baselines import eplb, eplb_where_distinct
+
+__all__ = ["Decision", "OnlinePolicy", "moved_copies", "transfer_stall"]
+
+DEFAULT_DECAYS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
+_ERR_DECAY = 0.8  # memory of the per-decay prediction error (a few intervals)
+
+
+@dataclass
+class Decision:
+    """What ``OnlinePolicy.step`` decided (see the module docstring)."""
+
+    rebalance: bool
+    phy2log: np.ndarray
+    moved_copies: int
+    reason: str
+    expected_gain: float = 0.0
+    stall_s: float = 0.0
+    cpu_s: float = 0.0
+    layers_changed: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def moved_copies(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L, G]`` experts each GPU holds in ``new`` and not in ``old`` (vLLM's migration
+    scheduler transfers exactly these)."""
+    old, new = np.asarray(old), np.asarray(new)
+    L, P = new.shape
+    N = int(max(old.max(), new.max())) + 1
+    gpu = np.arange(P) // (P // num_gpus)
+
+    def inc(m: np.ndarray) -> np.ndarray:
+        a = np.zeros((L, num_gpus, N), bool)
+        a[np.arange(L)[:, None], gpu[None, :], m] = True
+        return a
+
+    return (inc(new) & ~inc(old)).sum(axis=2)
+
+
+def transfer_stall(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int,
+                   expert_bytes: int, hardware: Any) -> float:
+    """Seconds to land ``new`` from ``old``: every GPU receives its new copies in parallel,
+    from a GPU of its node when one holds the expert (NVLink rate), else over the network
+    (rate x efficiency); layers one after another. The stall is the slowest GPU's total."""
+    if not expert_bytes:
+        return 0.0
+    old, new = np.asarray(old), np.asarray(new)
+    L, P = new.shape
+    S = P // num_gpus
+    gpn = num_gpus // num_nodes
+    N = int(max(old.max(), new.max())) + 1
+    gpu = np.arange(P) // S
+    held = np.zeros((L, num_gpus, N), bool)
+    held[np.arange(L)[:, None], gpu[None, :], old] = True
+    node_held = held.reshape(L, num_nodes, gpn, N).any(axis=2)  # [L, M, N]
+    lr = np.arange(L)[:, None]
+    fresh = ~held[lr, gpu[None, :], new]                     # [L, P] slot receives a new copy
+    # two slots of one GPU receiving the same expert transfer it once
+    first = np.ones((L, P), bool)
+    per = new.reshape(L, num_gpus, S)
+    for j in range(1, S):
+        first.reshape(L, num_gpus, S)[:, :, j] = ~(per[:, :, :j] == per[:, :, j:j + 1]).any(axis=2)
+    fresh &= first
+    local = node_held[lr, (gpu // gpn)[None, :], new]
+    t_local = expert_bytes / hardware.nvlink_bytes_per_s
+    t_remote = expert_bytes / (hardware.network_bytes_per_s * hardware.network_efficiency)
+    t = np.where(fresh, np.where(local, t_local, t_remote), 0.0)  # [L, P]
+    per_gpu = t.reshape(L, num_gpus, S).sum(axis=(0, 2))
+    return float(per_gpu.max())
+
+
+def _hardware(hw: Any) -> Any:
+    from moeplace.solvers.simulator import Hardware
+    if hw is None:
+        return Hardware.load("h100-nvlink")
+    if isinstance(hw, str):
+        return Hardware.load(hw)
+    return hw
+
+
+class OnlinePolicy:
+    """moeplace's online rebalancing policy: keeps a decayed load history, starts from the
+    current map, moves only the copies that pay back, and decides when not to rebalance at
+    all. See the module docstring for the API and the rule."""
+
+    def __init__(self, num_gpus: int, num_nodes: int = 1, num_groups: int = 1, *,
+                 expert_bytes: int = 0, hardware: Any = None,
+                 allow_colocated_copies: bool = False, **tuning: Any) -> None:
+        num_gpus, num_nodes = int(num_gpus), int(num_nodes)
+        if num_gpus < 1 or num_nodes < 1 or num_gpus % num_nodes:
+            raise InputError("online policy", "num_nodes", f"{num_gpus} GPUs do not split into "
+                             f"{num_nodes} nodes", "use a node count that divides the GPU count")
+        known = {"num_slots", "decays", "z", "history", "copy_cost_tokens",
+                 "max_moves_per_layer", "guard", "guard_intervals", "seed"}
+        bad = sorted(set(tuning) - known)
+        if bad:
+            raise InputError("online policy", bad[0], "unknown tuning key",
+                             f"use one of {sorted(known)}")
+        self.num_gpus, self.num_nodes = num_gpus, num_nodes
+        self.num_groups = max(1, int(num_groups or 1))
+        self.expert_bytes = int(expert_bytes)
+        self.hardware = _hardware(hardware)
+        self.colocate = bool(allow_colocated_copies)
+        self.num_slots = tuning.get("num_slots")
+        self.decays = np.asarray(tuning.get("decays", DEFAULT_DECAYS), np.float64)
+        self.z = float(tuning.get("z", 1.64))
+        self.history = int(tuning.get("history", 16))
+        self.max_moves = tuning.get("max_moves_per_layer")
+        self.guard = bool(tuning.get("guard", True))
+        self.guard_intervals = int(tuning.get("guard_intervals", 1))
+        hw = self.hardware
+        link = (hw.nvlink_bytes_per_s if num_nodes == 1
+                else hw.network_bytes_per_s * hw.network_efficiency)
+        self.copy_cost = float(tuning.get("copy_cost_tokens",
+                                          hw.bf16_flops * hw.matmul_efficiency / link))
+        self.hierarchical = num_nodes > 1 and self.num_groups % num_nodes == 0
+        # state
+        self._mean: np.ndarray | None = None   # [D, L, N] decayed share means
+        self._z: np.ndarray | None = None      # [D] bias-correction weights
+        self._err: np.ndarray | None = None    # [D] decayed prediction error
+        self._recent: list[np.ndarray] = []    # last ``history`` interval loads [L, N]
+        self.steps = 0
+
+    # ---- history -------------------------------------------------------------------------
+    def _observe(self, load: np.ndarray) -> None:
+        tot = load.sum(axis=1, keepdims=True)
+        share = np.where(tot > 0, load / np.where(tot > 0, tot, 1), 1.0 / load.shape[1])
+        D = len(self.decays)
+        if self._mean is None:
+            self._mean = np.zeros((D, *load.shape))
+            self._z = np.zeros(D)
+            self._err = np.zeros(D)
+        else:
+            est = self._mean / np.maximum(self._z, 1e-300)[:, None, None]
+            err = ((est - share[None]) ** 2).sum(axis=(1, 2))
+            self._err = _ERR_DECAY * self._err + (1 - _ERR_DECAY) * err
+        d = self.decays[:, None, None]
+        self._mean = d * self._mean + (1 - d) * share[None]
+        self._z = self.decays * self._z + (1 - self.decays)
+        self._recent.append(load)
+        del self._recent[:-max(2, self.history)]
+        self.steps += 1
+
+    def estimate(self) -> tuple[np.ndarray, float]:
+        """``([L, N] predicted load of the next interval, decay used)``."""
+        assert self._mean is not None and self._err is not None and self._z is not None
+        # before two intervals no decay has been scored: take the middle memory
+        i = int(np.argmin(self._err)) if self.steps > 1 else len(self.decays) // 2
+        share = self._mean[i] / self._z[i]
+        tot = self._recent[-1].sum(axis=1, keepdims=True)
+        return share * tot, float(self.decays[i])
+
+    # ---- the decision --------------------------------------------------------------------
+    def step(self, load: np.ndarray, current: np.ndarray | None) -> Decision:
+        """One EPLB step: observe ``load`` and decide on a map (see the module docstring)."""
+        t0 = time.process_time()
+        load = np.asarray(load, np.float64)
+        if load.ndim != 2 or not np.isfinite(load).all() or (load < 0).any():
+            raise InputError("online policy", "load", f"shape {load.shape}: need finite "
+                             "counts >= 0 of shape [layers, experts]", "pass the engine's load")
+        L, N = load.shape
+        if self._mean is not None and self._mean.shape[1:] != load.shape:
+            raise InputError("online policy", "load", f"shape {load.shape} changed from "
+                             f"{self._mean.shape[1:]}", "use one policy per model")
+        self._observe(load)
+        w, decay = self.estimate()
+        horizon = float(np.clip(1.0 / (1.0 - decay), 1.0, 64.0))
+        if current is None:
+            return self._first(w, L, N, t0)
+        cur = np.asarray(current)
+        if cur.ndim != 2 or cur.shape[0] != L or cur.shape[1] % self.num_gpus or \
+                cur.shape[1] < N or cur.min() < 0 or cur.max() >= N:
+            raise InputError("online policy", "current", f"shape {cur.shape} is not a phy2log "
+                             f"of {L} layers over {self.num_gpus} GPUs with experts < {N}",
+                             "pass the map the engine serves now")
+        cur = cur.astype(np.int64)
+        P = cur.shape[1]
+        target = self._guard_target(L, N, P) if self.guard else None
+        new = cur.copy()
+        gains = np.zeros(L)
+        reasons = {"paid": 0, "not significant": 0, "guard": 0}
+        recent = np.stack(self._recent)  # [K, L, N]
+        max_moves = int(self.max_moves) if self.max_moves is not None else 2 * P
+        for l in range(L):
+            tgt = None if target is None else float(target[l])
+            rows, copies, maxes = _search_layer(cur[l], w[l], self.num_gpus, P // self.num_gpus,
+                                                self._node_size(), self.colocate, max_moves,
+                                                self.copy_cost / horizon, tgt)
+            if len(rows) == 1:
+                continue
+            net = (maxes[0] - maxes) * horizon - self.copy_cost * copies
+            k = int(np.argmax(net))
+            forced = tgt is not None and maxes[k] > tgt * (1 + 1e-9)
+            if forced:  # the first prefix no worse than the default's refit, if any
+                ok = np.flatnonzero(maxes <= tgt * (1 + 1e-9))
+                k = int(ok[0]) if ok.size else len(maxes) - 1
+            if k == 0:
+                continue
+            g = _realized_gain(cur[l], rows[k], recent[:, l], self.num_gpus)
+            mean = float(g.mean())
+            se = float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float(
+                np.sqrt(max(maxes[0], 1.0)))  # one interval: Poisson error of the max
+            need = self.copy_cost * copies[k] / horizon
+            if forced or mean - self.z * se > need:
+                new[l] = rows[k]
+                m = w[l].sum() / self.num_gpus
+                gains[l] = (maxes[0] - maxes[k]) / m if m > 0 else 0.0
+                reasons["guard" if forced and not mean - self.z * se > need else "paid"] += 1
+            else:
+                reasons["not significant"] += 1
+        changed = int((new != cur).any(axis=1).sum())
+        moved = int(moved_copies(cur, new, self.num_gpus).sum()) if changed else 0
+        stall = transfer_stall(cur, new, self.num_gpus, self.num_nodes, self.expert_bytes,
+                               self.hardware) if changed else 0.0
+        if changed:
+            reason = (f"{changed} of {L} layers pay back their {moved} copies "
+                      f"({reasons['guard']} to stay no worse than the default's refit)")
+        elif reasons["not significant"]:
+            reason = (f"no move pays back with confidence ({reasons['not significant']} layers "
+                      "had a gain within noise of the copy cost)")
+        else:
+            reason = "no move pays back its copies on the estimated load"
+        return Decision(bool(changed), new, moved, reason, float(gains.mean()), stall,
+                        time.process_time() - t0, changed,
+                        {"decay": decay, "horizon": horizon, "copy_cost_tokens": self.copy_cost})
+
+    def _node_size(self) -> int | None:
+        return self.num_gpus // self.num_nodes if self.hierarchical else None
+
+    def _first(self, w: np.ndarray, L: int, N: int, t0: float) -> Decision:
+        P = int(self.num_slots) if self.num_slots else -(-N // self.num_gpus) * self.num_gpus
+        fit = eplb if self.colocate else eplb_where_distinct
+        pl = fit(w, self.num_gpus, self.num_nodes, P - N, num_groups=self.num_groups)
+        return Decision(True, pl.phy2log.astype(np.int64), 0, "first placement (EPLB on the "
+                        "estimated load)", 0.0, 0.0, time.process_time() - t0, L)
+
+    def _guard_target(self, L: int, N: int, P: int) -> np.ndarray:
+        """``[L]`` max GPU load on the estimate of what the default (EPLB refit on the last
+        ``guard_intervals`` intervals) would leave."""
+        win = np.sum(self._recent[-max(1, self.guard_intervals):], axis=0)
+        d = eplb(win, self.num_gpus, self.num_nodes, P - N, num_groups=self.num_groups)
+        w, _ = self.estimate()
+        return _gpu_loads(d.phy2log, w, self.num_gpus).max(axis=1)
+
+
+# ---- kernels ------------------------------------------------------------------------------
+def _gpu_loads(rows: np.ndarray, w: np.ndarray, G: int) -> np.ndarray:
+    """``[..., G]`` GPU loads of maps ``rows [..., P]`` under loads ``w [..., N]`` (an
+    expert's load split evenly over its copies, as the evaluator's stats view)."""
+    rows = np.asarray(rows)
+    P = rows.shape[-1]
+    N = w.shape[-1]
+    flat = rows.reshape(-1, P)
+    ww = np.broadcast_to(w, (*rows.shape[:-1], N)).reshape(-1, N)
+    cnt = np.zeros_like(ww)
+    np.add.at(cnt, (np.arange(len(flat))[:, None], flat), 1)
+    share = np.take_along_axis(ww / np.maximum(cnt, 1), flat, axis=1)
+    return share.reshape((*rows.shape[:-1], G, P // G)).sum(axis=-1)
+
+
+def _realized_gain(old: np.ndarray, new: np.ndarray, loads: np.ndarray, G: int) -> np.ndarray:
+    """``[K]`` max GPU load with ``old`` minus with ``new`` on each interval of ``loads``."""
+    a = _gpu_loads(np.broadcast_to(old, (len(loads), *old.shape)), loads, G).max(axis=1)
+    b = _gpu_loads(np.broadcast_to(new, (len(loads), *new.shape)), loads, G).max(axis=1)
+    return a - b
+
+
+def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | None,
+                  colocate: bool, max_moves: int, min_gain: float, target: float | None
+                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Greedy moves on one layer from ``row0``: ``(maps, copies, max loads)`` after 0, 1, ...
+    moves. Stops when the max is the mean, no move lowers it, or the remaining possible gain
+    cannot pay one copy (``min_gain``) and the guard ``target`` is met."""
+    P = row0.shape[0]
+    N = w.shape[0]
+    row = row0.copy()
+    gpu = np.arange(P) // S
+    C = np.zeros((G, N), np.int64)
+    np.add.at(C, (gpu, row), 1)
+    cnt = C.sum(axis=0)
+    share = w / np.maximum(cnt, 1)
+    gl = np.bincount(gpu, share[row], minlength=G).astype(np.float64)
+    mean = float(w.sum()) / G
+    rows, copies, maxes = [row.copy()], [0], [float(gl.max())]
+    cap = P if colocate else G
+    eps = 1e-12 * max(mean, 1.0)
+    for _ in range(max_moves):
+        h = int(np.argmax(gl))
+        cur = float(gl[h])
+        met = target is None or cur <= target * (1 + 1e-9)
+        if cur - mean <= eps or (met and cur - mean < min_gain):
+            break
+        same = np.ones(G, bool) if node is None else (np.arange(G) // node == h // node)
+        best = None  # (score per copy, kind, data)
+        order = np.argsort(-gl, kind="stable")
+        second = gl[order[1]] if G > 1 else -np.inf
+        third = gl[order[2]] if G > 2 else -np.inf
+        scale = 1e-3 / max(mean, 1e-12)
+        A = np.flatnonzero(gpu == h)
+        # (a) swaps of a copy on h with a copy on another GPU of the allowed domain
+        B = np.flatnonzero((gpu != h) & same[gpu])
+        if B.size:
+            ea, eb = row[A], row[B]
+            k = gpu[B]
+            d = share[eb][None, :] - share[ea][:, None]           # what h gains
+            nh = cur + d
+            nk = gl[k][None, :] - d
+            other = np.where(k == order[1], third, second)[None, :]
+            val = np.maximum(np.maximum(nh, nk), other)
+            ok = (ea[:, None] != eb[None, :]) & (d < 0)
+            if not colocate:
+                ok &= (C[k, ea[:, None]] == 0) & (C[h, eb][None, :] == 0)
+            sq = nh ** 2 + nk ** 2 - cur ** 2 - gl[k][None, :] ** 2
+            score = val + scale * sq
+            score = np.where(ok & (val <= cur + eps), score, np.inf)
+            i = int(np.argmin(score))
+            if np.isfinite(score.flat[i]):
+                gain = (cur - score.flat[i]) / 2
+                if gain > 0:
+                    ia, ib = divmod(i, B.size)
+                    best = (gain, "swap", (A[ia], B[ib]))
+        # (b) a spare copy elsewhere re-targeted to an expert of h
+        bs = np.unique(row[A])
+        bs = bs[cnt[bs] < cap]
+        Ss = np.flatnonzero((gpu != h) & same[gpu] & (cnt[row] > 1))
+        if bs.size and Ss.size:
+            a = row[Ss]
+            gs = gpu[Ss]
+            oh = np.zeros((G, Ss.size))
+            oh[gs, np.arange(Ss.size)] = 1.0
+            Ca = C[:, a]
+            wa, ca = w[a], cnt[a].astype(np.float64)
+            ch_a = (Ca - oh) * (wa / np.maximum(ca - 1, 1)) - Ca * (wa / ca)   # [G, ns]
+            Cb = C[:, bs].astype(np.float64)[:, :, None]                        # [G, nb, 1]
+            wb, cb = w[bs][None, :, None], cnt[bs].astype(np.float64)[None, :, None]
+            ch_b = (Cb + oh[:, None, :]) * (wb / (cb + 1)) - Cb * (wb / cb)     # [G, nb, ns]
+            new = gl[:, None, None] + ch_a[:, None, :] + ch_b
+            val = new.max(axis=0)
+            sq = (new ** 2).sum(axis=0) - (gl ** 2).sum()
+            ok = a[None, :] != bs[:, None]
+            if not colocate:
+                ok &= C[gs[None, :], bs[:, None]] == 0
+            score = np.where(ok & (val <= cur + eps), val + scale * sq, np.inf)
+            i = int(np.argmin(score))
+            if np.isfinite(score.flat[i]):
+                gain = cur - score.flat[i]
+                if gain > 0 and (best is None or gain > best[0]):
+                    ib, js = divmod(i, Ss.size)
+                    best = (gain, "retarget", (int(bs[ib]), Ss[js]))
+        if best is None:
+            break
+        if best[1] == "swap":
+            i, j = best[2]
+            ea, eb = row[i], row[j]
+            C[gpu[i], ea] -= 1
+            C[gpu[j], eb] -= 1
+            C[gpu[i], eb] += 1
+            C[gpu[j], ea] += 1
+            row[i], row[j] = eb, ea
+            gl[gpu[i]] += share[eb] - share[ea]
+            gl[gpu[j]] += share[ea] - share[eb]
+            n = 2
+        else:
+            b, s = best[2]
+            a = row[s]
+            C[gpu[s], a] -= 1
+            C[gpu[s], b] += 1
+            cnt[a] -= 1
+            cnt[b] += 1
+            row[s] = b
+            share = w / np.maximum(cnt, 1)
+            gl = np.bincount(gpu, share[row], minlength=G).astype(np.float64)
+            n = 1
+        rows.append(row.copy())
+        copies.append(copies[-1] + n)
+        maxes.append(float(gl.max()))
+    return rows, np.asarray(copies, np.float64), np.asarray(maxes)
