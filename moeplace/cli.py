@@ -1289,6 +1289,45 @@ def collect(sglang: str, dump_dir: str, service: str, deployment: str, every: fl
     if rep.rejected or rep.errors:
         sys.exit(1)
 
+# ---- simulate -------------------------------------------------------------------------------
+@main.command()
+@click.option("--hardware", default="h800-ib", show_default=True,
+              help="Profile: h800-ib (fitted to DeepEP's V1 tables), h100-nvlink, h100-ib or FILE.json.")
+@click.option("--kernel", default="deepep-ll", show_default=True,
+              type=click.Choice(["alltoall", "deepep-normal", "deepep-ll", "deepep-v2"]),
+              help="Dispatch kernel whose counting rule and fitted time are used.")
+@click.option("--ep", type=_Number(int, 1, 4096), default=8, show_default=True, help="Expert-parallel ranks.")
+@click.option("--tokens", type=_Number(int, 1, 1 << 16), default=128, show_default=True,
+              help="Tokens per rank.")
+@click.option("--hidden", type=_Number(int, 1, 1 << 16), default=7168, show_default=True)
+@click.option("--top-k", type=_Number(int, 1, 64), default=8, show_default=True)
+@click.option("--experts", type=_Number(int, 1, 1 << 14), default=256, show_default=True,
+              help="Experts (uniform random routing as DeepEP's tests, contiguous on ranks).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def simulate(hardware: str, kernel: str, ep: int, tokens: int, hidden: int, top_k: int,
+             experts: int, seed: int, as_json: bool) -> None:
+    """Price one dispatch and combine of a kernel (DeepEP's counting rules, fitted profile)."""
+    from moeplace.solvers.dispatch import simulate as run
+    from moeplace.solvers.simulator import Hardware
+
+    from moeplace._limits import check_memory
+    check_memory(8.0 * ep * tokens * (experts + 4 * top_k), "the simulated routing", "simulate",
+                 "--tokens")
+    res = run(kernel, ep, tokens, hidden, top_k, Hardware.load(hardware), num_experts=experts,
+              seed=seed)
+    if as_json:
+        _echo_json(res)
+        return
+    click.echo(f"profile {res['hardware']}: {res['profile_fit']}")
+    click.echo(f"{kernel} EP{ep} ({res['nodes']} nodes), {tokens} tokens per rank, hidden "
+               f"{hidden}, top-{top_k}")
+    for st in ("dispatch", "combine"):
+        click.echo(f"  {st}: {res[st + '_us']:.1f} us (slowest rank {res[st + '_max_us']:.1f} us), "
+                   f"{res[st + '_bandwidth_gbps']:.1f} GB/s")
+    click.echo(f"  copies per token: nvlink {res['nvlink_copies_per_token']:.2f}, rdma "
+               f"{res['rdma_copies_per_token']:.2f}")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
