@@ -48,7 +48,7 @@ def fit() -> tuple[dict, list[dict]]:
         y = np.array(LL[stage], float)
         A = np.array([[1.0, np.mean(np.maximum(v.nvl_send, v.nvl_recv)) * b,
                        np.mean(np.maximum(v.net_send, v.net_recv)) * b,
-                       np.log2(ep // min(8, ep))] for v, ep in zip(vols, LL["ep"])])
+                       np.log2(ep // min(8, ep))] for v, ep in zip(vols, LL["ep"], strict=False)])
         # alpha fixed at 0: with the log2(nodes) term it is not identified by six points (a
         # free intercept comes out negative); 3 parameters per stage.
         x1, *_ = np.linalg.lstsq(A[:, 1:] / y[:, None], np.ones_like(y), rcond=None)
@@ -62,7 +62,7 @@ def fit() -> tuple[dict, list[dict]]:
     for stage in ("dispatch", "combine"):
         b = bytes_per_token("deepep-normal", HIDDEN, stage) / 1e9
         logical = np.array([np.mean(v.logical_net if ep > 8 else v.logical_nvl) * b
-                            for v, ep in zip(nvols, NORMAL["ep"])])
+                            for v, ep in zip(nvols, NORMAL["ep"], strict=False)])
         t = logical / np.array(NORMAL[stage], float)  # seconds
         nv = np.array([np.mean(np.maximum(v.nvl_send, v.nvl_recv)) * b for v in nvols])
         nr = np.array([np.mean(np.maximum(v.net_send, v.net_recv)) * b for v in nvols])

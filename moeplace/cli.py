@@ -1308,10 +1308,9 @@ def collect(sglang: str, dump_dir: str, service: str, deployment: str, every: fl
 def simulate(hardware: str, kernel: str, ep: int, tokens: int, hidden: int, top_k: int,
              experts: int, seed: int, as_json: bool) -> None:
     """Price one dispatch and combine of a kernel (DeepEP's counting rules, fitted profile)."""
+    from moeplace._limits import check_memory
     from moeplace.solvers.dispatch import simulate as run
     from moeplace.solvers.simulator import Hardware
-
-    from moeplace._limits import check_memory
     check_memory(8.0 * ep * tokens * (experts + 4 * top_k), "the simulated routing", "simulate",
                  "--tokens")
     res = run(kernel, ep, tokens, hidden, top_k, Hardware.load(hardware), num_experts=experts,

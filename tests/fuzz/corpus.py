@@ -463,6 +463,8 @@ FLAG_COMMANDS: list[tuple[list[str], list[str]]] = [
      ["--num-hidden-layers", "--moe-layers", "--format"]),
     (["apply", "{PLACEMENT}", "--checkpoint", "{CKPT}", "--out", "{OUT}"], ["--moe-layers"]),
     (["demo"], ["--gpus"]),
+    (["simulate", "--tokens", "16", "--json"],
+     ["--ep", "--tokens", "--hidden", "--top-k", "--experts", "--seed", "--kernel", "--hardware"]),
 ]
 
 

@@ -20,7 +20,7 @@ def brute(gpus, home, G, n, kernel):
     """Per token, the copies a kernel sends: (nvlink, network) by the rules as DeepEP states
     them, written as plain loops."""
     out = []
-    for row, h in zip(gpus.tolist(), home.tolist()):
+    for row, h in zip(gpus.tolist(), home.tolist(), strict=False):
         sel = [g for g in row if g >= 0]
         if kernel == "deepep-ll":
             nv = sum(1 for g in sel if g != h and g // n == h // n)
