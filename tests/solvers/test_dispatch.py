@@ -131,3 +131,25 @@ def test_cli_bad_input_one_line(args):
     assert p.stdout == ""
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moeplace: error:")
+
+
+def test_solve_phase_picks_kernel(tmp_path):
+    """solve --phase decode runs deepep-ll (and says co-location does not pay), prefill
+    deepep-normal; --dispatch overrides."""
+    from click.testing import CliRunner
+
+    from moeplace.cli import main
+
+    tr = str(tmp_path / "t.parquet")
+    r = CliRunner().invoke(main, ["synth", "--preset", "flame-moe-290m", "--tokens", "1500",
+                                  "--out", tr])
+    assert r.exit_code == 0
+    for args, want in ((["--phase", "decode", "--tokens-per-step", "16"], "deepep-ll"),
+                       (["--phase", "prefill"], "deepep-normal"),
+                       (["--phase", "decode", "--dispatch", "deepep-normal"], "deepep-normal")):
+        r = CliRunner().invoke(main, ["solve", tr, "--gpus", "4", "--nodes", "2", "--time-limit",
+                                      "3", "--json", *args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        out = r.stdout
+        assert json.loads(out[out.index("{"):])["dispatch"] == want
+        assert ("co-locating experts does not pay" in r.output) == (want == "deepep-ll")
