@@ -56,13 +56,13 @@ class Hardware:
 
     @classmethod
     def load(cls, name_or_path: str) -> Hardware:
-        """A bundled profile (``h100-nvlink``, ``h100-ib``) or a user JSON file."""
+        """A bundled profile (``h100-nvlink``, ``h100-ib``, ``h800-ib``) or a user JSON file."""
         p = Path(name_or_path)
         if not p.exists():
             p = Path(str(resources.files("moeplace") / _DATA / f"{name_or_path}.json"))
         if not p.exists():
             raise InputError(name_or_path, "hardware", "no such profile",
-                             "use h100-nvlink, h100-ib or a JSON file with the same keys")
+                             "use h100-nvlink, h100-ib, h800-ib or a JSON file with the same keys")
         fix = "copy a bundled profile"
         d = read_json(p, "file", fix, max_bytes=1 << 20)
         if not isinstance(d, dict):
