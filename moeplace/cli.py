@@ -697,6 +697,12 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @click.option("--phase", type=click.Choice(["prefill", "decode"]), default="prefill",
               show_default=True, help="decode: balance the expected active experts per step of "
               "--tokens-per-step tokens (memory-bound decode) instead of tokens (search).")
+@click.option("--dispatch", type=click.Choice(["alltoall", "deepep-normal", "deepep-ll",
+                                               "deepep-v2"]),
+              help="Dispatch kernel whose counting rule the traffic terms follow (default: the "
+              "engine and --phase, as SGLang's --deepep-mode auto: prefill deepep-normal, decode "
+              "deepep-ll; exflow alltoall). deepep-ll pays one copy per (token, expert): "
+              "co-location does not pay, so only balance is optimised.")
 @click.option("--gpu-speeds", help="Relative speed of each GPU in rank order, e.g. "
               "1,1,1,1,0.7,0.7,0.7,0.7: the search balances GPU time, and imbalances, bounds and "
               "the simulator become speed-aware.")
@@ -739,7 +745,7 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @import_options
 @_paths(inputs=("source", "current", "hardware"), outputs={"out": False})
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
-          engine: str | None, phase: str, gpu_speeds: str | None,
+          engine: str | None, phase: str, dispatch: str | None, gpu_speeds: str | None,
           weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None,
           respect_groups: int | None, seed: int,
@@ -793,6 +799,19 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         from moeplace.traces import RoutingStats, compute_stats
 
         weights = Weights.parse(weights_text)
+        from dataclasses import replace as _replace
+
+        from moeplace.solvers.dispatch import default_kernel
+        kernel = dispatch or default_kernel(engine or "sglang", phase)
+        if kernel == "deepep-ll" and (weights.traffic or weights.node):
+            # One put per (token, selected expert): remote copies are k (1 - 1/G) per token
+            # whatever the placement (homes uniform), so the traffic terms only trade balance.
+            weights = _replace(weights, traffic=0.0, node=0.0)
+            click.echo("moeplace: note: dispatch deepep-ll sends one copy per (token, expert), "
+                       "so co-locating experts does not pay; optimising balance only (received "
+                       "copies, per-step active experts with --phase decode)", err=True)
+        elif kernel == "alltoall" and weights.node:
+            weights = _replace(weights, node=0.0)  # no per-node deduplication to exploit
         cluster = Cluster(gpus, nodes, replicas)
         from moeplace.solvers.cost import parse_gpu_speeds
 
@@ -894,7 +913,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             res: dict[str, Any] = {"report": rep.as_dict(), "fit": fit_rows.to_dict("records"),
                                    "cluster": {"num_gpus": gpus, "num_nodes": nodes,
                                                "replicas": replicas}, "out": out,
-                                   "scoring": scoring}
+                                   "scoring": scoring, "dispatch": kernel}
             if hold_rows is not None:
                 res["holdout"] = hold_rows.to_dict("records")
             if front is not None:
@@ -906,6 +925,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             _echo_json(res)
             return
         b = rep.bound
+        click.echo(f"dispatch: {kernel}")
         click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
                    f"{f' in {nodes} nodes' if nodes > 1 else ''}"
                    f"{f' with {replicas} replicas per layer' if replicas else ''}")
@@ -1288,6 +1308,44 @@ def collect(sglang: str, dump_dir: str, service: str, deployment: str, every: fl
                f"{len(rep.errors)} errors")
     if rep.rejected or rep.errors:
         sys.exit(1)
+
+# ---- simulate -------------------------------------------------------------------------------
+@main.command()
+@click.option("--hardware", default="h800-ib", show_default=True,
+              help="Profile: h800-ib (fitted to DeepEP's V1 tables), h100-nvlink, h100-ib or FILE.json.")
+@click.option("--kernel", default="deepep-ll", show_default=True,
+              type=click.Choice(["alltoall", "deepep-normal", "deepep-ll", "deepep-v2"]),
+              help="Dispatch kernel whose counting rule and fitted time are used.")
+@click.option("--ep", type=_Number(int, 1, 4096), default=8, show_default=True, help="Expert-parallel ranks.")
+@click.option("--tokens", type=_Number(int, 1, 1 << 16), default=128, show_default=True,
+              help="Tokens per rank.")
+@click.option("--hidden", type=_Number(int, 1, 1 << 16), default=7168, show_default=True)
+@click.option("--top-k", type=_Number(int, 1, 64), default=8, show_default=True)
+@click.option("--experts", type=_Number(int, 1, 1 << 14), default=256, show_default=True,
+              help="Experts (uniform random routing as DeepEP's tests, contiguous on ranks).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def simulate(hardware: str, kernel: str, ep: int, tokens: int, hidden: int, top_k: int,
+             experts: int, seed: int, as_json: bool) -> None:
+    """Price one dispatch and combine of a kernel (DeepEP's counting rules, fitted profile)."""
+    from moeplace._limits import check_memory
+    from moeplace.solvers.dispatch import simulate as run
+    from moeplace.solvers.simulator import Hardware
+    check_memory(8.0 * ep * tokens * (experts + 4 * top_k), "the simulated routing", "simulate",
+                 "--tokens")
+    res = run(kernel, ep, tokens, hidden, top_k, Hardware.load(hardware), num_experts=experts,
+              seed=seed)
+    if as_json:
+        _echo_json(res)
+        return
+    click.echo(f"profile {res['hardware']}: {res['profile_fit']}")
+    click.echo(f"{kernel} EP{ep} ({res['nodes']} nodes), {tokens} tokens per rank, hidden "
+               f"{hidden}, top-{top_k}")
+    for st in ("dispatch", "combine"):
+        click.echo(f"  {st}: {res[st + '_us']:.1f} us (slowest rank {res[st + '_max_us']:.1f} us), "
+                   f"{res[st + '_bandwidth_gbps']:.1f} GB/s")
+    click.echo(f"  copies per token: nvlink {res['nvlink_copies_per_token']:.2f}, rdma "
+               f"{res['rdma_copies_per_token']:.2f}")
 
 
 if __name__ == "__main__":  # pragma: no cover

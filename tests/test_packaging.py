@@ -29,6 +29,7 @@ def test_installed_package_has_its_data():
     from importlib import resources
 
     root = resources.files("moeplace") / "data"
-    for rel in ("hardware/h100-nvlink.json", "hardware/h100-ib.json", "hardware/models.json"):
+    for rel in ("hardware/h100-nvlink.json", "hardware/h100-ib.json", "hardware/h800-ib.json",
+                "hardware/models.json"):
         assert (root / rel).is_file(), rel
     assert any(p.name.endswith(".parquet") for p in root.iterdir())

@@ -49,18 +49,20 @@ class Hardware:
     # Optional: per-GPU speed factors in rank order (checked against the GPU count when used).
     gpu_speeds: tuple[float, ...] | None = None
     source: str = ""
+    # Optional: per dispatch kernel, fitted "dispatch"/"combine" parameters (solvers.dispatch).
+    kernels: dict[str, Any] | None = None
 
-    _OPTIONAL = ("gpu_speeds", "source")
+    _OPTIONAL = ("gpu_speeds", "source", "kernels")
 
     @classmethod
     def load(cls, name_or_path: str) -> Hardware:
-        """A bundled profile (``h100-nvlink``, ``h100-ib``) or a user JSON file."""
+        """A bundled profile (``h100-nvlink``, ``h100-ib``, ``h800-ib``) or a user JSON file."""
         p = Path(name_or_path)
         if not p.exists():
             p = Path(str(resources.files("moeplace") / _DATA / f"{name_or_path}.json"))
         if not p.exists():
             raise InputError(name_or_path, "hardware", "no such profile",
-                             "use h100-nvlink, h100-ib or a JSON file with the same keys")
+                             "use h100-nvlink, h100-ib, h800-ib or a JSON file with the same keys")
         fix = "copy a bundled profile"
         d = read_json(p, "file", fix, max_bytes=1 << 20)
         if not isinstance(d, dict):
@@ -73,6 +75,8 @@ class Hardware:
                                  "give one speed per GPU in rank order, e.g. [1, 1, 0.7, 0.7]")
             vals["gpu_speeds"] = tuple(float(x) for x in parse_gpu_speeds(sp, len(sp), p,
                                                                          "gpu_speeds"))
+        if d.get("kernels") is not None:
+            vals["kernels"] = _check_kernels(d["kernels"], p)
         for k in cls.__dataclass_fields__:
             if k in cls._OPTIONAL:
                 continue
@@ -91,6 +95,34 @@ class Hardware:
                                  "latencies are >= 0, rates and efficiencies > 0")
             vals[k] = v
         return cls(**vals)
+
+
+def _check_kernels(d: Any, p: Path) -> dict[str, Any]:
+    """A profile's ``kernels`` entry: {kernel: {"dispatch"|"combine": {param: number >= 0}}}."""
+    fix = "see moeplace/data/hardware/h800-ib.json"
+    if not isinstance(d, dict):
+        raise InputError(p, "kernels", "not a JSON object", fix)
+    out: dict[str, Any] = {}
+    for name, entry in d.items():
+        if name.startswith("_"):  # notes (the fit's residuals), kept as given
+            out[name] = entry
+            continue
+        if not isinstance(entry, dict):
+            raise InputError(p, f"kernels.{name}", "not a JSON object", fix)
+        out[name] = {}
+        for stage in ("dispatch", "combine"):
+            par = entry.get(stage)
+            if not isinstance(par, dict):
+                raise InputError(p, f"kernels.{name}.{stage}", "missing", fix)
+            vals = {}
+            for k, v in par.items():
+                x = as_finite(v, p, f"kernels.{name}.{stage}.{k}", fix)
+                if x < 0 or (x == 0 and k.endswith("_gbps")):
+                    raise InputError(p, f"kernels.{name}.{stage}.{k}", f"{x} out of range",
+                                     "bandwidths > 0, latencies >= 0")
+                vals[k] = x
+            out[name][stage] = vals
+    return out
 
 
 @dataclass(frozen=True)

@@ -456,13 +456,16 @@ FLAG_COMMANDS: list[tuple[list[str], list[str]]] = [
     (["solve", "{TRACE}", "--time-limit", "1", "--out", "{OUT}.json"],
      ["--gpus", "--nodes", "--replicas", "--balance-slack", "--time-limit", "--holdout",
       "--groups", "--respect-groups", "--seed", "--restarts", "--window", "--weights",
-      "--tokens-per-step", "--hardware", "--model-shape", "--method", "--engine"]),
+      "--tokens-per-step", "--hardware", "--model-shape", "--method", "--engine",
+      "--dispatch"]),
     (["synth", "--preset", "flame-moe-290m", "--tokens", "64", "--out", "{OUT}.parquet"],
      ["--tokens", "--seed", "--skew", "--affinity", "--stickiness", "--preset"]),
     (["export", "{PLACEMENT}", "--format", "sglang", "--out", "{OUT}.json"],
      ["--num-hidden-layers", "--moe-layers", "--format"]),
     (["apply", "{PLACEMENT}", "--checkpoint", "{CKPT}", "--out", "{OUT}"], ["--moe-layers"]),
     (["demo"], ["--gpus"]),
+    (["simulate", "--tokens", "16", "--json"],
+     ["--ep", "--tokens", "--hidden", "--top-k", "--experts", "--seed", "--kernel", "--hardware"]),
 ]
 
 

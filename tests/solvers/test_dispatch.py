@@ -1,0 +1,155 @@
+"""Dispatch kernels' counting rules against a per-token recount, and the fitted profile against
+DeepEP's published V1 figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeplace.solvers.dispatch import KERNELS, simulate, volumes
+from moeplace.solvers.simulator import Hardware
+
+
+def brute(gpus, home, G, n, kernel):
+    """Per token, the copies a kernel sends: (nvlink, network) by the rules as DeepEP states
+    them, written as plain loops."""
+    out = []
+    for row, h in zip(gpus.tolist(), home.tolist(), strict=False):
+        sel = [g for g in row if g >= 0]
+        if kernel == "deepep-ll":
+            nv = sum(1 for g in sel if g != h and g // n == h // n)
+            net = sum(1 for g in sel if g // n != h // n)
+        elif kernel == "alltoall" or G == n:
+            ranks = set(sel) - {h}
+            nv = sum(1 for g in ranks if g // n == h // n)
+            net = len(ranks) - nv
+        else:  # normal / v2: RDMA per remote node, NVLink from each node's entry rank
+            nodes = {g // n for g in sel}
+            net = len(nodes - {h // n})
+            nv = sum(1 for g in set(sel) if g != (g // n) * n + h % n)
+        out.append((nv, net))
+    return np.array(out).reshape(-1, 2)
+
+
+@st.composite
+def routing(draw):
+    n = draw(st.sampled_from([1, 2, 4]))
+    M = draw(st.integers(1, 4))
+    G = n * M
+    T = draw(st.integers(1, 12))
+    k = draw(st.integers(1, 5))
+    gpus = np.array(draw(st.lists(st.lists(st.integers(-1, G - 1), min_size=k, max_size=k),
+                                  min_size=T, max_size=T)))
+    home = np.array(draw(st.lists(st.integers(0, G - 1), min_size=T, max_size=T)))
+    return gpus, home, G, n
+
+
+@settings(max_examples=150, deadline=None)
+@given(routing(), st.sampled_from(KERNELS))
+def test_counts_match_brute_force(r, kernel):
+    gpus, home, G, n = r
+    v = volumes(gpus, home, G, n, kernel)
+    b = brute(gpus, home, G, n, kernel)
+    assert np.array_equal(v.nvl_copies, b[:, 0])
+    assert np.array_equal(v.net_copies, b[:, 1])
+    # every copy sent is received once
+    assert v.nvl_send.sum() == v.nvl_recv.sum() == b[:, 0].sum()
+    assert v.net_send.sum() == v.net_recv.sum() == b[:, 1].sum()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from([(8, 2), (16, 8), (8, 8)]))
+def test_ll_colocation_never_lowers_priced_traffic(seed, shape):
+    """Under deepep-ll, moving a token's co-activated expert onto the remote rank of its
+    partner never lowers the copies, nor the priced time of the slowest rank's traffic sum."""
+    G, n = shape
+    rng = np.random.default_rng(seed)
+    T, k = 64, 4
+    gpus = np.stack([rng.choice(G, k, replace=True) for _ in range(T)])
+    home = rng.integers(0, G, T)
+    # co-locate: selection 1 moves to the rank of selection 0 wherever that rank is remote
+    moved = gpus.copy()
+    remote = (gpus[:, 0] != home) & (gpus[:, 1] != home)
+    moved[remote, 1] = gpus[remote, 0]
+    a = volumes(gpus, home, G, n, "deepep-ll")
+    b = volumes(moved, home, G, n, "deepep-ll")
+    assert (b.nvl_copies + b.net_copies >= a.nvl_copies + a.net_copies).all()
+    # a dedup kernel does gain from it (so the property is not vacuous)
+    c = volumes(gpus, home, G, n, "alltoall")
+    d = volumes(moved, home, G, n, "alltoall")
+    assert (d.nvl_copies + d.net_copies <= c.nvl_copies + c.net_copies).all()
+
+
+LL = {8: (77, 114), 16: (118, 195), 32: (155, 273), 64: (173, 314), 128: (192, 369),
+      256: (194, 360)}
+NORMAL = {8: (153, 158), 16: (43, 43), 32: (58, 57), 64: (51, 50)}
+
+
+@pytest.mark.parametrize("ep", sorted(LL))
+def test_ll_latency_within_20pct_of_deepep(ep):
+    r = simulate("deepep-ll", ep, 128, 7168, 8, Hardware.load("h800-ib"))
+    d, c = LL[ep]
+    assert abs(r["dispatch_us"] / d - 1) < 0.2
+    assert abs(r["combine_us"] / c - 1) < 0.2
+
+
+@pytest.mark.parametrize("ep", sorted(NORMAL))
+def test_normal_bandwidth_within_20pct_of_deepep(ep):
+    r = simulate("deepep-normal", ep, 4096, 7168, 8, Hardware.load("h800-ib"))
+    d, c = NORMAL[ep]
+    assert abs(r["dispatch_bandwidth_gbps"] / d - 1) < 0.2
+    assert abs(r["combine_bandwidth_gbps"] / c - 1) < 0.2
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "moeplace.cli", "simulate", *args],
+                          capture_output=True, text=True)
+
+
+def test_cli_json_fields():
+    p = _cli("--hardware", "h800-ib", "--kernel", "deepep-ll", "--ep", "16", "--tokens", "128",
+             "--hidden", "7168", "--top-k", "8", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    for key in ("dispatch_us", "combine_us", "dispatch_bandwidth_gbps", "combine_bandwidth_gbps"):
+        assert r[key] > 0
+    assert abs(r["dispatch_us"] / 118 - 1) < 0.2
+
+
+@pytest.mark.parametrize("args", [["--ep", "12"], ["--kernel", "nope"], ["--ep", "0"],
+                                  ["--hardware", "missing-profile"],
+                                  ["--experts", "100", "--ep", "16"]])
+def test_cli_bad_input_one_line(args):
+    p = _cli(*args)
+    assert p.returncode == 2
+    assert p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeplace: error:")
+
+
+def test_solve_phase_picks_kernel(tmp_path):
+    """solve --phase decode runs deepep-ll (and says co-location does not pay), prefill
+    deepep-normal; --dispatch overrides."""
+    from click.testing import CliRunner
+
+    from moeplace.cli import main
+
+    tr = str(tmp_path / "t.parquet")
+    r = CliRunner().invoke(main, ["synth", "--preset", "flame-moe-290m", "--tokens", "1500",
+                                  "--out", tr])
+    assert r.exit_code == 0
+    for args, want in ((["--phase", "decode", "--tokens-per-step", "16"], "deepep-ll"),
+                       (["--phase", "prefill"], "deepep-normal"),
+                       (["--phase", "decode", "--dispatch", "deepep-normal"], "deepep-normal")):
+        r = CliRunner().invoke(main, ["solve", tr, "--gpus", "4", "--nodes", "2", "--time-limit",
+                                      "3", "--json", *args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        out = r.stdout
+        assert json.loads(out[out.index("{"):])["dispatch"] == want
+        assert ("co-locating experts does not pay" in r.output) == (want == "deepep-ll")
