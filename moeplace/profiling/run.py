@@ -70,19 +70,89 @@ def load_local_model(model_dir: str | os.PathLike[str], dtype: str = "auto",
                          "pass a local directory written by save_pretrained (no Hub ids)")
     if dtype not in DTYPES:
         raise InputError("--dtype", dtype, "unknown dtype", f"use one of {DTYPES}")
+    check_model_config(d / "config.json")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    with _quiet_transformers():
+        return _load_checked(d, dtype, dev, torch, AutoModelForCausalLM, AutoTokenizer)
+
+
+# Integer fields transformers reads from config.json for the MoE models moeplace records; a wrong
+# type there surfaces as a TypeError deep inside a model's __init__, so it is checked first.
+_INT_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "moe_intermediate_size",
+             "num_attention_heads", "num_key_value_heads", "vocab_size", "num_experts",
+             "num_local_experts", "n_routed_experts", "num_experts_per_tok", "n_group",
+             "topk_group", "n_shared_experts", "first_k_dense_replace")
+_MAX_CONFIG_BYTES = 16 << 20
+
+
+def check_model_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict, checked before transformers sees it: a JSON object, a
+    ``model_type`` transformers knows, and the MoE shape fields as positive integers. Every
+    problem is one ``InputError`` naming the field."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise InputError(path, "file", f"over {_MAX_CONFIG_BYTES >> 20} MiB, not a model config",
+                         "point --model at a directory written by save_pretrained")
+    cfg = loads_json(path.read_bytes(), path, "file", "write config.json with save_pretrained")
+    if not isinstance(cfg, dict):
+        raise InputError(path, "file", f"a JSON {type(cfg).__name__}, not an object",
+                         "config.json must be one JSON object, as save_pretrained writes it")
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise InputError(path, "model_type", "missing or not a string",
+                         "set model_type (e.g. \"qwen3_moe\", \"mixtral\")")
+    if mt not in CONFIG_MAPPING_NAMES:
+        raise InputError(path, "model_type", f"{mt!r} is not a model type this transformers "
+                         "knows", "check the spelling, or upgrade transformers")
+    for key in _INT_KEYS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise InputError(path, key, f"{v!r} is not a non-negative integer",
+                             "fix the value in config.json")
+    return cfg
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+
+
+class _quiet_transformers:
+    """Silence transformers' logging and Python warnings while loading, so that a bad directory
+    reads as moeplace's one error line and a good one prints nothing of theirs."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._warnings.__exit__(*exc)
+        hf_logging.set_verbosity(self._level)
+
+
+def _load_checked(d: Path, dtype: str, dev: str, torch: Any, AutoModelForCausalLM: Any,
+                  AutoTokenizer: Any) -> tuple[Any, Any]:
     try:
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(d, "tokenizer", f"cannot load ({str(exc).splitlines()[0][:120]})",
+    except Exception as exc:  # any loader failure is the directory's fault: one line, no trace
+        raise InputError(d, "tokenizer", f"cannot load ({_first_line(exc)})",
                          "the directory needs its tokenizer files") from None
     kw: dict[str, Any] = {"local_files_only": True}
     if dtype != "auto":
         kw["dtype"] = getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(d, **kw).to(dev).eval()
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(d, "model", f"cannot load ({str(exc).splitlines()[0][:120]})",
+    except Exception as exc:  # TypeError/KeyError from a model's __init__ too: one line
+        raise InputError(d, "model", f"cannot load ({_first_line(exc)})",
                          "check the directory's weights and config") from None
     tok.padding_side = "left"  # generate() needs prompts aligned on the right
     if tok.pad_token is None:

@@ -82,3 +82,42 @@ def test_profile_bad_input_is_one_line_exit_2(model_dir, tmp_path):
         assert res.exit_code == 2, res.output
         assert needle in res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert not out.exists()
+
+
+def _copy_model(src, dst, config):
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "config.json").write_bytes(config if isinstance(config, bytes) else
+                                      json.dumps(config).encode())
+    return dst
+
+
+def test_bad_config_json_is_one_stderr_line(model_dir, tmp_path):
+    # A real process, so that transformers' own logging and warnings (which write to the
+    # process's stderr, not click's) would show if they leaked before moeplace's line.
+    import subprocess
+    import sys
+
+    good = json.loads((model_dir / "config.json").read_text())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1 w2\n")
+    cases = {
+        "list": ([good], "not an object"),
+        "bytes": (b"\xff\xfe{", "UTF-8"),
+        "type": ({**good, "model_type": "no_such_moe"}, "model_type"),
+        "missing-type": ({k: v for k, v in good.items() if k != "model_type"}, "model_type"),
+        "layers": ({**good, "num_hidden_layers": "three"}, "num_hidden_layers"),
+        "experts": ({**good, "num_experts": 2.5}, "num_experts"),
+        "topk": ({**good, "num_experts_per_tok": True}, "num_experts_per_tok"),
+    }
+    for name, (config, needle) in cases.items():
+        d = _copy_model(model_dir, tmp_path / name, config)
+        out = tmp_path / f"{name}.parquet"
+        res = subprocess.run([sys.executable, "-m", "moeplace.cli", "profile", "--model", str(d),
+                              "--prompts", str(prompts), "--out", str(out)],
+                             capture_output=True, text=True, timeout=600)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2, (name, res.stderr)
+        assert len(lines) == 1 and needle in lines[0] and "config.json" in lines[0], (name, lines)
+        assert "Traceback" not in res.stderr and not out.exists()
