@@ -807,9 +807,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             # One put per (token, selected expert): remote copies are k (1 - 1/G) per token
             # whatever the placement (homes uniform), so the traffic terms only trade balance.
             weights = _replace(weights, traffic=0.0, node=0.0)
-            click.echo("moeplace: note: dispatch deepep-ll sends one copy per (token, expert), "
-                       "so co-locating experts does not pay; optimising balance only (received "
-                       "copies, per-step active experts with --phase decode)", err=True)
         elif kernel == "alltoall" and weights.node:
             weights = _replace(weights, node=0.0)  # no per-node deduplication to exploit
         cluster = Cluster(gpus, nodes, replicas)
@@ -821,6 +818,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         cur = Placement.load(current) if current else None
         src = _open(source, kw, in_memory_max=0)  # Parquet is streamed, never held in memory
         trace = None if isinstance(src, RoutingStats) else src
+        if kernel == "deepep-ll":
+            # After the input is read, so that bad input stays one line.
+            click.echo("moeplace: note: dispatch deepep-ll sends one copy per (token, expert), "
+                       "so co-locating experts does not pay; optimising balance only (received "
+                       "copies, per-step active experts with --phase decode)", err=True)
         if holdout is not None and trace is None:
             raise InputError(source, "format", "--holdout needs per-token routing",
                              "give a trace, not statistics")

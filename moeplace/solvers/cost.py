@@ -58,6 +58,26 @@ def expert_cost(stats: RoutingStats, phase: str, tokens_per_step: int) -> np.nda
     return active_per_step(load, stats.num_tokens, int(tokens_per_step))
 
 
+def decode_start_cost(active: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """``[L, N]`` what a decode GPU pays per expert, for the balance-first start: its share of
+    the layer's expected active experts (weights read each step) plus its share of the layer's
+    received copies (tokens; what DeepEP's low-latency kernels send, one per selected expert).
+
+    Both are normalised to their layer mean, so neither unit dominates. At realistic decode
+    batches almost every expert is active in every step (``active`` is flat), and balancing
+    this is balancing tokens; at tiny batches ``active`` is about ``p * B``, proportional to the
+    tokens, and the two agree. Balancing ``active`` alone would leave token balance to chance
+    exactly where it is all that differs."""
+    a = np.asarray(active, np.float64)
+    t = np.asarray(load, np.float64)
+    a_mean = a.mean(axis=1, keepdims=True)
+    t_mean = t.mean(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sa = np.where(a_mean > 0, a / a_mean, 0.0)
+        st = np.where(t_mean > 0, t / t_mean, 0.0)
+    return sa + st
+
+
 def active_per_step(counts: np.ndarray, num_tokens: np.ndarray | float, tokens_per_step: int
                     ) -> np.ndarray:
     """``1 - (1 - p)^B`` with ``p = counts / num_tokens``: the chance an expert is active in a

@@ -25,7 +25,7 @@ from moeplace.solvers.baselines import (
     eplb_distinct,
     eplb_where_distinct,
 )
-from moeplace.solvers.cost import expert_cost
+from moeplace.solvers.cost import decode_start_cost, expert_cost
 from moeplace.solvers.objective import ENGINES, STATIC_ENGINES, Weights, score
 from moeplace.solvers.registry import (
     Cluster,
@@ -110,7 +110,8 @@ class SearchSolver(Solver):
         if speeds is not None:
             start = balanced_placement(cost, cluster.num_gpus, cluster.num_nodes, speeds)
         elif decode:
-            start = eplb_distinct(cost, cluster.num_gpus, cluster.num_nodes, cluster.replicas,
+            start = eplb_distinct(decode_start_cost(cost, stats.load), cluster.num_gpus,
+                                  cluster.num_nodes, cluster.replicas,
                                   num_groups=options.num_groups, deadline=options.deadline)
         elif static and cluster.replicas:
             # The static engines are held to EPLB's balance on new traffic: start from the

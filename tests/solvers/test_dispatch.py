@@ -153,3 +153,46 @@ def test_solve_phase_picks_kernel(tmp_path):
         out = r.stdout
         assert json.loads(out[out.index("{"):])["dispatch"] == want
         assert ("co-locating experts does not pay" in r.output) == (want == "deepep-ll")
+
+
+def test_decode_solve_keeps_eplb_balance(tmp_path):
+    """Under deepep-ll co-location buys nothing, so a decode solve must not give up token
+    balance: where every expert is active in every step (8 experts, big steps), balancing active
+    experts alone says nothing, and the placement must still be as balanced as EPLB's."""
+    from click.testing import CliRunner
+
+    from moeplace.cli import main
+
+    rng = np.random.default_rng(7)
+    T, L, N = 3000, 4, 8
+    p = rng.dirichlet(np.full(N, 0.7), size=L)  # skewed, different per layer
+    e = np.stack([np.stack([rng.choice(N, 2, replace=False, p=p[l]) for l in range(L)])
+                  for _ in range(T)]).astype(np.int64)
+    from moeplace.traces import Trace, TraceMeta
+    from moeplace.traces.store import write_trace
+
+    tr = tmp_path / "t.parquet"
+    write_trace(Trace(e, TraceMeta(num_experts=N, top_k=2, moe_layer_ids=tuple(range(L)),
+                                   model="skewed")), tr)
+    r = CliRunner().invoke(main, ["solve", str(tr), "--gpus", "4", "--phase", "decode",
+                                  "--time-limit", "600", "--out", str(tmp_path / "p.json"),
+                                  "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    d = json.loads(out[out.index("{"):])
+    assert d["dispatch"] == "deepep-ll"
+    rows = {row["placement"]: row for row in d["fit"]}
+    assert rows["search"]["load_imbalance_mean"] <= rows["eplb"]["load_imbalance_mean"] + 1e-9
+
+
+def test_ll_note_not_printed_before_bad_input(tmp_path):
+    """Bad input stays one stderr line under --phase decode (the kernel note comes after the
+    input is read)."""
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    p = subprocess.run([sys.executable, "-m", "moeplace", "solve", str(bad), "--gpus", "4",
+                        "--phase", "decode", "--out", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeplace: error:"), p.stderr
