@@ -546,12 +546,21 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
               "active_experts_* (default: the trace's step ids, else 4096).")
 @click.option("--gpu-speeds", help="Relative speed of each GPU in rank order, e.g. "
               "1,1,1,1,0.7,0.7,0.7,0.7: imbalances become speed-aware.")
+@click.option("--dispatch", type=click.Choice(["alltoall", "deepep-normal", "deepep-ll",
+                                                "deepep-v2"]),
+              help="Also price each step's dispatch and combine by this kernel's counting rule "
+              "and the --hardware profile's fit (dispatch_us, combine_us, step_ms).")
+@click.option("--hardware", default="h800-ib", show_default=True,
+              help="Hardware profile for --dispatch: h100-nvlink, h100-ib, h800-ib or a JSON file.")
+@click.option("--model-shape", help="Model shape for --dispatch (hidden size, expert size), e.g. "
+              "deepseek-v3 (default: guessed from the trace's model name).")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @import_options
-@_paths(inputs=("trace", "placement", "current"))
+@_paths(inputs=("trace", "placement", "current", "hardware"))
 def evaluate(trace: str, placement: str, home: str, window: int, current: str | None,
              expert_bytes: int, tokens_per_step: int | None, gpu_speeds: str | None,
+             dispatch: str | None, hardware: str, model_shape: str | None,
              per_layer: bool, as_json: bool, **kw: Any) -> None:
     """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md."""
     from moeplace.placement import Placement
@@ -566,8 +575,22 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
     if isinstance(src, RoutingStats):
         raise InputError(trace, "format", "aggregated counts cannot be scored per token",
                          "give a per-token trace")
+    sim = None
+    if dispatch is not None:
+        from moeplace.solvers.simulator import Hardware, ModelShape, guess_shape
+
+        shape = model_shape or guess_shape(src.meta.model or src.meta.source or "")
+        if shape is None:
+            raise InputError(trace, "model", "no model shape known for --dispatch",
+                             "pass --model-shape, e.g. deepseek-v3")
+        sim = (Hardware.load(hardware), ModelShape.named(shape))
     res = run_eval(src, plc, window=window, home=home, current=cur, expert_bytes=expert_bytes,
                    tokens_per_step=tokens_per_step, gpu_speeds=speeds)
+    if sim is not None:
+        from moeplace.solvers.scoring import priced_steps
+
+        res.summary.update(priced_steps(src, plc, sim, dispatch, tokens_per_step or 4096,
+                                        speeds))
     if as_json:
         out = dict(res.summary)
         if per_layer:
@@ -733,8 +756,9 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
               "here; needs moeplace[ray]); the best is kept, ties to the lowest seed.")
 @click.option("--pareto", "show_pareto", is_flag=True,
               help="Print the traffic-versus-balance frontier of the search.")
-@click.option("--hardware", default="h100-nvlink", show_default=True,
-              help="Simulator profile: h100-nvlink, h100-ib or a JSON file.")
+@click.option("--hardware", default="h800-ib", show_default=True,
+              help="Simulator profile for step_ms: h800-ib (dispatch fitted to DeepEP's "
+              "published V1 tables), h100-nvlink, h100-ib or a JSON file.")
 @click.option("--model-shape", help="Expert size for the simulator (default: from the trace's "
               "model name, e.g. deepseek-v2-lite, mixtral-8x7b, deepseek-v3).")
 @click.option("--tokens-per-step", type=POS_INT, default=4096, show_default=True,
@@ -818,11 +842,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         cur = Placement.load(current) if current else None
         src = _open(source, kw, in_memory_max=0)  # Parquet is streamed, never held in memory
         trace = None if isinstance(src, RoutingStats) else src
-        if kernel == "deepep-ll":
-            # After the input is read, so that bad input stays one line.
-            click.echo("moeplace: note: dispatch deepep-ll sends one copy per (token, expert), "
-                       "so co-locating experts does not pay; optimising balance only (received "
-                       "copies, per-step active experts with --phase decode)", err=True)
         if holdout is not None and trace is None:
             raise InputError(source, "format", "--holdout needs per-token routing",
                              "give a trace, not statistics")
@@ -843,6 +862,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                              f"(fit {stats.num_tokens:,} tokens, held out {held_tokens:,})",
                              "record more requests, change --holdout or --seed, or drop --holdout")
         check_request(stats, cluster, time_limit, cur)
+        if kernel == "deepep-ll":
+            # After the input and the request are checked, so that bad input stays one line.
+            click.echo("moeplace: note: dispatch deepep-ll sends one copy per (token, expert), "
+                       "so co-locating experts does not pay; optimising balance only (received "
+                       "copies, per-step active experts with --phase decode)", err=True)
         if num_groups is None:  # the model's n_group, else 1 (as vLLM and SGLang run EPLB)
             num_groups = default_groups(stats, model_shape)
         # One budget: solving, bounds and scoring end by the deadline (+ a margin), after the
@@ -892,7 +916,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                        num_layers=stats.num_layers, window=window,
                                        deadline=fit_end, seed=seed, sim=sim,
                                        tokens_per_step=tokens_per_step, step_tokens=step_tokens,
-                                       gpu_speeds=speeds, split=None if held is None else (held, "fit"))
+                                       gpu_speeds=speeds, kernel=kernel,
+                                       split=None if held is None else (held, "fit"))
             fit_rows = _rows(rep_fit.summaries, rep_fit.step_ms, True)
             scoring["fit"] = rep_fit.scoring
             if holdout is not None:
@@ -900,7 +925,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                             num_layers=stats.num_layers, window=window,
                                             deadline=end, seed=seed, sim=sim,
                                             tokens_per_step=tokens_per_step, step_tokens=step_tokens,
-                                            gpu_speeds=speeds,
+                                            gpu_speeds=speeds, kernel=kernel,
                                             split=(held, "holdout"))
                 hold_rows = _rows(rep_hold.summaries, rep_hold.step_ms, True)
                 scoring["holdout"] = rep_hold.scoring

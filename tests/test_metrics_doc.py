@@ -42,6 +42,7 @@ def test_every_printed_name_is_documented(tmp_path):
                "--current", plc, "--pareto", "--holdout", "0.3", "--time-limit", "4",
                "--weights", "coact=0.5,migration=0.1"), names)
     _keys(_run("evaluate", tr, plc, "--json", "--per-layer", "--current", plc), names)
+    _keys(_run("evaluate", tr, plc, "--json", "--dispatch", "deepep-ll"), names)
     _keys(_run("simulate", "--kernel", "deepep-normal", "--ep", "16", "--tokens", "16", "--json"),
           names)
     text = DOC.read_text()

@@ -59,7 +59,7 @@ def expert_cost(stats: RoutingStats, phase: str, tokens_per_step: int) -> np.nda
 
 
 def decode_start_cost(active: np.ndarray, load: np.ndarray) -> np.ndarray:
-    """``[L, N]`` what a decode GPU pays per expert, for the balance-first start: its share of
+    """``[..., N]`` what a decode GPU pays per expert, what the search balances: its share of
     the layer's expected active experts (weights read each step) plus its share of the layer's
     received copies (tokens; what DeepEP's low-latency kernels send, one per selected expert).
 
@@ -70,8 +70,8 @@ def decode_start_cost(active: np.ndarray, load: np.ndarray) -> np.ndarray:
     exactly where it is all that differs."""
     a = np.asarray(active, np.float64)
     t = np.asarray(load, np.float64)
-    a_mean = a.mean(axis=1, keepdims=True)
-    t_mean = t.mean(axis=1, keepdims=True)
+    a_mean = a.mean(axis=-1, keepdims=True)
+    t_mean = t.mean(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         sa = np.where(a_mean > 0, a / a_mean, 0.0)
         st = np.where(t_mean > 0, t / t_mean, 0.0)

@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from moeplace.placement import Placement
-from moeplace.solvers.cost import active_per_step
+from moeplace.solvers.cost import active_per_step, decode_start_cost
 from moeplace.solvers.evaluator import gpu_loads_from_stats, imbalance
 from moeplace.traces import RoutingStats
 
@@ -41,14 +41,16 @@ def bucket_scenarios(stats: RoutingStats, tokens_per_step: int | None = None
     """``(fitted [L, N], train [L, H1, N], held [L, H2, N])``: the fitted load and the non-empty
     request buckets, even ones for searching, odd ones held back (none held back with fewer
     than four buckets). ``tokens_per_step`` (decode): each is the expected active experts per
-    step of its own tokens (``cost.expert_cost``) instead of token counts."""
+    step of its own tokens (``cost.expert_cost``) plus its share of received copies
+    (``cost.decode_start_cost``) instead of token counts."""
     k = max(stats.meta.top_k, 1)
 
     def cost(counts: np.ndarray) -> np.ndarray:  # counts [..., N] of (counts.sum / k) tokens
         if tokens_per_step is None:
             return counts.astype(np.float64)
         tokens = np.maximum(counts.sum(axis=-1, keepdims=True) / k, 1.0)
-        return active_per_step(counts, tokens, tokens_per_step)
+        # Active experts (weights read) and received copies (tokens) both cost a decode GPU.
+        return decode_start_cost(active_per_step(counts, tokens, tokens_per_step), counts)
 
     L, N = stats.load.shape
     train = held = np.zeros((L, 0, N))

@@ -126,9 +126,11 @@ def score_placements(source: Trace | TraceReader, placements: dict[str, Placemen
                      sim: tuple[Any, Any] | None = None, tokens_per_step: int = 4096,
                      split: tuple[np.ndarray, str] | None = None,
                      show_progress: bool | None = None, step_tokens: int | None = None,
-                     gpu_speeds: np.ndarray | None = None) -> ScoreReport:
+                     gpu_speeds: np.ndarray | None = None,
+                     kernel: str | None = None) -> ScoreReport:
     """Evaluate every placement in one pass (sampled when the budget requires), and simulate
-    the step time on a seeded sample of steps.
+    the step time on a seeded sample of steps (communication priced by ``kernel``'s rule and
+    fit when given, ``simulator.step_time``).
 
     ``split = (held request ids, "fit" | "holdout")`` scores one side of a request split.
     A Parquet reader is sampled by whole row groups (the others are never read); an in-memory
@@ -209,7 +211,35 @@ def score_placements(source: Trace | TraceReader, placements: dict[str, Placemen
             if deadline is not None and time.monotonic() > deadline:
                 break
             step_ms[n] = 1e3 * step_time(tr, p, *sim, tokens_per_step,
-                                         gpu_speeds=gpu_speeds)["step_s"]
+                                         gpu_speeds=gpu_speeds, kernel=kernel)["step_s"]
         scoring["simulated_tokens"] = tr.num_tokens
         scoring["simulation_seconds"] = round(time.monotonic() - t_sim, 2)
     return ScoreReport(summaries, step_ms, scoring)
+
+
+def priced_steps(source: Trace | TraceReader, placement: Placement, sim: tuple[Any, Any],
+                 kernel: str, tokens_per_step: int = 4096,
+                 gpu_speeds: np.ndarray | None = None, max_tokens: int = 1 << 18
+                 ) -> dict[str, Any]:
+    """The simulated step of ``placement`` with ``kernel``'s dispatch: ``dispatch``,
+    ``hardware``, ``step_ms``, ``dispatch_us``, ``combine_us`` (slowest rank, mean per layer)
+    and ``simulated_tokens``, on the first whole steps of up to ``max_tokens`` tokens (the
+    simulator holds its steps in memory)."""
+    from moeplace.solvers.simulator import step_time
+
+    if isinstance(source, Trace):
+        tr = source.select(slice(0, max_tokens))
+    else:
+        parts, n = [], 0
+        for chunk in source.iter_chunks(min(max_tokens, 1 << 16), weights=False):
+            parts.append(chunk.select(slice(0, max_tokens - n)))
+            n += parts[-1].num_tokens
+            if n >= max_tokens:
+                break
+        tr = Trace.concat(parts)
+    if tr.num_tokens > tokens_per_step:  # whole steps only
+        tr = tr.select(slice(0, tr.num_tokens // tokens_per_step * tokens_per_step))
+    r = step_time(tr, placement, *sim, tokens_per_step, gpu_speeds=gpu_speeds, kernel=kernel)
+    return {"dispatch": kernel, "hardware": sim[0].name, "step_ms": 1e3 * r["step_s"],
+            "dispatch_us": 1e6 * r["dispatch_s"], "combine_us": 1e6 * r["combine_s"],
+            "simulated_tokens": tr.num_tokens}

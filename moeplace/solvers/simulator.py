@@ -161,12 +161,20 @@ def guess_shape(model: str) -> str | None:
 
 def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShape,
               tokens_per_step: int = 4096,
-              gpu_speeds: str | np.ndarray | list[float] | None = None) -> dict[str, Any]:
+              gpu_speeds: str | np.ndarray | list[float] | None = None, *,
+              kernel: str | None = None) -> dict[str, Any]:
     """Mean estimated step time (s) over windows, with its compute and communication parts.
 
     ``gpu_speeds`` (else the profile's ``gpu_speeds``, else equal) divides each GPU's expert
-    compute time by its speed."""
+    compute time by its speed. ``kernel`` (``solvers.dispatch.KERNELS``) prices each layer's
+    dispatch and combine by that kernel's counting rule and the profile's fitted parameters
+    (``dispatch.price``, the model ``moeplace simulate`` reports), and adds ``dispatch_s`` and
+    ``combine_s`` (the slowest rank's, mean per layer); without it, the alpha-beta rule above."""
+    from moeplace.solvers.dispatch import check_kernel, price, volumes
     from moeplace.solvers.evaluator import _Resolver, check_compatible, home_gpus
+
+    if kernel is not None:
+        check_kernel(kernel, "--dispatch")
 
     check_compatible(placement, trace.num_layers, trace.num_experts, trace.meta.source or "trace")
     if tokens_per_step < 1:
@@ -187,6 +195,9 @@ def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShap
     homes = home_gpus(trace.request_ids(), G)  # the evaluator's static-model homes
     res = _Resolver(placement)
     totals = {"step_s": 0.0, "compute_s": 0.0, "comm_s": 0.0}
+    if kernel is not None:
+        totals |= {"dispatch_s": 0.0, "combine_s": 0.0}
+    M = G // n
     steps = 0
     for s0 in range(0, trace.num_tokens, tokens_per_step):
         e = trace.experts[s0:s0 + tokens_per_step]
@@ -201,6 +212,18 @@ def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShap
             t_exp = np.where(cnt > 0, np.maximum(w_time, 2 * shape.expert_params * cnt / flop_rate)
                              + hw.expert_launch_s, 0.0)
             compute = t_exp.sum(axis=1) / speeds
+            if kernel is not None:
+                vol = volumes(g, h, G, n, kernel)
+                t_d = price(vol, kernel, hw, shape.hidden_size, "dispatch", M)
+                t_c = price(vol, kernel, hw, shape.hidden_size, "combine", M)
+                totals["dispatch_s"] += float(t_d.max()) / L
+                totals["combine_s"] += float(t_c.max()) / L
+                total = compute + t_d + t_c
+                slow = int(np.argmax(total))
+                step += total[slow]
+                comp_sum += compute[slow]
+                comm_sum += t_d[slow] + t_c[slow]
+                continue
             # distinct remote GPUs per token: one activation out and one result back each
             srt = np.sort(g, axis=1)
             first = np.ones_like(srt, bool)
@@ -229,7 +252,8 @@ def step_time(trace: Trace, placement: Placement, hw: Hardware, shape: ModelShap
         totals["comm_s"] += comm_sum
         steps += 1
     return {k: v / steps for k, v in totals.items()} | {"steps": steps,
-                                                        "tokens_per_step": tokens_per_step}
+                                                        "tokens_per_step": tokens_per_step,
+                                                        "kernel": kernel}
 
 
 def speedup(trace: Trace, placement: Placement, baseline: Placement, hw: Hardware,

@@ -196,3 +196,99 @@ def test_ll_note_not_printed_before_bad_input(tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moeplace: error:"), p.stderr
+
+
+def test_step_time_prices_communication_by_the_kernel():
+    """With a kernel, the simulator's communication per layer is that kernel's priced dispatch
+    plus combine of the slowest rank: recomputed here from the brute-force counts and the
+    profile's fitted parameters, on a tiny two-node placement."""
+    from moeplace.placement import Placement
+    from moeplace.solvers.dispatch import bytes_per_token, kernel_params
+    from moeplace.solvers.simulator import Hardware, ModelShape, step_time
+    from moeplace.traces import Trace, TraceMeta
+
+    rng = np.random.default_rng(3)
+    G, n, N, k, T = 4, 2, 8, 2, 64
+    e = np.argsort(rng.random((T, 1, N)), axis=2)[:, :, :k]
+    tr = Trace(e, TraceMeta(num_experts=N, top_k=k, moe_layer_ids=(0,), model="x"))
+    plc = Placement(np.array([[3, 0, 5, 1, 2, 7, 6, 4]]), G, 2, N)
+    hw, shape = Hardware.load("h800-ib"), ModelShape.named("deepseek-v3")
+    gpu_of = plc.expert_gpu()[0]
+    home = np.arange(T) % G  # no request ids: each token its own request, round-robin homes
+    for kernel in ("deepep-ll", "deepep-normal", "alltoall"):
+        r = step_time(tr, plc, hw, shape, T, kernel=kernel)
+        counts = brute(gpu_of[e[:, 0]], home, G, n, kernel)
+        nvl, net = counts[:, 0], counts[:, 1]
+        # per-rank send and receive counts from the per-token brute force (one layer, one step)
+        want_d = want_c = 0.0
+        sends = np.zeros((2, G))
+        recvs = np.zeros((2, G))
+        for t in range(T):
+            h = home[t]
+            sel = sorted(set(gpu_of[e[t, 0]].tolist())) if kernel != "deepep-ll" else \
+                gpu_of[e[t, 0]].tolist()
+            for g in sel:
+                if g == h:
+                    continue
+                if g // n == h // n:
+                    sends[0, h] += 1
+                    recvs[0, g] += 1
+                elif kernel == "deepep-normal":
+                    continue  # counted below per remote node
+                else:
+                    sends[1, h] += 1
+                    recvs[1, g] += 1
+            if kernel == "deepep-normal":
+                for node in sorted({g // n for g in sel} - {h // n}):
+                    entry = node * n + h % n
+                    sends[1, h] += 1
+                    recvs[1, entry] += 1
+                    for g in sel:
+                        if g // n == node and g != entry:
+                            sends[0, entry] += 1
+                            recvs[0, g] += 1
+        assert sends.sum(axis=1)[0] == nvl.sum() and sends.sum(axis=1)[1] == net.sum()
+        for stage in ("dispatch", "combine"):
+            p = kernel_params(hw, kernel, stage)
+            b = bytes_per_token(kernel, shape.hidden_size, stage) / 1e9
+            v_nv = np.maximum(sends[0], recvs[0]) * b
+            v_net = np.maximum(sends[1], recvs[1]) * b
+            a = p["alpha_us"] * 1e-6
+            if kernel == "deepep-ll":
+                t = a + v_nv / p["intra_gbps"] + v_net / p["inter_gbps"] + p["beta_us"] * 1e-6
+            elif kernel == "alltoall":
+                t = a + v_nv / p["nvlink_gbps"] + v_net / p["rdma_gbps"]
+            else:
+                t = a + np.maximum(v_nv / p["nvlink_gbps"], v_net / p["rdma_gbps"])
+            if stage == "dispatch":
+                want_d = t.max()
+            else:
+                want_c = t.max()
+        assert r["dispatch_s"] == pytest.approx(want_d, rel=1e-9)
+        assert r["combine_s"] == pytest.approx(want_c, rel=1e-9)
+
+
+def test_evaluate_dispatch_reports_priced_step(tmp_path):
+    """evaluate --dispatch adds the kernel's priced step; deepep-ll pays for every remote
+    selection, so it is never cheaper in copies than deepep-normal on the same placement."""
+    from click.testing import CliRunner
+
+    from moeplace.cli import main
+    from moeplace.traces.demo import demo_trace_path
+
+    tr = str(demo_trace_path())
+    plc = str(tmp_path / "p.json")
+    r = CliRunner().invoke(main, ["solve", tr, "--gpus", "8", "--nodes", "2", "--method",
+                                  "contiguous", "--out", plc, "--time-limit", "600"])
+    assert r.exit_code == 0, r.output
+    got = {}
+    for kernel in ("deepep-normal", "deepep-ll"):
+        r = CliRunner().invoke(main, ["evaluate", tr, plc, "--dispatch", kernel, "--json"])
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.stdout)
+        assert d["dispatch"] == kernel and d["hardware"] == "h800-ib"
+        assert d["dispatch_us"] > 0 and d["combine_us"] > 0 and d["step_ms"] > 0
+        got[kernel] = d
+    r = CliRunner().invoke(main, ["evaluate", tr, plc, "--dispatch", "deepep-ll",
+                                  "--hardware", str(tmp_path / "missing.json")])
+    assert r.exit_code == 2
