@@ -741,9 +741,14 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
               help="Tokens in one serving step: the simulated step, and with --phase decode the "
               "decode batch the search balances and the evaluator's active_experts_* step.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the placement JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_plot_path,
+              help="Draw per-GPU load and traffic per layer against EPLB (held-out requests with "
+              "--holdout) to this image file (.png, .pdf, .svg; needs matplotlib).")
+@click.option("--all-metrics", is_flag=True, help="Print every metric column, also those that "
+              "cannot differ here (node metrics on one node, ...); --json always has them all.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @import_options
-@_paths(inputs=("source", "current", "hardware"), outputs={"out": False})
+@_paths(inputs=("source", "current", "hardware"), outputs={"out": False, "plot_path": False})
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           engine: str | None, phase: str, dispatch: str | None, gpu_speeds: str | None,
           weights_text: str | None, balance_slack: float, time_limit: float,
@@ -752,13 +757,20 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           restarts: int, window: int, expert_bytes: int, ray_address: str | None,
           show_pareto: bool, hardware: str,
           model_shape: str | None,
-          tokens_per_step: int, out: str | None, as_json: bool, **kw: Any) -> None:
+          tokens_per_step: int, out: str | None, plot_path: str | None, all_metrics: bool,
+          as_json: bool, **kw: Any) -> None:
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
     import contextlib
 
     import moeplace.solvers.solve  # noqa: F401  (fills the method registry)
+    from moeplace.solvers import report as rpt
     from moeplace.solvers.objective import STATIC_ENGINES
     from moeplace.solvers.registry import get
+
+    if plot_path:  # before any work: a missing extra or a clash fails in a second
+        rpt.require_matplotlib()
+        if out and os.path.realpath(out) == os.path.realpath(plot_path):
+            raise InputError(plot_path, "--plot", "is also --out", "write them to two files")
 
     # The engine's objective must be one the method optimises; checked before Ray starts.
     solver = None if method == "auto" else get(method)
@@ -823,6 +835,9 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         trace = None if isinstance(src, RoutingStats) else src
         if holdout is not None and trace is None:
             raise InputError(source, "format", "--holdout needs per-token routing",
+                             "give a trace, not statistics")
+        if plot_path and trace is None:
+            raise InputError(source, "format", "--plot needs per-token routing",
                              "give a trace, not statistics")
         fit: Any = trace
         held: Any = None
@@ -909,11 +924,27 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         # Gains on the held-out requests when there are some: traffic it was not fitted to.
         gains = strongest_baseline_gains(hold_rows if hold_rows is not None else fit_rows,
                                          rep.method)
+        eng = rep.details.get("engine", "exflow")
+        head_rows = hold_rows if hold_rows is not None else fit_rows
+        headline = rpt.headline(
+            head_rows, rep.method, num_nodes=nodes, engine=eng,
+            where="holdout" if hold_rows is not None else "fit" if trace is not None else "stats",
+            balance="active_experts_imbalance" if phase == "decode" else "load_imbalance_mean",
+            no_step="" if "step_ms" in head_rows or trace is None else
+            "no simulated step (unknown model: give --model-shape)" if sim is None else
+            "no simulated step within --time-limit")
+        if plot_path:
+            ref = "eplb" if rep.method != "eplb" else "eplb-distinct"
+            rpt.plot_against(trace if held is None else lambda: split_stream(trace, held, "holdout"),
+                             plcs, plot_path, ours=rep.method, reference=ref, window=window,
+                             title=f"{stats.meta.model or source}: {rep.method} vs {ref} on "
+                             f"{'held-out requests' if held is not None else 'the fitted trace'}")
         if as_json:
             res: dict[str, Any] = {"report": rep.as_dict(), "fit": fit_rows.to_dict("records"),
                                    "cluster": {"num_gpus": gpus, "num_nodes": nodes,
                                                "replicas": replicas}, "out": out,
-                                   "scoring": scoring, "dispatch": kernel}
+                                   "scoring": scoring, "dispatch": kernel,
+                                   "headline": headline}
             if hold_rows is not None:
                 res["holdout"] = hold_rows.to_dict("records")
             if front is not None:
@@ -925,11 +956,13 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             _echo_json(res)
             return
         b = rep.bound
+        click.echo(headline + "\n")
+        shape = {"num_gpus": gpus, "num_nodes": nodes, "num_layers": stats.num_layers,
+                 "all_metrics": all_metrics}
         click.echo(f"dispatch: {kernel}")
         click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
                    f"{f' in {nodes} nodes' if nodes > 1 else ''}"
                    f"{f' with {replicas} replicas per layer' if replicas else ''}")
-        eng = rep.details.get("engine", "exflow")
         terms = (f"traffic_static >= {b['traffic_static']:.3f}, traffic_static_remote_nodes >= "
                  f"{b['traffic_static_remote_nodes']:.3f}" if eng != "exflow" else
                  f"cross-GPU >= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= "
@@ -942,11 +975,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         label = "fitted trace" if holdout is not None else "trace"
         click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}"
                    f"{_scored_note(scoring.get('fit'))}):")
-        _print_table(fit_rows)
+        _print_metrics(fit_rows, **shape)
         if hold_rows is not None:
             click.echo(f"\nheld-out requests ({held_tokens:,} tokens"
                        f"{_scored_note(scoring.get('holdout'))}):")
-            _print_table(hold_rows)
+            _print_metrics(hold_rows, **shape)
         if skipped:
             click.echo(f"\nnot compared (time limit reached): {', '.join(skipped)}")
         if front is not None:
@@ -956,12 +989,31 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         if len(gains):
             click.echo(f"\n{rep.method} against the strongest baseline on each metric (lower is "
                        "better; change < 0 is a gain):")
-            _print_table(gains)
+            _print_metrics(gains, like=head_rows, **shape)
         if cur is not None:
             click.echo(f"\nmigration from {current}:")
-            _print_table(_migration_table(plcs, cur, expert_bytes))
+            _print_metrics(_migration_table(plcs, cur, expert_bytes), **shape, current=True,
+                           expert_bytes=expert_bytes)
         if out:
             click.echo(f"\nwrote {out}")
+        if plot_path:
+            click.echo(f"wrote {plot_path}")
+
+
+def _print_metrics(df: pd.DataFrame, like: pd.DataFrame | None = None, **kw: Any) -> None:
+    """A metric table without the columns that cannot differ here, and a note naming them
+    (``solvers.report.visible_columns``); for the gains table (metrics as rows), the rows of
+    the columns hidden from the table ``like`` it was computed from."""
+    from moeplace.solvers.report import visible_columns
+
+    if like is not None:
+        hidden = visible_columns(like, **kw)[1].columns
+        _print_table(df[~df["metric"].isin(hidden)])
+        return
+    shown, h = visible_columns(df, **kw)
+    _print_table(shown)
+    if h.note():
+        click.echo(h.note())
 
 
 def _migration_table(plcs: dict[str, Any], cur: Any, expert_bytes: int) -> pd.DataFrame:
