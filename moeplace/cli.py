@@ -547,15 +547,18 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
 @click.option("--gpu-speeds", help="Relative speed of each GPU in rank order, e.g. "
               "1,1,1,1,0.7,0.7,0.7,0.7: imbalances become speed-aware.")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
+@click.option("--all-metrics", is_flag=True, help="Print every metric, also those that cannot "
+              "differ here (node metrics on one node, ...); --json always has them all.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @import_options
 @_paths(inputs=("trace", "placement", "current"))
 def evaluate(trace: str, placement: str, home: str, window: int, current: str | None,
              expert_bytes: int, tokens_per_step: int | None, gpu_speeds: str | None,
-             per_layer: bool, as_json: bool, **kw: Any) -> None:
-    """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md."""
+             per_layer: bool, all_metrics: bool, as_json: bool, **kw: Any) -> None:
+    """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md, next to
+    the baselines fitted to TRACE."""
     from moeplace.placement import Placement
-    from moeplace.solvers import evaluate as run_eval
+    from moeplace.solvers import report as rpt
     from moeplace.solvers.cost import parse_gpu_speeds
     from moeplace.traces import RoutingStats
 
@@ -566,21 +569,42 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
     if isinstance(src, RoutingStats):
         raise InputError(trace, "format", "aggregated counts cannot be scored per token",
                          "give a per-token trace")
-    res = run_eval(src, plc, window=window, home=home, current=cur, expert_bytes=expert_bytes,
-                   tokens_per_step=tokens_per_step, gpu_speeds=speeds)
+    res = rpt.evaluate_with_baselines(src, plc, window=window, home=home, current=cur,
+                                      expert_bytes=expert_bytes, tokens_per_step=tokens_per_step,
+                                      gpu_speeds=speeds)
+    headline = rpt.headline(res.rows, "placement", where="trace", num_nodes=plc.num_nodes,
+                            home=home, no_step=res.step_note)
+    gains = strongest_baseline_gains(res.rows, "placement")
     if as_json:
         out = dict(res.summary)
+        out.update(headline=headline, comparison=res.rows.to_dict("records"))
+        if len(gains):
+            out["vs_strongest_baseline"] = gains.to_dict("records")
         if per_layer:
             out["per_layer"] = res.per_layer.to_dict("records")
         _echo_json(out)
         return
+    click.echo(headline + "\n")
+    shape = {"num_gpus": plc.num_gpus, "num_nodes": plc.num_nodes,
+             "num_layers": plc.num_layers, "current": cur is not None,
+             "expert_bytes": expert_bytes, "all_metrics": all_metrics}
     if per_layer:
-        _print_table(res.per_layer)
+        _print_metrics(res.per_layer, like=res.rows, **shape)
         click.echo("")
+    # The summary's keys hide by the same rules as the table's columns.
+    hidden = rpt.Hidden() if all_metrics else rpt.hidden_columns(
+        res.summary, rows=res.rows, **{k: v for k, v in shape.items() if k != "all_metrics"})
+    # (the per-layer table above already named what it left out)
     for k, v in res.summary.items():
+        if k in hidden.columns:
+            continue
         if isinstance(v, list):  # gpu_speeds
             v = ",".join(f"{x:g}" for x in v)
         click.echo(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    if hidden.note():
+        click.echo(hidden.note())
+    click.echo(f"\nnext to the baselines fitted to {trace} (lower is better):")
+    _print_metrics(rpt.table(res.rows), **shape)
 
 
 # ---- solve ----------------------------------------------------------------------------------
@@ -1000,19 +1024,20 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             click.echo(f"wrote {plot_path}")
 
 
-def _print_metrics(df: pd.DataFrame, like: pd.DataFrame | None = None, **kw: Any) -> None:
+def _print_metrics(df: pd.DataFrame, like: pd.DataFrame | None = None, *,
+                   all_metrics: bool = False, **kw: Any) -> None:
     """A metric table without the columns that cannot differ here, and a note naming them
-    (``solvers.report.visible_columns``); for the gains table (metrics as rows), the rows of
-    the columns hidden from the table ``like`` it was computed from."""
-    from moeplace.solvers.report import visible_columns
+    (``solvers.report.hidden_columns``). ``like``: the table of placements the rule is judged
+    on when ``df`` is another view of it (the per-layer table; the gains table, whose rows are
+    metrics)."""
+    from moeplace.solvers.report import Hidden, hidden_columns
 
-    if like is not None:
-        hidden = visible_columns(like, **kw)[1].columns
-        _print_table(df[~df["metric"].isin(hidden)])
-        return
-    shown, h = visible_columns(df, **kw)
-    _print_table(shown)
-    if h.note():
+    gains = "metric" in df.columns
+    names = list(df["metric"]) if gains else list(df.columns)
+    h = Hidden() if all_metrics else hidden_columns(names, rows=df if like is None else like,
+                                                     **kw)
+    _print_table(df[~df["metric"].isin(h.columns)] if gains else df.drop(columns=list(h.columns)))
+    if h.note() and not gains:
         click.echo(h.note())
 
 
@@ -1131,10 +1156,13 @@ def apply(placement: str | None, checkpoint: str, out: str, invert: bool,
 @main.command()
 @click.option("--gpus", type=POS_INT, default=8, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the placement JSON.")
+@click.option("--all-metrics", is_flag=True, help="Print every metric column, also those that "
+              "cannot differ here (node metrics on one node, ...).")
 @_paths(outputs={"out": False})
-def demo(gpus: int, out: str | None) -> None:
+def demo(gpus: int, out: str | None, all_metrics: bool) -> None:
     """Analyse the bundled FLAME-MoE-290M trace, solve a placement, and show its gain."""
     from moeplace.solvers import Cluster, solve_with_report
+    from moeplace.solvers.report import headline
     from moeplace.solvers.solve import baseline
     from moeplace.traces import analysis, compute_stats, read_trace
     from moeplace.traces.demo import demo_trace_path
@@ -1148,11 +1176,11 @@ def demo(gpus: int, out: str | None) -> None:
     st = compute_stats(tr)
     summ = analysis.summary(st)
     L, N = st.num_layers, st.num_experts
-    click.echo(f"{tr.meta.model}: {whole.num_tokens:,} tokens x {L} MoE layers x top-{tr.top_k} "
-               f"of {N} experts (bundled real trace)")
-    click.echo(f"routing: expert load max/mean {summ['expert_load_ratio_mean']:.2f} (mean over "
-               f"layers); a token's experts at consecutive layers share "
-               f"{summ['mi_next_bits_median']:.2f} bits (median mutual information)")
+    lines = [f"{tr.meta.model}: {whole.num_tokens:,} tokens x {L} MoE layers x top-{tr.top_k} "
+             f"of {N} experts (bundled real trace)"]
+    lines.append(f"routing: expert load max/mean {summ['expert_load_ratio_mean']:.2f} (mean "
+                 f"over layers); a token's experts at consecutive layers share "
+                 f"{summ['mi_next_bits_median']:.2f} bits (median mutual information)")
     # Three fitted requests are too few for the search's own check of balance on held-back
     # requests (it would keep EPLB's layout), so the demo grants it 2% of fitted balance.
     slack = 0.02
@@ -1162,6 +1190,10 @@ def demo(gpus: int, out: str | None) -> None:
         plcs[name] = baseline(name, st, Cluster(gpus))
     sim = _simulation("flame-moe-290m", "h100-nvlink", held)
     df = _metric_rows(plcs, held, st, 512, sim, 512)
+    # The verdict first, on the held-out request; then what it rests on.
+    click.echo(headline(df, "moeplace", where="holdout-one", subject="moeplace's placement")
+               + "\n")
+    click.echo("\n".join(lines))
     click.echo(f"\nplacements on {gpus} GPUs for {rep.details.get('engine')} (static home, "
                f"DeepEP dispatch), fitted on {int((~last).sum()):,} tokens of "
                f"{len(np.unique(req)) - 1} requests with --balance-slack {slack:g} (too few "
@@ -1169,11 +1201,12 @@ def demo(gpus: int, out: str | None) -> None:
                f"{int(last.sum()):,} tokens of the held-out request (lower is better; speedup "
                "is the simulated H100 step time of the fastest baseline over each "
                "placement's):")
-    _print_table(df)
+    shape = {"num_gpus": gpus, "num_nodes": 1, "num_layers": L, "all_metrics": all_metrics}
+    _print_metrics(df, **shape)
     gains = strongest_baseline_gains(df, "moeplace")
     click.echo(f"\nmoeplace ({rep.method}, {rep.seconds:.1f} s, gap to lower bound {rep.gap:.1%}) "
                "against the strongest baseline on each metric (change < 0 is a gain):")
-    _print_table(gains)
+    _print_metrics(gains, like=df, **shape)
     click.echo("\nplacement, first two MoE layers (GPU: experts):")
     for l in range(min(2, L)):
         click.echo(f"  layer {tr.meta.moe_layer_ids[l]}: " + "  ".join(

@@ -171,21 +171,22 @@ def _fewer(c: Comparison, unit: str) -> tuple[str, str]:
 
 def headline(rows: pd.DataFrame, ours: str, *, where: str = "holdout", num_nodes: int = 1,
              engine: str = "sglang", balance: str = "load_imbalance_mean",
-             subject: str = "this placement", no_step: str = "") -> str:
+             subject: str = "this placement", no_step: str = "", home: str = "static") -> str:
     """One sentence: ``ours`` against the strongest baseline on the quantities a person weighs.
 
     ``rows`` is a metric table (one row per ``placement``, the evaluator's column names);
     ``where`` a key of ``WHERE`` (or a phrase of its own) saying which traffic the table
     measured. Each quantity is compared with the baseline best at it, named where it is not the
-    one named before: the engine's traffic (static engines: remote GPUs per token,
+    one named last: the engine's traffic (static engines: remote GPUs per token,
     ``traffic_static``, and on several nodes remote nodes, ``traffic_static_remote_nodes``;
-    ``exflow`` or statistics only: the cross-layer pair fractions), the balance (``balance``,
-    max / mean) and the simulated step time (``step_ms``; ``no_step`` says why it is missing).
+    ``home="follow"``: the follow-home figures; ``exflow`` or statistics only: the cross-layer
+    pair fractions), the balance (``balance``, max / mean) and the simulated step time
+    (``step_ms``; ``no_step`` says why it is missing).
     Percentages are ``vs_strongest_baseline``'s ``change``: 100 x (value - baseline) / baseline.
     """
     opening = WHERE.get(where, where)
-    static = engine != "exflow" and "traffic_static" in rows
-    gpu_m, node_m = (("traffic_static", "traffic_static_remote_nodes") if static else
+    static = engine != "exflow" and f"traffic_{home}" in rows
+    gpu_m, node_m = ((f"traffic_{home}", f"traffic_{home}_remote_nodes") if static else
                      ("cross_gpu_pair_fraction", "cross_node_pair_fraction"))
     units = (("remote GPUs", "remote nodes") if static else
              ("consecutive-layer expert pairs across GPUs", "pairs across nodes"))
@@ -255,6 +256,18 @@ def _table_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
     return {"placement": name, **{k: v for k, v in s.items()
                                   if isinstance(v, (int, float, np.integer, np.floating))
                                   and not isinstance(v, bool) and k not in _NOT_METRICS}}
+
+
+# The comparison table's columns, as solve prints them (the JSON rows keep every metric).
+TABLE_COLUMNS = ("placement", "load_imbalance_mean", "load_imbalance_max",
+                 "cross_gpu_pair_fraction", "cross_node_pair_fraction", "traffic_static",
+                 "traffic_static_remote_nodes", "traffic_follow", "active_experts_max",
+                 "active_experts_imbalance", "step_ms")
+
+
+def table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The printed comparison: ``TABLE_COLUMNS`` that ``rows`` has, in that order."""
+    return rows[[c for c in TABLE_COLUMNS if c in rows]]
 
 
 # Summary fields that describe the run, not the placement (left out of the comparison table).
@@ -422,6 +435,6 @@ def as_source_chunks(source: Trace | TraceReader, chunk_tokens: int = 1 << 16
     return as_chunks(source, chunk_tokens)[0]
 
 
-__all__ = ["WHERE", "Comparison", "Evaluation", "Hidden", "best_baseline",
+__all__ = ["TABLE_COLUMNS", "WHERE", "Comparison", "Evaluation", "Hidden", "best_baseline",
            "evaluate_with_baselines", "headline", "hidden_columns", "plot_against",
-           "require_matplotlib", "visible_columns"]
+           "require_matplotlib", "table", "visible_columns"]
