@@ -24,7 +24,6 @@ from moeplace.solvers.report import (
     plot_against,
     visible_columns,
 )
-from moeplace.traces import write_trace
 from tests.conftest import random_trace
 
 BASELINES = ("contiguous", "round_robin", "random", "eplb", "eplb-distinct")
