@@ -29,7 +29,8 @@ WHERE = {
     "holdout": "On held-out requests",
     "holdout-one": "On the held-out request",
     "fit": "On the fitted traffic (no held-out split; --holdout 0.3 holds requests back)",
-    "stats": "On the fitted statistics (no per-token trace, so no held-out split)",
+    "stats": "On the fitted statistics (no per-token trace: no held-out split, and cross-layer "
+             "pairs stand in for per-token traffic)",
     "trace": "On this trace, to which the baselines are fitted,",
 }
 
