@@ -956,11 +956,14 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             balance="active_experts_imbalance" if phase == "decode" else "load_imbalance_mean",
             no_step="" if "step_ms" in head_rows or trace is None else
             "no simulated step (unknown model: give --model-shape)" if sim is None else
-            "no simulated step within --time-limit")
+            "no simulated step within --time-limit", skipped=skipped)
         if plot_path:
             ref = "eplb" if rep.method != "eplb" else "eplb-distinct"
+            # A baseline the table skipped at the time limit is still drawn (EPLB takes ms).
+            drawn = {rep.method: plc, ref: plcs.get(ref) or baseline(ref, stats, cluster,
+                                                                    num_groups=num_groups)}
             rpt.plot_against(trace if held is None else lambda: split_stream(trace, held, "holdout"),
-                             plcs, plot_path, ours=rep.method, reference=ref, window=window,
+                             drawn, plot_path, ours=rep.method, reference=ref, window=window,
                              title=f"{stats.meta.model or source}: {rep.method} vs {ref} on "
                              f"{'held-out requests' if held is not None else 'the fitted trace'}")
         if as_json:

@@ -13,7 +13,7 @@ draws per-GPU load and per-layer traffic against EPLB (matplotlib is imported on
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,7 +172,8 @@ def _fewer(c: Comparison, unit: str) -> tuple[str, str]:
 
 def headline(rows: pd.DataFrame, ours: str, *, where: str = "holdout", num_nodes: int = 1,
              engine: str = "sglang", balance: str = "load_imbalance_mean",
-             subject: str = "this placement", no_step: str = "", home: str = "static") -> str:
+             subject: str = "this placement", no_step: str = "", home: str = "static",
+             skipped: Sequence[str] = ()) -> str:
     """One sentence: ``ours`` against the strongest baseline on the quantities a person weighs.
 
     ``rows`` is a metric table (one row per ``placement``, the evaluator's column names);
@@ -182,7 +183,8 @@ def headline(rows: pd.DataFrame, ours: str, *, where: str = "holdout", num_nodes
     ``traffic_static``, and on several nodes remote nodes, ``traffic_static_remote_nodes``;
     ``home="follow"``: the follow-home figures; ``exflow`` or statistics only: the cross-layer
     pair fractions), the balance (``balance``, max / mean) and the simulated step time
-    (``step_ms``; ``no_step`` says why it is missing).
+    (``step_ms``; ``no_step`` says why it is missing). ``skipped``: baselines left out of the
+    table (time limit); the sentence says its gains are only against those compared.
     Percentages are ``vs_strongest_baseline``'s ``change``: 100 x (value - baseline) / baseline.
     """
     opening = WHERE.get(where, where)
@@ -237,6 +239,9 @@ def headline(rows: pd.DataFrame, ours: str, *, where: str = "holdout", num_nodes
     elif no_step:
         parts.append(no_step)
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + ", " + parts[-1]
+    if skipped:  # a gain over the baselines that were scored is not one over those that were not
+        body += (f" (against the baselines scored; {', '.join(skipped)} "
+                 f"{'was' if len(skipped) == 1 else 'were'} not, at the time limit)")
     return f"{opening} {subject} {body}."
 
 

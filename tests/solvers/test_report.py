@@ -142,6 +142,8 @@ def test_headline_without_baselines_or_step():
     df = _table(traffic_static=2.0).drop(columns=["step_ms"])
     text = headline(df, "search", no_step="no simulated step (give --model-shape)")
     assert text.endswith("no simulated step (give --model-shape).")
+    skipped = headline(_table(traffic_static=2.0), "search", skipped=["eplb"])
+    assert skipped.endswith("(against the baselines scored; eplb was not, at the time limit).")
     stats_only = pd.DataFrame([{"placement": "search", "load_imbalance_mean": 1.05},
                                {"placement": "eplb", "load_imbalance_mean": 1.10}])
     t = headline(stats_only, "search", where="stats")
