@@ -593,7 +593,8 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
         click.echo("")
     # The summary's keys hide by the same rules as the table's columns.
     hidden = rpt.Hidden() if all_metrics else rpt.hidden_columns(
-        res.summary, rows=res.rows, **{k: v for k, v in shape.items() if k != "all_metrics"})
+        res.summary, rows=res.rows, one_window=res.summary["tokens"] <= window,
+        **{k: v for k, v in shape.items() if k != "all_metrics"})
     # (the per-layer table above already named what it left out)
     for k, v in res.summary.items():
         if k in hidden.columns:

@@ -64,7 +64,7 @@ class Hidden:
 
 def hidden_columns(names: Iterable[str], *, num_gpus: int, num_nodes: int, num_layers: int,
                    current: bool = False, expert_bytes: int = 0,
-                   rows: pd.DataFrame | None = None) -> Hidden:
+                   rows: pd.DataFrame | None = None, one_window: bool = False) -> Hidden:
     """The columns among ``names`` that cannot differ between placements in this setting.
 
     - one node: every node metric is 0 (or, for intra-node traffic, the GPU figure itself);
@@ -73,7 +73,9 @@ def hidden_columns(names: Iterable[str], *, num_gpus: int, num_nodes: int, num_l
       expert is active in every step (prefill-sized steps), where each GPU reads all its experts
       whatever the placement (``rows`` is the table to check);
     - migration columns without a current placement, ``bytes_transferred`` without
-      ``--expert-bytes``.
+      ``--expert-bytes``;
+    - ``window_imbalance_*`` when the trace fits in one window (``one_window``): they are
+      ``load_imbalance_*`` then.
     """
     names = list(names)
     out: list[str] = []
@@ -94,6 +96,9 @@ def hidden_columns(names: Iterable[str], *, num_gpus: int, num_nodes: int, num_l
     if rows is not None and len(rows) > 1:
         same = [c for c in _ACTIVE if c in names and c in rows and _constant(rows[c])]
         drop(same, "equal for every placement: every expert is active in every step")
+    if one_window:
+        drop([n for n in names if n.startswith("window_imbalance_")],
+             "the trace fits in one --window: equal to load_imbalance_*")
     if not current:
         drop([c for c in _MIGRATION if c in names], "no --current placement")
     elif not expert_bytes:

@@ -166,6 +166,10 @@ def test_hiding_rules():
     assert two == ()
     assert hidden_columns(cols, num_gpus=8, num_nodes=2, num_layers=4, current=True
                           ).columns == ("bytes_transferred",)
+    w = ["window_imbalance_mean", "window_imbalance_max", "load_imbalance_mean"]
+    assert hidden_columns(w, num_gpus=8, num_nodes=2, num_layers=4, current=True,
+                          expert_bytes=1, one_window=True).columns == tuple(w[:2])
+    assert hidden_columns(w, num_gpus=8, num_nodes=2, num_layers=4).columns == ()
     assert "cross_gpu_pair_fraction" in hidden_columns(cols, num_gpus=8, num_nodes=2,
                                                        num_layers=1).columns
     assert "traffic_static" in hidden_columns(cols, num_gpus=1, num_nodes=1,
@@ -256,8 +260,11 @@ def test_evaluate_headline_matches_its_json(synth_trace, tmp_path):
     assert out.splitlines()[0] == d["headline"]
     one = str(tmp_path / "one.json")
     round_robin(8, 64, 4, 1).save(one)
-    out = run("evaluate", synth_trace, one).output
+    out = run("evaluate", synth_trace, one, "--window", "2048").output
     assert "traffic_static_remote_nodes" not in out.split("(not shown")[0]
+    assert "window_imbalance_mean" in out  # 3,000 tokens, two windows of 2,048: it can differ
+    one_window = run("evaluate", synth_trace, one).output  # one window of 4,096
+    assert "window_imbalance_mean" not in one_window.split("(not shown")[0]
     assert "traffic_static_remote_nodes" in run("evaluate", synth_trace, one,
                                                 "--all-metrics").output
 
