@@ -305,7 +305,9 @@ def evaluate_with_baselines(source: Trace | TraceReader, placement: Placement, *
     from moeplace.solvers.solve import baseline, default_groups
     from moeplace.traces import compute_stats
 
-    stats = compute_stats(source, transitions=False, coactivation=False, show_progress=False)
+    # The baselines read the load only.
+    stats = compute_stats(source, transitions=False, coactivation=False, samples=False,
+                          show_progress=False)
     cluster = Cluster(placement.num_gpus, placement.num_nodes, placement.num_replicas)
     groups = default_groups(stats, None)
     plcs: dict[str, Placement] = {name: placement}
