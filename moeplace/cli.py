@@ -555,16 +555,19 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
 @click.option("--model-shape", help="Model shape for --dispatch (hidden size, expert size), e.g. "
               "deepseek-v3 (default: guessed from the trace's model name).")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
+@click.option("--all-metrics", is_flag=True, help="Print every metric, also those that cannot "
+              "differ here (node metrics on one node, ...); --json always has them all.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @import_options
 @_paths(inputs=("trace", "placement", "current", "hardware"))
 def evaluate(trace: str, placement: str, home: str, window: int, current: str | None,
              expert_bytes: int, tokens_per_step: int | None, gpu_speeds: str | None,
              dispatch: str | None, hardware: str, model_shape: str | None,
-             per_layer: bool, as_json: bool, **kw: Any) -> None:
-    """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md."""
+             per_layer: bool, all_metrics: bool, as_json: bool, **kw: Any) -> None:
+    """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md, next to
+    the baselines fitted to TRACE."""
     from moeplace.placement import Placement
-    from moeplace.solvers import evaluate as run_eval
+    from moeplace.solvers import report as rpt
     from moeplace.solvers.cost import parse_gpu_speeds
     from moeplace.traces import RoutingStats
 
@@ -584,26 +587,50 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
             raise InputError(trace, "model", "no model shape known for --dispatch",
                              "pass --model-shape, e.g. deepseek-v3")
         sim = (Hardware.load(hardware), ModelShape.named(shape))
-    res = run_eval(src, plc, window=window, home=home, current=cur, expert_bytes=expert_bytes,
-                   tokens_per_step=tokens_per_step, gpu_speeds=speeds)
+    # The table's step_ms: the kernel asked for, else SGLang's prefill kernel (as solve).
+    res = rpt.evaluate_with_baselines(src, plc, window=window, home=home, current=cur,
+                                      expert_bytes=expert_bytes, tokens_per_step=tokens_per_step,
+                                      gpu_speeds=speeds, hardware=hardware,
+                                      kernel=dispatch or "deepep-normal", model_shape=model_shape)
     if sim is not None:
         from moeplace.solvers.scoring import priced_steps
 
         res.summary.update(priced_steps(src, plc, sim, dispatch, tokens_per_step or 4096,
                                         speeds))
+    headline = rpt.headline(res.rows, "placement", where="trace", num_nodes=plc.num_nodes,
+                            home=home, no_step=res.step_note)
+    gains = strongest_baseline_gains(res.rows, "placement")
     if as_json:
         out = dict(res.summary)
+        out.update(headline=headline, comparison=res.rows.to_dict("records"))
+        if len(gains):
+            out["vs_strongest_baseline"] = gains.to_dict("records")
         if per_layer:
             out["per_layer"] = res.per_layer.to_dict("records")
         _echo_json(out)
         return
+    click.echo(headline + "\n")
+    shape = {"num_gpus": plc.num_gpus, "num_nodes": plc.num_nodes,
+             "num_layers": plc.num_layers, "current": cur is not None,
+             "expert_bytes": expert_bytes, "all_metrics": all_metrics}
     if per_layer:
-        _print_table(res.per_layer)
+        _print_metrics(res.per_layer, like=res.rows, **shape)
         click.echo("")
+    # The summary's keys hide by the same rules as the table's columns.
+    hidden = rpt.Hidden() if all_metrics else rpt.hidden_columns(
+        res.summary, rows=res.rows, one_window=res.summary["tokens"] <= window,
+        **{k: v for k, v in shape.items() if k != "all_metrics"})
+    # (the per-layer table above already named what it left out)
     for k, v in res.summary.items():
+        if k in hidden.columns:
+            continue
         if isinstance(v, list):  # gpu_speeds
             v = ",".join(f"{x:g}" for x in v)
         click.echo(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    if hidden.note():
+        click.echo(hidden.note())
+    click.echo(f"\nnext to the baselines fitted to {trace} (lower is better):")
+    _print_metrics(rpt.table(res.rows), **shape)
 
 
 # ---- solve ----------------------------------------------------------------------------------
@@ -620,8 +647,8 @@ def _simulation(model_shape: str | None, hardware: str, trace: Any) -> Any:
 
 
 def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
-                 sim: Any = None, tokens_per_step: int = 4096, speeds: Any = None
-                 ) -> pd.DataFrame:
+                 sim: Any = None, tokens_per_step: int = 4096, speeds: Any = None,
+                 kernel: str | None = None) -> pd.DataFrame:
     """Evaluator metrics per placement (names as in docs/metrics.md): per-token when a trace is
     at hand (one pass for all), else from stats; with a simulation profile, the simulated step
     time and the speedup over the fastest baseline in the table."""
@@ -636,7 +663,7 @@ def _metric_rows(plcs: dict[str, Any], trace: Any, stats: Any, window: int,
     if sim is not None:
         from moeplace.solvers.simulator import step_time
 
-        step_ms = {n: 1e3 * step_time(trace, p, *sim, tokens_per_step)["step_s"]
+        step_ms = {n: 1e3 * step_time(trace, p, *sim, tokens_per_step, kernel=kernel)["step_s"]
                    for n, p in plcs.items()}
     return _rows({n: r.summary for n, r in zip(plcs, res, strict=True)}, step_ms, True)
 
@@ -765,9 +792,14 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
               help="Tokens in one serving step: the simulated step, and with --phase decode the "
               "decode batch the search balances and the evaluator's active_experts_* step.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the placement JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_plot_path,
+              help="Draw per-GPU load and traffic per layer against EPLB (held-out requests with "
+              "--holdout) to this image file (.png, .pdf, .svg; needs matplotlib).")
+@click.option("--all-metrics", is_flag=True, help="Print every metric column, also those that "
+              "cannot differ here (node metrics on one node, ...); --json always has them all.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @import_options
-@_paths(inputs=("source", "current", "hardware"), outputs={"out": False})
+@_paths(inputs=("source", "current", "hardware"), outputs={"out": False, "plot_path": False})
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           engine: str | None, phase: str, dispatch: str | None, gpu_speeds: str | None,
           weights_text: str | None, balance_slack: float, time_limit: float,
@@ -776,13 +808,20 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
           restarts: int, window: int, expert_bytes: int, ray_address: str | None,
           show_pareto: bool, hardware: str,
           model_shape: str | None,
-          tokens_per_step: int, out: str | None, as_json: bool, **kw: Any) -> None:
+          tokens_per_step: int, out: str | None, plot_path: str | None, all_metrics: bool,
+          as_json: bool, **kw: Any) -> None:
     """Find an expert placement for SOURCE (trace or statistics) on GPUS GPUs."""
     import contextlib
 
     import moeplace.solvers.solve  # noqa: F401  (fills the method registry)
+    from moeplace.solvers import report as rpt
     from moeplace.solvers.objective import STATIC_ENGINES
     from moeplace.solvers.registry import get
+
+    if plot_path:  # before any work: a missing extra or a clash fails in a second
+        rpt.require_matplotlib()
+        if out and os.path.realpath(out) == os.path.realpath(plot_path):
+            raise InputError(plot_path, "--plot", "is also --out", "write them to two files")
 
     # The engine's objective must be one the method optimises; checked before Ray starts.
     solver = None if method == "auto" else get(method)
@@ -844,6 +883,9 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         trace = None if isinstance(src, RoutingStats) else src
         if holdout is not None and trace is None:
             raise InputError(source, "format", "--holdout needs per-token routing",
+                             "give a trace, not statistics")
+        if plot_path and trace is None:
+            raise InputError(source, "format", "--plot needs per-token routing",
                              "give a trace, not statistics")
         fit: Any = trace
         held: Any = None
@@ -936,11 +978,30 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         # Gains on the held-out requests when there are some: traffic it was not fitted to.
         gains = strongest_baseline_gains(hold_rows if hold_rows is not None else fit_rows,
                                          rep.method)
+        eng = rep.details.get("engine", "exflow")
+        head_rows = hold_rows if hold_rows is not None else fit_rows
+        headline = rpt.headline(
+            head_rows, rep.method, num_nodes=nodes, engine=eng,
+            where="holdout" if hold_rows is not None else "fit" if trace is not None else "stats",
+            balance="active_experts_imbalance" if phase == "decode" else "load_imbalance_mean",
+            no_step="" if "step_ms" in head_rows or trace is None else
+            "no simulated step (unknown model: give --model-shape)" if sim is None else
+            "no simulated step within --time-limit", skipped=skipped)
+        if plot_path:
+            ref = "eplb" if rep.method != "eplb" else "eplb-distinct"
+            # A baseline the table skipped at the time limit is still drawn (EPLB takes ms).
+            drawn = {rep.method: plc, ref: plcs.get(ref) or baseline(ref, stats, cluster,
+                                                                    num_groups=num_groups)}
+            rpt.plot_against(trace if held is None else lambda: split_stream(trace, held, "holdout"),
+                             drawn, plot_path, ours=rep.method, reference=ref, window=window,
+                             title=f"{stats.meta.model or source}: {rep.method} vs {ref} on "
+                             f"{'held-out requests' if held is not None else 'the fitted trace'}")
         if as_json:
             res: dict[str, Any] = {"report": rep.as_dict(), "fit": fit_rows.to_dict("records"),
                                    "cluster": {"num_gpus": gpus, "num_nodes": nodes,
                                                "replicas": replicas}, "out": out,
-                                   "scoring": scoring, "dispatch": kernel}
+                                   "scoring": scoring, "dispatch": kernel,
+                                   "headline": headline}
             if hold_rows is not None:
                 res["holdout"] = hold_rows.to_dict("records")
             if front is not None:
@@ -952,11 +1013,13 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             _echo_json(res)
             return
         b = rep.bound
+        click.echo(headline + "\n")
+        shape = {"num_gpus": gpus, "num_nodes": nodes, "num_layers": stats.num_layers,
+                 "all_metrics": all_metrics}
         click.echo(f"dispatch: {kernel}")
         click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
                    f"{f' in {nodes} nodes' if nodes > 1 else ''}"
                    f"{f' with {replicas} replicas per layer' if replicas else ''}")
-        eng = rep.details.get("engine", "exflow")
         terms = (f"traffic_static >= {b['traffic_static']:.3f}, traffic_static_remote_nodes >= "
                  f"{b['traffic_static_remote_nodes']:.3f}" if eng != "exflow" else
                  f"cross-GPU >= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= "
@@ -969,11 +1032,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         label = "fitted trace" if holdout is not None else "trace"
         click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}"
                    f"{_scored_note(scoring.get('fit'))}):")
-        _print_table(fit_rows)
+        _print_metrics(fit_rows, **shape)
         if hold_rows is not None:
             click.echo(f"\nheld-out requests ({held_tokens:,} tokens"
                        f"{_scored_note(scoring.get('holdout'))}):")
-            _print_table(hold_rows)
+            _print_metrics(hold_rows, **shape)
         if skipped:
             click.echo(f"\nnot compared (time limit reached): {', '.join(skipped)}")
         if front is not None:
@@ -983,12 +1046,32 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         if len(gains):
             click.echo(f"\n{rep.method} against the strongest baseline on each metric (lower is "
                        "better; change < 0 is a gain):")
-            _print_table(gains)
+            _print_metrics(gains, like=head_rows, **shape)
         if cur is not None:
             click.echo(f"\nmigration from {current}:")
-            _print_table(_migration_table(plcs, cur, expert_bytes))
+            _print_metrics(_migration_table(plcs, cur, expert_bytes), **shape, current=True,
+                           expert_bytes=expert_bytes)
         if out:
             click.echo(f"\nwrote {out}")
+        if plot_path:
+            click.echo(f"wrote {plot_path}")
+
+
+def _print_metrics(df: pd.DataFrame, like: pd.DataFrame | None = None, *,
+                   all_metrics: bool = False, **kw: Any) -> None:
+    """A metric table without the columns that cannot differ here, and a note naming them
+    (``solvers.report.hidden_columns``). ``like``: the table of placements the rule is judged
+    on when ``df`` is another view of it (the per-layer table; the gains table, whose rows are
+    metrics)."""
+    from moeplace.solvers.report import Hidden, hidden_columns
+
+    gains = "metric" in df.columns
+    names = list(df["metric"]) if gains else list(df.columns)
+    h = Hidden() if all_metrics else hidden_columns(names, rows=df if like is None else like,
+                                                     **kw)
+    _print_table(df[~df["metric"].isin(h.columns)] if gains else df.drop(columns=list(h.columns)))
+    if h.note() and not gains:
+        click.echo(h.note())
 
 
 def _migration_table(plcs: dict[str, Any], cur: Any, expert_bytes: int) -> pd.DataFrame:
@@ -1106,10 +1189,13 @@ def apply(placement: str | None, checkpoint: str, out: str, invert: bool,
 @main.command()
 @click.option("--gpus", type=POS_INT, default=8, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the placement JSON.")
+@click.option("--all-metrics", is_flag=True, help="Print every metric column, also those that "
+              "cannot differ here (node metrics on one node, ...).")
 @_paths(outputs={"out": False})
-def demo(gpus: int, out: str | None) -> None:
+def demo(gpus: int, out: str | None, all_metrics: bool) -> None:
     """Analyse the bundled FLAME-MoE-290M trace, solve a placement, and show its gain."""
     from moeplace.solvers import Cluster, solve_with_report
+    from moeplace.solvers.report import headline
     from moeplace.solvers.solve import baseline
     from moeplace.traces import analysis, compute_stats, read_trace
     from moeplace.traces.demo import demo_trace_path
@@ -1123,11 +1209,11 @@ def demo(gpus: int, out: str | None) -> None:
     st = compute_stats(tr)
     summ = analysis.summary(st)
     L, N = st.num_layers, st.num_experts
-    click.echo(f"{tr.meta.model}: {whole.num_tokens:,} tokens x {L} MoE layers x top-{tr.top_k} "
-               f"of {N} experts (bundled real trace)")
-    click.echo(f"routing: expert load max/mean {summ['expert_load_ratio_mean']:.2f} (mean over "
-               f"layers); a token's experts at consecutive layers share "
-               f"{summ['mi_next_bits_median']:.2f} bits (median mutual information)")
+    lines = [f"{tr.meta.model}: {whole.num_tokens:,} tokens x {L} MoE layers x top-{tr.top_k} "
+             f"of {N} experts (bundled real trace)"]
+    lines.append(f"routing: expert load max/mean {summ['expert_load_ratio_mean']:.2f} (mean "
+                 f"over layers); a token's experts at consecutive layers share "
+                 f"{summ['mi_next_bits_median']:.2f} bits (median mutual information)")
     # Three fitted requests are too few for the search's own check of balance on held-back
     # requests (it would keep EPLB's layout), so the demo grants it 2% of fitted balance.
     slack = 0.02
@@ -1135,20 +1221,26 @@ def demo(gpus: int, out: str | None) -> None:
     plcs = {"moeplace": plc}
     for name in _baselines_for(Cluster(gpus)):
         plcs[name] = baseline(name, st, Cluster(gpus))
-    sim = _simulation("flame-moe-290m", "h100-nvlink", held)
-    df = _metric_rows(plcs, held, st, 512, sim, 512)
+    # Priced as solve prices it: SGLang's prefill kernel on the fitted h800-ib profile.
+    sim = _simulation("flame-moe-290m", "h800-ib", held)
+    df = _metric_rows(plcs, held, st, 512, sim, 512, kernel="deepep-normal")
+    # The verdict first, on the held-out request; then what it rests on.
+    click.echo(headline(df, "moeplace", where="holdout-one", subject="moeplace's placement")
+               + "\n")
+    click.echo("\n".join(lines))
     click.echo(f"\nplacements on {gpus} GPUs for {rep.details.get('engine')} (static home, "
                f"DeepEP dispatch), fitted on {int((~last).sum()):,} tokens of "
                f"{len(np.unique(req)) - 1} requests with --balance-slack {slack:g} (too few "
                "requests for the held-back balance check), scored per token on the "
                f"{int(last.sum()):,} tokens of the held-out request (lower is better; speedup "
-               "is the simulated H100 step time of the fastest baseline over each "
+               "is the simulated step time (h800-ib, DeepEP normal dispatch) of the fastest baseline over each "
                "placement's):")
-    _print_table(df)
+    shape = {"num_gpus": gpus, "num_nodes": 1, "num_layers": L, "all_metrics": all_metrics}
+    _print_metrics(df, **shape)
     gains = strongest_baseline_gains(df, "moeplace")
     click.echo(f"\nmoeplace ({rep.method}, {rep.seconds:.1f} s, gap to lower bound {rep.gap:.1%}) "
                "against the strongest baseline on each metric (change < 0 is a gain):")
-    _print_table(gains)
+    _print_metrics(gains, like=df, **shape)
     click.echo("\nplacement, first two MoE layers (GPU: experts):")
     for l in range(min(2, L)):
         click.echo(f"  layer {tr.meta.moe_layer_ids[l]}: " + "  ".join(
