@@ -757,7 +757,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
     import contextlib
 
     import moeplace.solvers.solve  # noqa: F401  (fills the method registry)
-    from moeplace.solvers.objective import STATIC_ENGINES
     from moeplace.solvers.registry import get
 
     # The engine's objective must be one the method optimises; checked before Ray starts.
@@ -768,12 +767,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                          f"use --method search for {engine}, or --engine {solver.engines[0]}")
     if engine is None:
         engine = solver.engines[0] if solver is not None and not solver.baseline else "sglang"
-    if (engine in STATIC_ENGINES and replicas == 0 and method in ("auto", "search")
-            and (restarts > 1 or ray_address)):
-        raise InputError("solve", "--ray" if ray_address else "--restarts",
-                         f"the {engine} search is deterministic: restarts from other seeds "
-                         "find the same placement", "drop --restarts/--ray, or use --engine "
-                         "exflow or --replicas")
     session: Any = contextlib.nullcontext()
     runner = None
     if ray_address:
