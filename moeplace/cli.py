@@ -723,7 +723,8 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the search, the random baseline and the --holdout split.")
 @click.option("--restarts", type=_Number(int, 1, 1024), default=1, show_default=True,
-              help="search: parallel restarts from seeds SEED, SEED+1, ... (one process each).")
+              help="search: parallel restarts from seeds SEED, SEED+1, ... (one process each; "
+              "static engines: the layers split among them first).")
 @click.option("--window", type=POS_INT, default=4096, show_default=True,
               help="Tokens per window for windowed load imbalance.")
 @click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0, show_default=True,

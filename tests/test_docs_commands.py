@@ -41,11 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = ("bash", "sh", "console")
 MARKER = re.compile(r"^<!--\s*(not run|synopsis)\b\s*(:?)(.*?)-->\s*$")
-# Placeholder words as the documents print them, and what they stand for here.
+# Placeholder words as the documents print them, and what they stand for here (given the
+# working directory and the files the document's commands wrote so far, newest last).
 PLACEHOLDERS = {
-    "TRACE": lambda d: str(demo_trace_path()),
-    "TRACES_DIR": lambda d: str(_shard_dir(d)),
-    "HOST:PORT": lambda d: "local",
+    "TRACE": lambda d, made: str(demo_trace_path()),
+    "TRACES_DIR": lambda d, made: str(_shard_dir(d)),
+    "DIR": lambda d, made: str(_shard_dir(d)),
+    "HOST:PORT": lambda d, made: "local",
+    "PLACEMENT.json": lambda d, made: _latest(made, ".json", "PLACEMENT.json"),
 }
 COMMAND_TIMEOUT = 900  # seconds per command: generous, the suite's own limit is the real bound
 
@@ -62,7 +65,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.doc.relative_to(ROOT)}:{self.line}"
+        name = self.doc.relative_to(ROOT) if self.doc.is_relative_to(ROOT) else self.doc.name
+        return f"{name}:{self.line}"
 
 
 def blocks(doc: Path) -> list[Block]:
@@ -102,14 +106,17 @@ def blocks(doc: Path) -> list[Block]:
     return out
 
 
-def commands(text: str, *, synopsis: bool = False) -> list[str]:
+def commands(text: str, *, synopsis: bool = False, lang: str = "bash") -> list[str]:
     """The block's commands: backslash continuations joined (and, in a synopsis, indented lines
-    joined to the command above), ``console`` prompts removed, blank and comment lines dropped."""
+    joined to the command above), blank and comment lines dropped; in a ``console`` block only
+    the ``$ `` lines (the rest is output)."""
     out: list[str] = []
     cont = False
     for raw in text.splitlines():
         line = raw.rstrip()
-        if line.startswith("$ "):
+        if lang == "console" and not cont:
+            if not line.startswith("$ "):
+                continue
             line = line[2:]
         if not line.strip() or (line.lstrip().startswith("#") and not cont):
             cont = False
@@ -136,7 +143,7 @@ def runnable_problems(b: Block) -> list[str]:
     """Why an unmarked block cannot run here (empty: it can)."""
     probs = []
     subs = _subcommands()
-    for cmd in commands(b.text):
+    for cmd in commands(b.text, lang=b.lang):
         try:
             words = shlex.split(cmd, comments=True)
         except ValueError as exc:
@@ -155,7 +162,7 @@ def runnable_problems(b: Block) -> list[str]:
         elif len(words) < 2 or words[1] not in subs:
             probs.append(f"{cmd!r}: unknown subcommand")
         for w in words:
-            for tok in re.findall(r"\b[A-Z][A-Z0-9_]*(?::[A-Z]+)?\b", w):
+            for tok in re.findall(r"\b[A-Z][A-Z0-9_]*(?::[A-Z]+|\.json)?\b", w):
                 if tok not in PLACEHOLDERS and not re.match(r"^[A-Z_]+=", w) \
                         and not tok.startswith("MOEPLACE_"):
                     probs.append(f"{cmd!r}: placeholder {tok} has no stand-in")
@@ -203,7 +210,21 @@ def test_the_checker_refuses_what_it_should(tmp_path) -> None:
     assert _bad_doc_problems(tmp_path, "```bash\nmoeplace analyze UNKNOWN_THING\n```\n")
     assert _bad_doc_problems(tmp_path, "<!-- not run: why -->\n\n```bash\nls\n```\n")
     assert not _bad_doc_problems(tmp_path, "<!-- not run: needs a GPU -->\n```bash\nvllm\n```\n")
-    assert not _bad_doc_problems(tmp_path, "```console\n$ moeplace analyze TRACE --json\n```\n")
+    assert not _bad_doc_problems(tmp_path, "```console\n$ moeplace analyze TRACE --json\n"
+                                           "{\"tokens\": 2048}\n```\n")
+
+
+def test_a_document_runs_in_order_and_a_failing_command_fails(tmp_path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("```bash\nmoeplace stats TRACE --out s.npz\n"
+                   "moeplace solve s.npz --gpus 4 --method eplb --out plc.json\n```\n\n"
+                   "```console\n$ moeplace evaluate TRACE PLACEMENT.json --json\n{...}\n```\n")
+    (tmp_path / "w").mkdir()
+    ran = run_doc(doc, tmp_path / "w")
+    assert ran[-1].endswith("plc.json --json") and (tmp_path / "w" / "plc.json").exists()
+    doc.write_text("```bash\nmoeplace analyze no-such-trace.parquet\n```\n")
+    with pytest.raises(AssertionError, match="exited 2"):
+        run_doc(doc, tmp_path / "w")
 
 
 # ---- synopsis blocks: subcommands and flags against --help ----------------------------------
@@ -274,10 +295,16 @@ def _shard_dir(d: Path) -> Path:
     return out
 
 
-def _substitute(word: str, d: Path) -> str:
-    for name, value in PLACEHOLDERS.items():
-        if name in word:
-            stand_in = value(d)
+def _latest(made: list[str], suffix: str, name: str) -> str:
+    found = [m for m in made if m.endswith(suffix)]
+    assert found, f"{name}: no earlier command in this document wrote a {suffix} file"
+    return found[-1]
+
+
+def _substitute(word: str, d: Path, made: list[str]) -> str:
+    for name, value in sorted(PLACEHOLDERS.items(), key=lambda kv: -len(kv[0])):
+        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", word):
+            stand_in = value(d, made)
             word = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])",
                           lambda _m, v=stand_in: v, word)
     return word
@@ -320,12 +347,13 @@ def run_doc(doc: Path, work: Path) -> list[str]:
     subs = _subcommands()
     servers: list[subprocess.Popen] = []
     port = None
-    ran = []
+    ran: list[str] = []
+    made: list[str] = []  # files the commands wrote (--out), for PLACEMENT.json and the like
     try:
         for b in blocks(doc):
             if b.marker is not None:
                 continue
-            for cmd in commands(b.text):
+            for cmd in commands(b.text, lang=b.lang):
                 words = shlex.split(cmd, comments=True)
                 assign = {}
                 while words and re.match(r"^[A-Za-z_]\w*=", words[0]):
@@ -337,7 +365,7 @@ def run_doc(doc: Path, work: Path) -> list[str]:
                         env[k] = v
                     continue
                 background = words[-1] == "&"
-                words = [_substitute(w, work) for w in (words[:-1] if background else words)]
+                words = [_substitute(w, work, made) for w in (words[:-1] if background else words)]
                 sub = subs[words[1]]
                 names = {o for p in sub.params for o in getattr(p, "opts", ())}
                 if background:
@@ -360,6 +388,7 @@ def run_doc(doc: Path, work: Path) -> list[str]:
                 assert r.returncode == 0, (f"{b.where}: `{cmd}` exited {r.returncode}\n"
                                            f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
                 assert "Traceback" not in r.stderr, f"{b.where}: `{cmd}`\n{r.stderr[-2000:]}"
+                made += [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--out"]
     finally:
         for proc in servers:
             proc.send_signal(signal.SIGTERM)
