@@ -88,7 +88,7 @@ def main() -> None:
         base = rows[1]["held_gpus"]  # one restart
         for r in rows:
             lines.append(f"| {r['trace']} | {r['cluster']} | {r['restarts']} | {r['stopped']} | "
-                         f"{r['fitted_total']:.4f} | {r['held_gpus']:.4f} | {r['held_nodes']:.4f} | "
+                         f"{'-' if r['restarts'] == 'eplb' else format(r['fitted_total'], '.4f')} | {r['held_gpus']:.4f} | {r['held_nodes']:.4f} | "
                          f"{r['held_imb']:.4f} | {100 * (r['held_gpus'] / base - 1):+.2f}% | "
                          f"{r['seconds']:.0f} |")
         print("\n".join(lines[-len(rows):]), flush=True)

@@ -59,20 +59,24 @@ def run_restarts(fn: Callable[..., Any], stats: RoutingStats, start: Placement, 
     if restarts <= 1:
         return [fn(stats, start, seed=seed, **kw)]
     cores = os.cpu_count() or 1
-    if "time_limit" in kw:
-        kw = {**kw, "time_limit": restart_seconds(kw["time_limit"], restarts, cores)}
+
+    def share(workers: int) -> dict[str, Any]:
+        if "time_limit" not in kw:
+            return kw
+        return {**kw, "time_limit": restart_seconds(kw["time_limit"], restarts, workers)}
+
     # fork: spawn would re-run the caller's __main__, which breaks in REPLs and piped scripts.
     # Solver threads have finished by now (CP-SAT joins its workers before returning).
     if "fork" in multiprocessing.get_all_start_methods():
         try:
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=min(restarts, cores), mp_context=ctx) as pool:
-                futures = [pool.submit(fn, stats, start, seed=seed + i, **kw)
+                futures = [pool.submit(fn, stats, start, seed=seed + i, **share(cores))
                            for i in range(restarts)]
                 return [f.result() for f in futures]
         except BrokenProcessPool:
             pass
-    return [fn(stats, start, seed=seed + i, **kw) for i in range(restarts)]
+    return [fn(stats, start, seed=seed + i, **share(1)) for i in range(restarts)]
 
 
 def multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
