@@ -87,8 +87,9 @@ def main() -> None:
         rows = run(name, restarts, a.time_limit)
         base = rows[1]["held_gpus"]  # one restart
         for r in rows:
+            fitted = "-" if r["restarts"] == "eplb" else f"{r['fitted_total']:.4f}"
             lines.append(f"| {r['trace']} | {r['cluster']} | {r['restarts']} | {r['stopped']} | "
-                         f"{'-' if r['restarts'] == 'eplb' else format(r['fitted_total'], '.4f')} | {r['held_gpus']:.4f} | {r['held_nodes']:.4f} | "
+                         f"{fitted} | {r['held_gpus']:.4f} | {r['held_nodes']:.4f} | "
                          f"{r['held_imb']:.4f} | {100 * (r['held_gpus'] / base - 1):+.2f}% | "
                          f"{r['seconds']:.0f} |")
         print("\n".join(lines[-len(rows):]), flush=True)
