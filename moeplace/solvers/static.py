@@ -456,11 +456,29 @@ class _Layers:
         """Per layer, the column of ``cands`` (``[L, N]`` maps; the first is the start) with
         the least summed value whose mean held-back imbalance over layers stays within
         ``balance_slack`` of the start's (``robust.choose_robust``)."""
+        values, imb = self.scores(cands)
         L = len(self.bal)
-        values = np.array([[self.value(l, c[l]) for c in cands] for l in range(L)])
-        imb = np.array([[_bucket_imbalance(c[l], self.held[l], self.G, self.speeds)
-                         for c in cands] for l in range(L)])  # [L, C, H]
+        if imb.shape[2] == 0:  # no held-back buckets: the least value per layer
+            return np.argmin(values, axis=1)
         return choose_robust(values, imb - imb[:, :1], balance_slack * L)
+
+    def scores(self, cands: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``values [L, C]`` and held-back imbalances ``[L, C, H]`` of each candidate's layers,
+        each distinct map scored once."""
+        L, C, H = len(self.bal), len(cands), self.held.shape[1]
+        values = np.empty((L, C))
+        imb = np.empty((L, C, H))
+        for l in range(L):
+            seen: dict[bytes, int] = {}  # restarts leave most layers at the start: score once
+            for c, cand in enumerate(cands):
+                first = seen.setdefault(cand[l].tobytes(), c)
+                if first < c:
+                    values[l, c], imb[l, c] = values[l, first], imb[l, first]
+                else:
+                    values[l, c] = self.value(l, cand[l])
+                    if H:
+                        imb[l, c] = _bucket_imbalance(cand[l], self.held[l], self.G, self.speeds)
+        return values, imb
 
 
 def _layers(stats: RoutingStats, start: Placement, *, traffic: float, node: float, load: float,
@@ -661,10 +679,7 @@ def combine_restarts(stats: RoutingStats, start: Placement, reports: list[Static
         if r.traffic is not None and r.steady is not None:
             cands += [r.steady, r.traffic]
             owner += [i, i]
-    if ctx.held.shape[1]:
-        pick = ctx.choose(cands, balance_slack)
-    else:  # no held-back buckets: the least value per layer
-        pick = np.array([int(np.argmin([ctx.value(l, c[l]) for c in cands])) for l in range(L)])
+    pick = ctx.choose(cands, balance_slack)
     gpu = np.stack([cands[c][l] for l, c in enumerate(pick)])
     return (_by_gpu(gpu, start.num_gpus, start.num_nodes), np.array([owner[c] for c in pick]),
             (pick % 2 == 1))
