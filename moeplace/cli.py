@@ -773,7 +773,8 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the search, the random baseline and the --holdout split.")
 @click.option("--restarts", type=_Number(int, 1, 1024), default=1, show_default=True,
-              help="search: parallel restarts from seeds SEED, SEED+1, ... (one process each).")
+              help="search: parallel restarts from seeds SEED, SEED+1, ... (one process each; "
+              "static engines: the layers split among them first).")
 @click.option("--window", type=POS_INT, default=4096, show_default=True,
               help="Tokens per window for windowed load imbalance.")
 @click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0, show_default=True,
@@ -815,7 +816,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
 
     import moeplace.solvers.solve  # noqa: F401  (fills the method registry)
     from moeplace.solvers import report as rpt
-    from moeplace.solvers.objective import STATIC_ENGINES
     from moeplace.solvers.registry import get
 
     if plot_path:  # before any work: a missing extra or a clash fails in a second
@@ -831,12 +831,6 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                          f"use --method search for {engine}, or --engine {solver.engines[0]}")
     if engine is None:
         engine = solver.engines[0] if solver is not None and not solver.baseline else "sglang"
-    if (engine in STATIC_ENGINES and replicas == 0 and method in ("auto", "search")
-            and (restarts > 1 or ray_address)):
-        raise InputError("solve", "--ray" if ray_address else "--restarts",
-                         f"the {engine} search is deterministic: restarts from other seeds "
-                         "find the same placement", "drop --restarts/--ray, or use --engine "
-                         "exflow or --replicas")
     session: Any = contextlib.nullcontext()
     runner = None
     if ray_address:

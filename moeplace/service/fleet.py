@@ -3,8 +3,9 @@
 Statistics add up exactly across shards (integer counts), so aggregation runs as one Ray task per
 group of Parquet shards, each streaming its files through the same counting kernel as the
 single-process path, and the partial counts are summed on the driver. Search restarts are
-independent too: each seed is a task and the best placement wins, ties to the lowest seed, so
-the result does not depend on where or in which order tasks ran. Ray is an optional extra
+independent too: each seed is a task and the best placement wins (for the static engines' search,
+per layer), ties to the lowest seed, so the result does not depend on where or in which order
+tasks ran. Ray is an optional extra
 (``pip install 'moeplace[ray]'``); nothing here imports it until asked to.
 """
 
@@ -14,7 +15,7 @@ import contextlib
 import glob
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,23 +163,31 @@ def stats_on_ray(sources: Sequence[str | os.PathLike[str]], address: str = "loca
     return total
 
 
-def _search_task(stats: RoutingStats, start: Any, seed: int, kw: dict[str, Any]) -> Any:
-    from moeplace.solvers.search import search
-
-    return search(stats, start, seed=seed, **kw)
+def _search_task(fn: Callable[..., Any], stats: RoutingStats, start: Any, seed: int,
+                 kw: dict[str, Any]) -> Any:
+    return fn(stats, start, seed=seed, **kw)
 
 
 def restarts_on_ray(stats: RoutingStats, start: Any, restarts: int, seed: int,
                     address: str = "local", num_cpus: int | None = None,
-                    **kw: Any) -> list[Any]:
-    """``restarts`` searches from seeds ``seed, seed+1, ...`` as Ray tasks; the results in seed
-    order (the caller keeps the best, ties to the lowest seed)."""
+                    fn: Callable[..., Any] | None = None, **kw: Any) -> list[Any]:
+    """``restarts`` searches (``fn``, by default the cross-layer ``search``) from seeds
+    ``seed, seed+1, ...`` as Ray tasks; the results in seed order (the caller keeps the best,
+    ties to the lowest seed). With fewer CPUs in the cluster than restarts, each restart gets
+    its wave's share of ``time_limit``, so all of them end within it."""
     if restarts < 1:
         raise InputError("--restarts", "value", f"{restarts} < 1", "give at least one restart")
+    if fn is None:
+        from moeplace.solvers.search import search as fn
     with ray_session(address, num_cpus) as ray:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if "time_limit" in kw:
+            from moeplace.solvers.search_solver import restart_seconds
+
+            kw = {**kw, "time_limit": restart_seconds(kw["time_limit"], restarts, cpus)}
         task = ray.remote(num_cpus=1)(_search_task)
         stats_ref = ray.put(stats)  # shipped once, shared by every task
-        refs = [task.remote(stats_ref, start, seed + i, kw) for i in range(restarts)]
+        refs = [task.remote(fn, stats_ref, start, seed + i, kw) for i in range(restarts)]
         try:
             return list(ray.get(refs))
         except BaseException:
@@ -188,8 +197,8 @@ def restarts_on_ray(stats: RoutingStats, start: Any, restarts: int, seed: int,
             raise
 
 
-def ray_restart_runner(stats: RoutingStats, start: Any, restarts: int, seed: int,
-                       kw: dict[str, Any]) -> list[Any]:
+def ray_restart_runner(fn: Callable[..., Any], stats: RoutingStats, start: Any, restarts: int,
+                       seed: int, kw: dict[str, Any]) -> list[Any]:
     """``solve_with_report(restart_runner=...)`` hook: the restarts as tasks on the Ray session
     the caller opened (``ray_session``)."""
-    return restarts_on_ray(stats, start, restarts, seed, **kw)
+    return restarts_on_ray(stats, start, restarts, seed, fn=fn, **kw)

@@ -30,9 +30,12 @@ class Cluster:
     replicas: int = 0
 
 
-# Runs ``restarts`` searches from seeds seed, seed+1, ... somewhere else (e.g. Ray tasks, see
-# moeplace.service.fleet) and returns their ``(placement, report)`` results in seed order.
-RestartRunner = Callable[[RoutingStats, Placement, int, int, dict[str, Any]], list[Any]]
+# ``runner(fn, stats, start, restarts, seed, kw)`` runs ``fn(stats, start, seed=seed + i, **kw)``
+# for i < restarts somewhere else (e.g. Ray tasks, see moeplace.service.fleet), each within its
+# share of ``kw["time_limit"]`` when they cannot all run at once, and returns their
+# ``(placement, report)`` results in seed order. ``fn`` is a module-level function (picklable).
+RestartRunner = Callable[[Callable[..., Any], RoutingStats, Placement, int, int, dict[str, Any]],
+                         list[Any]]
 
 
 def reserve_seconds(time_limit: float) -> float:

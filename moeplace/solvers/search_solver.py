@@ -1,5 +1,6 @@
 """The search as a method: from EPLB with distinct copies (or the placement serving now), with
-restarts from several seeds in processes or through a runner (Ray), the best kept.
+restarts from several seeds in processes or through a runner (Ray), the best kept (for the
+static engines' search, per layer).
 
 Kept apart from ``search`` (the algorithm) so the method's wiring and the algorithm change
 independently.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -37,8 +39,44 @@ from moeplace.solvers.registry import (
 )
 from moeplace.solvers.robust import give_back, too_few_requests
 from moeplace.solvers.search import SearchReport, search
-from moeplace.solvers.static import static_search
+from moeplace.solvers.static import StaticReport, combine_restarts, restart_layers, static_search
 from moeplace.traces import RoutingStats
+
+
+def restart_seconds(time_limit: float, restarts: int, workers: int) -> float:
+    """Each restart's time limit when ``restarts`` run on ``workers`` at a time, so that all
+    of them end within ``time_limit`` (the waves run one after another)."""
+    workers = max(1, min(restarts, workers))
+    return time_limit / -(-restarts // workers)
+
+
+def run_restarts(fn: Callable[..., Any], stats: RoutingStats, start: Placement, restarts: int,
+                 seed: int, runner: RestartRunner | None, kw: dict[str, Any]) -> list[Any]:
+    """``fn(stats, start, seed=seed + i, **kw)`` for ``i < restarts``, in parallel processes (or
+    through ``runner``), each within its share of ``kw["time_limit"]``; results in seed order."""
+    if runner is not None:
+        return list(runner(fn, stats, start, restarts, seed, kw))
+    if restarts <= 1:
+        return [fn(stats, start, seed=seed, **kw)]
+    cores = os.cpu_count() or 1
+
+    def share(workers: int) -> dict[str, Any]:
+        if "time_limit" not in kw:
+            return kw
+        return {**kw, "time_limit": restart_seconds(kw["time_limit"], restarts, workers)}
+
+    # fork: spawn would re-run the caller's __main__, which breaks in REPLs and piped scripts.
+    # Solver threads have finished by now (CP-SAT joins its workers before returning).
+    if "fork" in multiprocessing.get_all_start_methods():
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=min(restarts, cores), mp_context=ctx) as pool:
+                futures = [pool.submit(fn, stats, start, seed=seed + i, **share(cores))
+                           for i in range(restarts)]
+                return [f.result() for f in futures]
+        except BrokenProcessPool:
+            pass
+    return [fn(stats, start, seed=seed + i, **share(1)) for i in range(restarts)]
 
 
 def multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
@@ -50,35 +88,49 @@ def multi_start(stats: RoutingStats, start: Placement, restarts: int | None,
     found the same objective (3.938 vs 3.938) and, sharing the cores, ran out of time sooner;
     more restarts pay off on machines with more cores.
     """
-    cores = os.cpu_count() or 1
-    if restarts is None:
-        restarts = 1
+    restarts = 1 if restarts is None else restarts
     seed = kw.pop("seed", 0)
-    if runner is not None:
-        results = runner(stats, start, restarts, seed, kw)
-    elif restarts <= 1:
-        plc, rep = search(stats, start, seed=seed, **kw)
-        rep.restarts = 1
-        return plc, rep
-    # fork: spawn would re-run the caller's __main__, which breaks in REPLs and piped scripts.
-    # Solver threads have finished by now (CP-SAT joins its workers before returning).
-    elif "fork" in multiprocessing.get_all_start_methods():
-        try:
-            ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=min(restarts, cores), mp_context=ctx) as pool:
-                futures = [pool.submit(search, stats, start, seed=seed + i, **kw)
-                           for i in range(restarts)]
-                results = [f.result() for f in futures]
-        except BrokenProcessPool:
-            results = [search(stats, start, seed=seed + i, **kw) for i in range(restarts)]
-    else:
-        results = [search(stats, start, seed=seed + i, **kw) for i in range(restarts)]
+    results = run_restarts(search, stats, start, restarts, seed, runner, kw)
     weights = kw.get("weights", Weights())
     values = [score(stats, p, weights, kw.get("current")).total for p, _ in results]
     best = int(np.argmin(values))  # ties go to the lowest seed: deterministic
     plc, rep = results[best]
     rep.restarts = restarts
     return plc, rep
+
+
+def static_restart(stats: RoutingStats, start: Placement, *, seed: int, first_seed: int,
+                   num_restarts: int, **kw: Any) -> tuple[Placement, StaticReport]:
+    """Restart ``seed - first_seed`` of ``num_restarts`` of the static search: its share of the
+    layers, from a seeded perturbation when it repeats layers (``static.restart_layers``)."""
+    layers, seeded = restart_layers(seed - first_seed, num_restarts, start.num_layers)
+    return static_search(stats, start, seed=seed if seeded else None, layers=layers, **kw)
+
+
+def static_multi_start(stats: RoutingStats, start: Placement, restarts: int,
+                       runner: RestartRunner | None, seed: int, **kw: Any
+                       ) -> tuple[Placement, StaticReport, dict[str, Any]]:
+    """The static search as ``restarts`` tasks (the layers split among them, then seeded
+    repeats), per layer the best candidate (``static.combine_restarts``); a report summed over
+    the restarts and what they gave. One restart is the plain search."""
+    if (restarts <= 1 and runner is None) or too_few_requests(stats, kw.get("balance_slack", 0.0)):
+        # Too few requests to check balance on: the search returns the start, nothing to share.
+        plc, rep = static_search(stats, start, **kw)
+        return plc, rep, {}
+    results = run_restarts(static_restart, stats, start, restarts, seed, runner,
+                           {**kw, "first_seed": seed, "num_restarts": restarts})
+    reports = [r for _, r in results]
+    combine_kw = {k: v for k, v in kw.items() if k not in ("time_limit", "deadline")}
+    plc, owner, steady = combine_restarts(stats, start, reports, **combine_kw)
+    rep = StaticReport(
+        swaps=sum(r.swaps for r in reports), kl_passes=sum(r.kl_passes for r in reports),
+        repaired_layers=sum(r.repaired_layers for r in reports),
+        layers_given_back=int((owner < 0).sum()),
+        balance_first_layers=int(steady.sum()), scenarios=reports[0].scenarios,
+        stopped=("time limit" if any(r.stopped == "time limit" for r in reports)
+                 else reports[0].stopped))
+    return plc, rep, dict(restarts=restarts,
+                          layers_from_restart=[None if o < 0 else seed + int(o) for o in owner])
 
 
 @register
@@ -131,21 +183,17 @@ class SearchSolver(Solver):
             else "eplb-distinct")
         budget = options.budget(0.05 * options.time_limit)
         if static and cluster.replicas == 0 and stats.has_samples:
-            if (options.restarts or 1) > 1 or options.restart_runner is not None:
-                raise InputError("solve", "--restarts", f"the {options.engine} search is "
-                                 "deterministic: restarts from other seeds find the same placement",
-                                 "drop --restarts/--ray, or use --engine exflow")
-            plc, srep = static_search(stats, start, traffic=w.traffic, node=w.node, load=w.load,
-                                      migration=w.migration, current=current,
-                                      balance_slack=options.balance_slack, time_limit=budget,
-                                      tokens_per_step=options.tokens_per_step if decode else None,
-                                      gpu_speeds=speeds)
+            plc, srep, more = static_multi_start(
+                stats, start, options.restarts or 1, options.restart_runner, options.seed,
+                traffic=w.traffic, node=w.node, load=w.load, migration=w.migration,
+                current=current, balance_slack=options.balance_slack, time_limit=budget,
+                tokens_per_step=options.tokens_per_step if decode else None, gpu_speeds=speeds)
             details: dict[str, Any] = dict(
                 swaps=srep.swaps, kl_passes=srep.kl_passes, repaired_layers=srep.repaired_layers,
                 layers_kept_from_start=srep.layers_given_back,
                 balance_first_layers=srep.balance_first_layers, stopped=srep.stopped,
                 load_scenarios=srep.scenarios, sampled_tokens=len(stats.token_sample),
-                start=origin)
+                start=origin, **more)
             status = "time limit" if srep.stopped == "time limit" else "local optimum"
             return plc, MethodResult(status, None, details)
         if static and too_few_requests(stats, options.balance_slack):

@@ -19,6 +19,7 @@ this is ``M[a, gb] + M[b, ga] + Q[a, b] + Q[b, a]`` (see ``_deltas``).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -390,6 +391,9 @@ class StaticReport:
     stopped: str = "converged"
     seconds: float = 0.0
     scenarios: int = 1
+    # [L, N] expert-to-GPU maps of each layer's traffic and balance-first candidates
+    traffic: np.ndarray | None = None
+    steady: np.ndarray | None = None
 
 
 def scenario_caps(stats: RoutingStats, reference: Placement, balance_slack: float,
@@ -424,11 +428,111 @@ def _bucket_imbalance(gpu_of: np.ndarray, loads: np.ndarray, G: int,
     return imbalance(_scenario_gpu_loads(gpu_of, loads, G), speeds)
 
 
+@dataclass
+class _Layers:
+    """What every layer's search reads: the token sample, each layer's balance limits and the
+    held-back buckets, in the objective's per-layer units (sums over sampled tokens)."""
+
+    sets: np.ndarray  # [T, L, k] sampled tokens' experts
+    bal: list[Balance]
+    held: np.ndarray  # [L, H, N] held-back request buckets
+    cur: np.ndarray | None  # [L, N] GPU of each expert in the current placement (migration)
+    coef: float  # one move's cost in a layer's units
+    G: int
+    M: int
+    wg: float
+    wn: float
+    speeds: np.ndarray | None
+
+    def mig(self, l: int) -> tuple[np.ndarray, float] | None:
+        return None if self.cur is None else (self.cur[l], self.coef)
+
+    def value(self, l: int, g: np.ndarray) -> float:
+        """Layer ``l``'s objective (traffic, moves, load term) of map ``g``."""
+        return layer_value(self.sets[:, l, :], g, self.G, self.G // self.M, self.wg, self.wn,
+                           self.mig(l), self.bal[l])
+
+    def choose(self, cands: list[np.ndarray], balance_slack: float) -> np.ndarray:
+        """Per layer, the column of ``cands`` (``[L, N]`` maps; the first is the start) with
+        the least summed value whose mean held-back imbalance over layers stays within
+        ``balance_slack`` of the start's (``robust.choose_robust``)."""
+        values, imb = self.scores(cands)
+        L = len(self.bal)
+        if imb.shape[2] == 0:  # no held-back buckets: the least value per layer
+            return np.argmin(values, axis=1)
+        return choose_robust(values, imb - imb[:, :1], balance_slack * L)
+
+    def scores(self, cands: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``values [L, C]`` and held-back imbalances ``[L, C, H]`` of each candidate's layers,
+        each distinct map scored once."""
+        L, C, H = len(self.bal), len(cands), self.held.shape[1]
+        values = np.empty((L, C))
+        imb = np.empty((L, C, H))
+        for l in range(L):
+            seen: dict[bytes, int] = {}  # restarts leave most layers at the start: score once
+            for c, cand in enumerate(cands):
+                first = seen.setdefault(cand[l].tobytes(), c)
+                if first < c:
+                    values[l, c], imb[l, c] = values[l, first], imb[l, first]
+                else:
+                    values[l, c] = self.value(l, cand[l])
+                    if H:
+                        imb[l, c] = _bucket_imbalance(cand[l], self.held[l], self.G, self.speeds)
+        return values, imb
+
+
+def _layers(stats: RoutingStats, start: Placement, *, traffic: float, node: float, load: float,
+            migration: float, current: Placement | None, balance_slack: float,
+            tokens_per_step: int | None, gpu_speeds: np.ndarray | None) -> _Layers:
+    G, M = start.num_gpus, start.num_nodes
+    sg, sn = term_scales(stats, G, M)
+    # The sample is ordered by priority, so its head is a uniform sample too: 8,192 tokens fix
+    # each layer's distinct-GPU mean to about 1% and halve the work per swap round.
+    sets_all = stats.token_sample[:SEARCH_TOKENS].astype(np.int64)
+    loads, caps, held = scenario_caps(stats, start, balance_slack, tokens_per_step, gpu_speeds)
+    cur = current.expert_gpu() if (current is not None and migration > 0
+                                   and current.num_replicas == 0) else None
+    L, N = start.num_layers, start.num_experts
+    # Migration is (copies moved / slots) averaged over layers; in one layer's units (sums over
+    # sampled tokens, per layer) one move costs migration * tokens / slots.
+    coef = migration * len(sets_all) / N
+    # The load term, load * mean over layers of the imbalance, in one layer's units (sums over
+    # sampled tokens, as the traffic terms): the buckets' mean of max GPU load / mean GPU load.
+    H = loads.shape[1] - 1
+    bucket_mean = loads[:, 1:].sum(axis=2) / (G if gpu_speeds is None else gpu_speeds.sum())
+    bal = [Balance(loads[l], caps[l], (load * len(sets_all) / H)
+                   / max(float(bucket_mean[l].mean()), 1e-12) if H else 0.0, gpu_speeds)
+           for l in range(L)]
+    return _Layers(sets_all, bal, held, cur, coef, G, M, traffic * sg, node * sn, gpu_speeds)
+
+
+def _kick(gpu_of: np.ndarray, bal: Balance, G: int, rng: np.random.Generator, moves: int
+          ) -> np.ndarray:
+    """``moves`` random swaps of experts on different GPUs that keep ``bal``'s limits: another
+    starting point from which the descent reaches another local optimum."""
+    g = gpu_of.copy()
+    N = len(g)
+    done = 0
+    for _ in range(16 * moves):
+        a, b = (int(x) for x in rng.integers(N, size=2))
+        if g[a] == g[b]:
+            continue
+        g[a], g[b] = g[b], g[a]
+        if bal.violation(g, G) > 1e-9:
+            g[a], g[b] = g[b], g[a]
+            continue
+        done += 1
+        if done >= moves:
+            break
+    return g
+
+
 def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0,
                   node: float = 1.0, load: float = 1.0, migration: float = 0.0,
                   current: Placement | None = None, balance_slack: float = 0.0,
                   time_limit: float = 30.0, deadline: float | None = None,
-                  tokens_per_step: int | None = None, gpu_speeds: np.ndarray | None = None
+                  tokens_per_step: int | None = None, gpu_speeds: np.ndarray | None = None,
+                  seed: int | None = None, layers: Sequence[int] | None = None
                   ) -> tuple[Placement, StaticReport]:
     """Place each layer's experts (no replicas) to minimise distinct GPUs and nodes per token,
     within ``start``'s balance on every load scenario (see ``scenario_caps``).
@@ -441,6 +545,12 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
     its traffic candidate so that the mean held-back imbalance over layers is no worse than
     ``start``'s (+ ``balance_slack``) at the least traffic (``robust.choose_robust``). With
     too few requests for that check and no slack, ``start`` comes back unchanged.
+
+    Without ``seed`` the search is deterministic. With one, each layer's limited descent
+    starts from ``start`` moved by random swaps within its limits and the unlimited descent
+    from a random permutation of it: other local optima. ``layers`` searches only those layers
+    (the others keep ``start``'s), with the whole time limit shared among them. The report
+    keeps both candidates of every layer (``traffic``, ``steady``) for ``combine_restarts``.
     """
     t0 = time.monotonic()
     end = t0 + time_limit if deadline is None else min(deadline, t0 + time_limit)
@@ -449,43 +559,23 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
         rep.stopped = "no token sample" if start.num_replicas == 0 else "replicas"
         return start, rep
     G, M = start.num_gpus, start.num_nodes
-    n = G // M
-    sg, sn = term_scales(stats, G, M)
-    wg, wn = traffic * sg, node * sn
-    # The sample is ordered by priority, so its head is a uniform sample too: 8,192 tokens fix
-    # each layer's distinct-GPU mean to about 1% and halve the work per swap round.
-    sets_all = stats.token_sample[:SEARCH_TOKENS].astype(np.int64)
     if too_few_requests(stats, balance_slack):
         rep.stopped = "too few requests to check balance on new traffic"
         rep.layers_given_back = start.num_layers
         return start, rep
-    loads, caps, held = scenario_caps(stats, start, balance_slack, tokens_per_step, gpu_speeds)
-    rep.scenarios = loads.shape[1] + held.shape[1]
+    ctx = _layers(stats, start, traffic=traffic, node=node, load=load, migration=migration,
+                  current=current, balance_slack=balance_slack,
+                  tokens_per_step=tokens_per_step, gpu_speeds=gpu_speeds)
+    sets_all, bal, held, wg, wn, mig, val = (ctx.sets, ctx.bal, ctx.held, ctx.wg, ctx.wn,
+                                             ctx.mig, ctx.value)
+    rep.scenarios = bal[0].loads.shape[0] + held.shape[1]
     gpu = start.expert_gpu().copy()
-    cur = current.expert_gpu() if (current is not None and migration > 0
-                                   and current.num_replicas == 0) else None
     L, N = gpu.shape
-    # Migration is (copies moved / slots) averaged over layers; in one layer's units (sums over
-    # sampled tokens, per layer) one move costs migration * tokens / slots.
-    coef = migration * len(sets_all) / N
-
-    def mig(l: int) -> tuple[np.ndarray, float] | None:
-        return None if cur is None else (cur[l], coef)
-
-    # The load term, load * mean over layers of the imbalance, in one layer's units (sums over
-    # sampled tokens, as the traffic terms): the buckets' mean of max GPU load / mean GPU load.
-    H = loads.shape[1] - 1
-    bucket_mean = loads[:, 1:].sum(axis=2) / (G if gpu_speeds is None else gpu_speeds.sum())
-    bal = [Balance(loads[l], caps[l], (load * len(sets_all) / H)
-                   / max(float(bucket_mean[l].mean()), 1e-12) if H else 0.0, gpu_speeds)
-           for l in range(L)]
-
-    def val(l: int, g: np.ndarray) -> float:
-        return layer_value(sets_all[:, l, :], g, G, n, wg, wn, mig(l), bal[l])
-
+    rng = None if seed is None else np.random.default_rng(seed)
     steady = gpu.copy()  # balance-first candidates
+    todo = list(range(L)) if layers is None else sorted({int(x) for x in layers})
 
-    for l in range(L):
+    for i, l in enumerate(todo):
         left = end - time.monotonic()
         if left <= 0:
             rep.stopped = "time limit"
@@ -493,14 +583,18 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
         # Half of this layer's share of the remaining time, so later layers keep theirs; each
         # candidate gets its own slice of it (one slow search must not starve the others).
         now = time.monotonic()
-        share = 0.5 * left / (L - l)
+        share = 0.5 * left / (len(todo) - i)
         sets = sets_all[:, l, :]
         kw = dict(wg=wg, wn=wn, mig=mig(l))
         if bal[l].weight:
             steady[l], _ = layer_search(sets, gpu[l], G, M, bal[l], wg=0.0, wn=0.0,
                                         deadline=now + 0.2 * share)
-        a, na = layer_search(sets, gpu[l], G, M, bal[l], deadline=now + 0.5 * share, **kw)
-        free, _ = layer_search(sets, gpu[l], G, M, bal[l].loosened(), deadline=now + 0.7 * share,
+        first, loose = gpu[l], gpu[l]
+        if rng is not None:
+            first = _kick(gpu[l], bal[l], G, rng, max(1, N // 4))
+            loose = rng.permutation(gpu[l])
+        a, na = layer_search(sets, first, G, M, bal[l], deadline=now + 0.5 * share, **kw)
+        free, _ = layer_search(sets, loose, G, M, bal[l].loosened(), deadline=now + 0.7 * share,
                                **kw)
         kw["deadline"] = now + share
         b = repair(sets, free, G, M, bal[l], **kw)
@@ -512,7 +606,7 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
         gpu[l] = a
         rep.swaps += na
     # Kernighan-Lin passes round-robin over layers while time remains and any layer improves.
-    improving = set(range(L)) if rep.stopped == "converged" else set()
+    improving = set(todo) if rep.stopped == "converged" else set()
     while improving and time.monotonic() < end:
         for l in sorted(improving):
             if time.monotonic() >= end:
@@ -531,18 +625,61 @@ def static_search(stats: RoutingStats, start: Placement, *, traffic: float = 1.0
     if improving and rep.stopped == "converged":
         rep.stopped = "time limit"
     ref = start.expert_gpu()
+    rep.traffic, rep.steady = gpu.copy(), steady
     if held.shape[1]:
         cands = [ref, steady, gpu]
-        values = np.array([[val(l, c[l]) for c in cands] for l in range(L)])
-        imb = np.array([[_bucket_imbalance(c[l], held[l], G, gpu_speeds) for c in cands]
-                        for l in range(L)])  # [L, C, H]
-        excess = imb - imb[:, :1]  # against the start, the first candidate
-        pick = choose_robust(values, excess, balance_slack * L)
+        pick = ctx.choose(cands, balance_slack)
         gpu = np.stack([cands[c][l] for l, c in enumerate(pick)])
         rep.layers_given_back = int((pick == 0).sum())
         rep.balance_first_layers = int((pick == 1).sum())
     rep.seconds = time.monotonic() - t0
-    # Experts by GPU (stable: ascending ids within a GPU), S slots each.
-    plc = Placement(np.argsort(gpu, axis=1, kind="stable"), num_gpus=G, num_nodes=M,
-                    num_experts=N)
-    return plc, rep
+    return _by_gpu(gpu, G, M), rep
+
+
+def _by_gpu(gpu: np.ndarray, G: int, M: int) -> Placement:
+    """The placement of ``[L, N]`` expert-to-GPU maps: experts by GPU (stable: ascending ids
+    within a GPU), S slots each."""
+    return Placement(np.argsort(gpu, axis=1, kind="stable"), num_gpus=G, num_nodes=M,
+                     num_experts=gpu.shape[1])
+
+
+def restart_layers(restart: int, restarts: int, num_layers: int) -> tuple[list[int], bool]:
+    """Which layers restart ``restart`` of ``restarts`` searches, and whether from a seed.
+
+    Layers are independent in the static objective, so restarts first split the layers
+    (restart i takes layers i, i + R, ... of R = min(restarts, L)), each searching its share
+    with R times the time per layer of one search over all of them; restarts beyond the
+    number of layers search one layer again from a random perturbation (seeded)."""
+    R = min(restarts, num_layers)
+    return list(range(restart % R, num_layers, R)), restart >= R
+
+
+def combine_restarts(stats: RoutingStats, start: Placement, reports: list[StaticReport], *,
+                     traffic: float = 1.0, node: float = 1.0, load: float = 1.0,
+                     migration: float = 0.0, current: Placement | None = None,
+                     balance_slack: float = 0.0, tokens_per_step: int | None = None,
+                     gpu_speeds: np.ndarray | None = None
+                     ) -> tuple[Placement, np.ndarray, np.ndarray]:
+    """One placement from the candidates of several ``static_search`` runs (restarts, in seed
+    order, each reporting ``traffic`` and ``steady`` maps): per layer the candidate chosen as
+    in ``static_search`` (least summed value within the held-back balance budget,
+    ``_Layers.choose``) among ``start`` and every run's candidates for that layer; ties go to
+    the earliest column (``start``, then the lowest seed). Returns the placement, per layer the
+    restart it came from (-1: ``start``) and whether it is that restart's balance-first map."""
+    L = start.num_layers
+    runs = [r for r in reports if r.traffic is not None and r.steady is not None]
+    if not runs:
+        return start, np.full(L, -1), np.zeros(L, bool)
+    ctx = _layers(stats, start, traffic=traffic, node=node, load=load, migration=migration,
+                  current=current, balance_slack=balance_slack,
+                  tokens_per_step=tokens_per_step, gpu_speeds=gpu_speeds)
+    owner = [-1]
+    cands = [start.expert_gpu()]
+    for i, r in enumerate(reports):
+        if r.traffic is not None and r.steady is not None:
+            cands += [r.steady, r.traffic]
+            owner += [i, i]
+    pick = ctx.choose(cands, balance_slack)
+    gpu = np.stack([cands[c][l] for l, c in enumerate(pick)])
+    return (_by_gpu(gpu, start.num_gpus, start.num_nodes), np.array([owner[c] for c in pick]),
+            (pick % 2 == 1))

@@ -100,3 +100,20 @@ def test_solve_restarts_on_ray_no_worse_than_one_restart(ray_local, tmp_path, rn
     # deterministic under a seed: the same four restarts again give the same placement
     again, _ = solve("--restarts", "4", "--ray", "local", "--window", "4096")
     assert again.phy2log.tolist() == four.phy2log.tolist()
+
+
+def test_static_engine_restarts_on_ray_equal_the_same_restarts_in_processes(ray_local):
+    """The default engine's restarts as Ray tasks: the same placement as in local processes
+    (the runner gets the restart function; ties and the per-layer choice do not depend on
+    where tasks ran)."""
+    from moeplace.service.fleet import ray_restart_runner
+    from moeplace.solvers import Cluster, solve_with_report
+
+    rng = np.random.default_rng(4)
+    s = compute_stats(random_trace(rng, 2000, 3, 16, 3, requests=200))
+    kw = dict(method="search", time_limit=120, restarts=4, seed=1)
+    here, rh = solve_with_report(s, Cluster(4, 2), **kw)
+    there, rt = solve_with_report(s, Cluster(4, 2), restart_runner=ray_restart_runner, **kw)
+    assert rh.details["stopped"] == rt.details["stopped"] == "converged"
+    assert rt.details["restarts"] == 4
+    assert here.phy2log.tolist() == there.phy2log.tolist()
