@@ -54,8 +54,12 @@ __all__ = ["balanced_packing", "balanced_placement", "baseline", "contiguous", "
            "eplb", "eplb_distinct", "random_placement", "replica_counts", "replicate_experts",
            "round_robin"]
 
-# DeepSeek's EPLB and the stacks compute in float32.
+# The engines take the load as float32 (vLLM ``weight.float()``) and group sums stay float32;
+# pack sums and per-copy loads are float64 in vLLM 0.34's DefaultEplbPolicy (numpy promotes
+# float32 / int64), so those are float64 here too: float32 pack sums round at whole tokens on
+# production-size counts and then pick other packs than the engines do.
 _F = np.float32
+_D = np.float64
 
 
 # ---- DeepSeek's three greedy steps, one layer at a time --------------------------------------
@@ -66,7 +70,8 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     Returns ``(pack [n], rank [n])``: each item's pack and its position inside the pack.
     With one item per pack, item i goes to pack i (DeepSeek's shortcut).
     """
-    w = np.asarray(weight, _F)
+    w = np.asarray(weight)
+    w = w.astype(_D) if w.dtype == _D else w.astype(_F).astype(_D)
     n = w.shape[0]
     if n % num_packs:
         raise InfeasibleError(f"{n} items do not split evenly into {num_packs} packs")
@@ -75,13 +80,13 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
         return np.arange(n), np.zeros(n, np.int64)
     pack = np.full(n, -1, np.int64)
     rank = np.full(n, -1, np.int64)
-    pack_w = np.zeros(num_packs, _F)
+    pack_w = np.zeros(num_packs, _D)
     pack_n = np.zeros(num_packs, np.int64)
     for i in np.argsort(-w, kind="stable"):
         room = np.flatnonzero(pack_n < per)
         b = int(room[np.argmin(pack_w[room])])
         pack[i], rank[i] = b, pack_n[b]
-        pack_w[b] = _F(pack_w[b] + w[i])
+        pack_w[b] = pack_w[b] + w[i]
         pack_n[b] += 1
     return pack, rank
 
@@ -97,8 +102,9 @@ def replicate_experts(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, n
     slots = np.empty(num_slots, np.int64)
     slots[:n] = np.arange(n)
     cnt = np.ones(n, np.int64)
+    wd = w.astype(_D)
     for i in range(n, num_slots):
-        e = int(np.argmax(w / cnt.astype(_F)))
+        e = int(np.argmax(wd / cnt))
         slots[i] = e
         cnt[e] += 1
     return slots, cnt
@@ -148,7 +154,7 @@ def _deepseek_layer(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: 
     for n, experts in enumerate(_node_domains(load, num_nodes, num_groups)):
         w = load[experts].astype(_F)
         slot_e, cnt = replicate_experts(w, slots_node)
-        copy_w = (w / cnt.astype(_F))[slot_e]
+        copy_w = (w.astype(_D) / cnt)[slot_e]
         pack, rank = balanced_packing(copy_w, gpn)
         local = np.empty(slots_node, np.int64)
         local[pack * per_gpu + rank] = slot_e
