@@ -41,7 +41,7 @@ import numpy as np
 from moeplace._limits import check_memory
 from moeplace.errors import InputError
 from moeplace.solvers.baselines import eplb, eplb_where_distinct, resolve_groups
-from moeplace.solvers.online import OnlinePolicy, moved_copies, transfer_stall
+from moeplace.solvers.online import OnlinePolicy, moved_copies, preserve_slots, transfer_stall
 from moeplace.traces import Trace, TraceReader
 from moeplace.traces.store import as_chunks
 
@@ -95,27 +95,6 @@ class ReplayPolicy(Protocol):
 
 
 # ---- built-in policies --------------------------------------------------------------------
-def preserve_slots(new: np.ndarray, old: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``new`` with each GPU's slots reordered so that an expert the GPU already held keeps
-    its old slot (what the engines do before migrating: a reorder inside one GPU copies
-    nothing, and keeping slots makes the map's changes visible)."""
-    new, old = np.asarray(new), np.asarray(old)
-    L, P = new.shape
-    S = P // num_gpus
-    out = new.copy()
-    for l in range(L):
-        for g in range(num_gpus):
-            a, b = old[l, g * S:(g + 1) * S], list(new[l, g * S:(g + 1) * S])
-            row: list[int | None] = [None] * S
-            for s in range(S):
-                if a[s] in b:
-                    b.remove(a[s])
-                    row[s] = int(a[s])
-            it = iter(b)
-            out[l, g * S:(g + 1) * S] = [x if x is not None else next(it) for x in row]
-    return out
-
-
 class EplbPolicy:
     """DeepSeek's EPLB refit (moeplace's re-implementation, ``baselines.eplb``) on the last
     ``window`` tokens, or on everything seen (``cumulative``), slots preserved per GPU."""
