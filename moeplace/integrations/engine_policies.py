@@ -113,3 +113,35 @@ def make_policy(name: str, num_gpus: int, num_nodes: int, num_groups: int, *,
     assert name not in ENGINE_POLICIES
     return builtin_policy(name, num_gpus, num_nodes, num_groups, expert_bytes=expert_bytes,
                           hardware=hardware)
+
+
+def run_replay(source: Any, policies: str, *, num_gpus: int, num_nodes: int = 1,
+               replicas: int = 0, num_groups: int | None = None, interval: int = 4096,
+               window: int | None = None, order: str = "arrival", expert_bytes: int = 0,
+               hardware: str = "h100-nvlink", out: str | None = None,
+               plot_path: str | None = None) -> Any:
+    """``moeplace replay``: build the named policies (comma separated), replay ``source``
+    through all of them in one pass, write ``out`` and ``plot_path`` if given; returns the
+    ``ReplayResult``."""
+    from moeplace.solvers.replay import POLICIES, plot, replay, write_placements
+    from moeplace.solvers.simulator import Hardware
+
+    names = [p.strip() for p in policies.split(",")]
+    for n in names:
+        if n not in POLICIES:
+            raise InputError("--policy", "value", f"{n!r} is not a policy",
+                             f"use one or several of {','.join(POLICIES)}")
+    if len(set(names)) != len(names):
+        raise InputError("--policy", "value", "a policy is named twice", "name each once")
+    hw = Hardware.load(hardware)
+    groups = 1 if num_groups is None else int(num_groups)
+    pols = [make_policy(n, num_gpus, num_nodes, groups, expert_bytes=expert_bytes, hardware=hw)
+            for n in names]
+    res = replay(source, pols, num_gpus=num_gpus, num_nodes=num_nodes, replicas=replicas,
+                 num_groups=num_groups, interval=interval, window=window, order=order,
+                 expert_bytes=expert_bytes, hardware=hw)
+    if out is not None:
+        write_placements(res, out)
+    if plot_path is not None:
+        plot(res, plot_path)
+    return res

@@ -376,8 +376,21 @@ def replay(source: Trace | TraceReader, policies: Sequence[ReplayPolicy], *, num
              "num_slots": P, "num_groups": groups, "interval": interval, "window": window,
              "order": order, "expert_bytes": int(expert_bytes), "intervals": K,
              "hardware": hw.name, "hardware_source": hw.source,
+             "link_rates": _link_sources(hw),
              "initial_map": "slot p holds expert p mod N (vLLM's EplbState start)"}
     return ReplayResult(rows, summary, plcs, starts, {p.name: p.source for p in policies}, setup)
+
+
+def _link_sources(hw: Any) -> dict[str, Any]:
+    """The profile's link rates the stall uses, each with the source the profile gives."""
+    src: dict[str, Any] = {}
+    try:
+        with open(hw.source) as f:
+            src = json.load(f).get("sources", {}) or {}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return {k: {"value": float(getattr(hw, k)), "source": str(src.get(k, "not stated"))}
+            for k in ("nvlink_bytes_per_s", "network_bytes_per_s", "network_efficiency")}
 
 
 def _check_map(m: Any, L: int, N: int, P: int, name: str) -> np.ndarray:
@@ -438,3 +451,55 @@ def write_placements(res: ReplayResult, out: str | os.PathLike[str]) -> list[str
             json.dump(res.to_dict(), f, indent=1)
         written.append("summary.json")
     return written
+
+
+def plot(res: ReplayResult, path: str) -> None:
+    """Save next-interval imbalance and moved copies over the replay for every policy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from moeplace.errors import MissingDependencyError
+
+        raise MissingDependencyError("matplotlib", "--plot", "plot") from None
+    from moeplace._fileio import atomic_path
+
+    fig, (a, b) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for n, rows in res.intervals.items():
+        x = [r["start_token"] for r in rows]
+        a.plot(x, [r["load_imbalance"] for r in rows], marker=".", label=n)
+        b.plot(x, [r["moved_copies"] for r in rows], marker=".", label=n)
+    a.set(ylabel="load_imbalance (next interval)",
+          title=f"{os.path.basename(str(res.setup.get('trace', '')))}: {res.setup['num_gpus']} "
+                f"GPUs, {res.setup['num_nodes']} nodes, {res.setup['replicas']} replicas, "
+                f"interval {res.setup['interval']}")
+    b.set(ylabel="moved_copies", xlabel="start_token (replay order)")
+    b.set_yscale("symlog")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    suffix = path.rsplit(".", 1)[-1] if "." in path else "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=suffix)
+    plt.close(fig)
+
+
+def summary_table(res: ReplayResult, reference: str | None = "vllm") -> list[dict[str, Any]]:
+    """One row per policy; with ``reference`` among the policies, each row's imbalance and
+    moved copies against it (measured in the same replay)."""
+    ref = res.summary.get(reference) if reference else None
+    out = []
+    for n, s in res.summary.items():
+        row = {"policy": n, "load_imbalance_mean": s["load_imbalance_mean"],
+               "moved_copies": s["moved_copies"],
+               "moved_fraction_per_decision": s["moved_fraction_per_decision"],
+               "rebalances": s["rebalances"], "decisions": s["decisions"],
+               "moved_bytes": s["moved_bytes"], "stall_s": s["stall_s"],
+               "cpu_ms_per_decision": 1e3 * s["cpu_s_per_decision"]}
+        if ref is not None:
+            row["imbalance_vs_ref"] = s["load_imbalance_mean"] / ref["load_imbalance_mean"]
+            row["moves_vs_ref"] = (s["moved_copies"] / ref["moved_copies"]
+                                   if ref["moved_copies"] else float("nan"))
+        out.append(row)
+    return out
