@@ -123,7 +123,7 @@ def run_replay(source: Any, policies: str, *, num_gpus: int, num_nodes: int = 1,
     """``moeplace replay``: build the named policies (comma separated), replay ``source``
     through all of them in one pass, write ``out`` and ``plot_path`` if given; returns the
     ``ReplayResult``."""
-    from moeplace.solvers.replay import POLICIES, plot, replay, write_placements
+    from moeplace.solvers.replay import POLICIES, check_shape, plot, replay, write_placements
     from moeplace.solvers.simulator import Hardware
 
     names = [p.strip() for p in policies.split(",")]
@@ -134,6 +134,9 @@ def run_replay(source: Any, policies: str, *, num_gpus: int, num_nodes: int = 1,
     if len(set(names)) != len(names):
         raise InputError("--policy", "value", "a policy is named twice", "name each once")
     hw = Hardware.load(hardware)
+    meta = source.meta
+    check_shape(num_gpus, num_nodes, replicas, meta.num_layers, meta.num_experts,
+                meta.source or "trace")  # before an engine's slow import
     groups = 1 if num_groups is None else int(num_groups)
     pols = [make_policy(n, num_gpus, num_nodes, groups, expert_bytes=expert_bytes, hardware=hw)
             for n in names]

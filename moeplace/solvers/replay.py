@@ -56,6 +56,7 @@ __all__ = [
     "ReplayResult",
     "StaticPolicy",
     "builtin_policy",
+    "check_shape",
     "initial_map",
     "interval_imbalance",
     "replay",
@@ -243,8 +244,9 @@ class ReplayResult:
                                  "intervals": self.intervals[n]} for n in self.summary}}
 
 
-def _check_shape(num_gpus: int, num_nodes: int, replicas: int, L: int, N: int,
+def check_shape(num_gpus: int, num_nodes: int, replicas: int, L: int, N: int,
                  source: object) -> int:
+    """Slots per layer of the cluster; ``InputError`` naming the flag when it cannot be."""
     if num_gpus % num_nodes:
         raise InputError("--nodes", "value", f"{num_gpus} GPUs do not split into {num_nodes} "
                          "nodes", "use a node count that divides --gpus")
@@ -317,7 +319,7 @@ def replay(source: Trace | TraceReader, policies: Sequence[ReplayPolicy], *, num
     meta = source.meta
     L, N = meta.num_layers, meta.num_experts
     src = meta.source or "trace"
-    P = _check_shape(num_gpus, num_nodes, replicas, L, N, src)
+    P = check_shape(num_gpus, num_nodes, replicas, L, N, src)
     groups = resolve_groups(num_groups, N, num_nodes)
     tokens, T = _token_fields(source)
     if T == 0:
