@@ -510,17 +510,29 @@ def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | N
                 if gain > 0:
                     ia, ib = divmod(i, B.size)
                     best = (gain, "swap", (A[ia], B[ib]))
-        # (b) a spare copy elsewhere re-targeted to an expert of h
-        bs = np.unique(row[A])
-        bs = bs[cnt[bs] < cap]
-        Ss = np.flatnonzero((gpu != h) & same[gpu] & (cnt[row] > 1))
-        if Ss.size > _SPARES:
+        # (b) a spare copy elsewhere re-targeted to an expert of h; (c) a spare copy on h
+        # re-targeted to an expert h does not hold. Together: every move of one copy that
+        # can lower h (a move elsewhere that touches none of h's experts leaves h as it is).
+        b0 = np.unique(row[A])
+        b0 = b0[cnt[b0] < cap]
+        S0 = np.flatnonzero((gpu != h) & same[gpu] & (cnt[row] > 1))
+        if S0.size > _SPARES:
             # Only the spare copies whose removal loads their expert's other copies least:
             # keeps a step's cost independent of the replica count.
-            ra = row[Ss]
-            inc = w[ra] / (cnt[ra] - 1) - w[ra] / cnt[ra] + gl[gpu[Ss]] * 1e-9
-            Ss = np.sort(Ss[np.argpartition(inc, _SPARES)[:_SPARES]])
-        if bs.size and Ss.size:
+            ra = row[S0]
+            inc = w[ra] / (cnt[ra] - 1) - w[ra] / cnt[ra] + gl[gpu[S0]] * 1e-9
+            S0 = np.sort(S0[np.argpartition(inc, _SPARES)[:_SPARES]])
+        Sh = A[cnt[row[A]] > 1]
+        bh = np.flatnonzero((C[h] == 0) & (cnt < cap)) if Sh.size else Sh
+        if node is not None and bh.size:  # an expert's copies stay inside its node
+            home = np.zeros(N, bool)
+            home[row[same[gpu]]] = True
+            bh = bh[home[bh]]
+        if bh.size > _SPARES:  # the experts whose new copy would carry least
+            bh = np.sort(bh[np.argpartition(w[bh] / (cnt[bh] + 1), _SPARES)[:_SPARES]])
+        for bs, Ss in ((b0, S0), (bh, Sh)):
+            if not (bs.size and Ss.size):
+                continue
             a = row[Ss]
             gs = gpu[Ss]
             oh = np.zeros((G, Ss.size))
