@@ -72,7 +72,7 @@ __all__ = ["Decision", "OnlinePolicy", "moved_copies", "transfer_stall"]
 
 DEFAULT_DECAYS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
 _SPARES = 32  # spare copies a re-target step considers
-_PROBE_STEPS = 4  # greedy steps before the search judges whether it can reach the guard
+_PROBE_STEPS = 3  # greedy steps before the search judges whether it can reach the guard
 _ERR_DECAY = 0.8  # memory of the per-decay prediction error (a few intervals)
 
 
