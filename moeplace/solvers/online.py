@@ -25,7 +25,8 @@ API (stable; the vLLM plug-in and the SGLang launcher call exactly this)::
 gain test, default 1.64), ``history`` (intervals kept for the test, default 16),
 ``copy_cost_tokens`` (override the cost of one copied expert, in token-expert assignments of
 GPU time), ``max_moves_per_layer``, ``guard`` (default True), ``guard_intervals`` (how many
-of the last intervals the engine's default refits on, default 1), ``seed``.
+of the last intervals the engine's default refits on, default 1), ``max_search_steps``
+(greedy steps per layer, default min(GPUs, 32)), ``seed``.
 
 How it decides (everything per layer, then summed):
 
@@ -54,7 +55,13 @@ How it decides (everything per layer, then summed):
 5. *Guard.* Where the engine's default (DeepSeek's EPLB refit on the last interval(s), as
    ``moeplace.solvers.baselines.eplb`` reproduces it) would leave a lower max on the
    estimate than the chosen map, the search continues until it is no worse, paying whatever
-   moves that needs (the promise: never worse balance than the default would leave).
+   moves that needs (the promise: never worse balance than the default would leave). The
+   search never spends more copies in a layer than the default's refit would move there,
+   nor more than ``max_search_steps`` steps; where it cannot reach the refit's balance within
+   that (judged from the rate its last steps closed the gap), the layer lands the refit
+   itself, slots preserved. The refit is computed by ``eplb_fast``, DeepSeek's algorithm
+   vectorised over layers (exactly ``baselines.eplb``), so a step costs about what the
+   engine's own default costs (benchmarks/bench_replay.py measures both).
 """
 
 from __future__ import annotations
