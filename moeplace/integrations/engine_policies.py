@@ -134,6 +134,13 @@ def run_replay(source: Any, policies: str, *, num_gpus: int, num_nodes: int = 1,
     if len(set(names)) != len(names):
         raise InputError("--policy", "value", "a policy is named twice", "name each once")
     hw = Hardware.load(hardware)
+    if plot_path is not None:  # before any work, so a missing extra leaves nothing written
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            from moeplace.errors import MissingDependencyError
+
+            raise MissingDependencyError("matplotlib", "--plot", "plot") from None
     meta = source.meta
     check_shape(num_gpus, num_nodes, replicas, meta.num_layers, meta.num_experts,
                 meta.source or "trace")  # before an engine's slow import
