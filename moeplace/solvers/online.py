@@ -26,7 +26,7 @@ gain test, default 1.64), ``history`` (intervals kept for the test, default 16),
 ``copy_cost_tokens`` (override the cost of one copied expert, in token-expert assignments of
 GPU time), ``max_moves_per_layer``, ``guard`` (default True), ``guard_intervals`` (how many
 of the last intervals the engine's default refits on, default 1), ``max_search_steps``
-(greedy steps per layer, default min(GPUs, 32)), ``seed``.
+(greedy steps per layer, default min(GPUs, 16)), ``seed``.
 
 How it decides (everything per layer, then summed):
 
@@ -186,7 +186,7 @@ class OnlinePolicy:
         self.max_moves = tuning.get("max_moves_per_layer")
         self.guard = bool(tuning.get("guard", True))
         self.guard_intervals = int(tuning.get("guard_intervals", 1))
-        self.max_steps = int(tuning.get("max_search_steps", min(num_gpus, 32)))
+        self.max_steps = int(tuning.get("max_search_steps", min(num_gpus, 16)))
         hw = self.hardware
         link = (hw.nvlink_bytes_per_s if num_nodes == 1
                 else hw.network_bytes_per_s * hw.network_efficiency)
