@@ -1461,5 +1461,72 @@ def simulate(hardware: str, kernel: str, ep: int, tokens: int, hidden: int, top_
                f"{res['rdma_copies_per_token']:.2f}")
 
 
+# ---- replay (issue 19) -----------------------------------------------------------------------
+@main.command()
+@click.argument("trace")
+@click.option("--gpus", type=POS_INT, required=True, help="GPUs (EP ranks).")
+@click.option("--nodes", type=POS_INT, default=1, show_default=True, help="Nodes (divides --gpus).")
+@click.option("--replicas", type=NONNEG_INT, default=0, show_default=True,
+              help="Redundant expert slots per layer (experts + replicas divides over --gpus).")
+@click.option("--groups", type=POS_INT, help="The model's expert groups (n_group; default 1: "
+              "EPLB's global policy).")
+@click.option("--interval", type=POS_INT, default=4096, show_default=True,
+              help="Tokens between two rebalancing decisions (each scored on the next interval).")
+@click.option("--window", type=POS_INT, help="Tokens of the sliding window the engines refit on "
+              "(default: --interval).")
+@click.option("--policy", "policies", default="moeplace,eplb,never", show_default=True,
+              help="Policies to replay side by side, comma separated: moeplace, vllm, sglang "
+              "(the installed engine's own algorithm, refused if it cannot be imported), eplb, "
+              "eplb-cumulative, static, never.")
+@click.option("--order", type=click.Choice(["arrival", "step", "file"]), default="arrival",
+              show_default=True, help="Replay order: arrival (request, then position), step "
+              "(serving step ids), file (as stored).")
+@click.option("--expert-bytes", type=_Number(int, 0, 1 << 40), default=0, show_default=True,
+              help="Bytes of one expert's weights (bytes moved and the stall estimate).")
+@click.option("--hardware", default="h100-nvlink", show_default=True,
+              help="Hardware profile for the stall (h100-nvlink, h100-ib, h800-ib or a JSON file).")
+@click.option("--out", type=click.Path(), help="New directory: placements.jsonl (one line per "
+              "interval; POLICY/placements.jsonl with several policies) and summary.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and every interval as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_plot_path,
+              help="Save imbalance and moved copies over time to this image file.")
+@import_options
+@_paths(inputs=("trace",), outputs={"out": True, "plot_path": False})
+def replay(trace: str, gpus: int, nodes: int, replicas: int, groups: int | None, interval: int,
+           window: int | None, policies: str, order: str, expert_bytes: int, hardware: str,
+           out: str | None, as_json: bool, plot_path: str | None, **kw: Any) -> None:
+    """Replay TRACE as an engine runs online EPLB: every --interval tokens each policy picks
+    the map for the next interval from what it has seen; score that interval."""
+    from moeplace.integrations.engine_policies import run_replay
+    from moeplace.solvers.replay import summary_table
+    from moeplace.traces import RoutingStats
+
+    src = _open(trace, kw, in_memory_max=0)  # Parquet is streamed
+    if isinstance(src, RoutingStats):
+        raise InputError(trace, "format", "aggregated counts have no token order to replay",
+                         "give a per-token trace")
+    res = run_replay(src, policies, num_gpus=gpus, num_nodes=nodes, replicas=replicas,
+                     num_groups=groups, interval=interval, window=window, order=order,
+                     expert_bytes=expert_bytes, hardware=hardware, out=out, plot_path=plot_path)
+    if as_json:
+        _echo_json(res.to_dict())
+        return
+    st = res.setup
+    click.echo(f"{st['trace']}: {st['tokens']:,} tokens in {order} order, {st['intervals']} "
+               f"intervals of {interval:,} (window {st['window']:,}); {gpus} GPUs, {nodes} nodes, "
+               f"{replicas} replicas")
+    for n, s in res.sources.items():
+        click.echo(f"  {n}: {s}")
+    lr = st["link_rates"]
+    click.echo(f"  stall: {lr['nvlink_bytes_per_s']['value'] / 1e9:g} GB/s in a node "
+               f"({lr['nvlink_bytes_per_s']['source']}), {lr['network_bytes_per_s']['value'] / 1e9:g}"
+               f" GB/s x {lr['network_efficiency']['value']:g} across nodes; profile "
+               f"{st['hardware_source']}")
+    _print_table(pd.DataFrame(summary_table(res)), "{:.4f}")
+    for extra in (out, plot_path):
+        if extra:
+            click.echo(f"wrote {extra}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -25,7 +25,8 @@ API (stable; the vLLM plug-in and the SGLang launcher call exactly this)::
 gain test, default 1.64), ``history`` (intervals kept for the test, default 16),
 ``copy_cost_tokens`` (override the cost of one copied expert, in token-expert assignments of
 GPU time), ``max_moves_per_layer``, ``guard`` (default True), ``guard_intervals`` (how many
-of the last intervals the engine's default refits on, default 1), ``seed``.
+of the last intervals the engine's default refits on, default 1), ``max_search_steps``
+(greedy steps per layer, default min(GPUs, 16)), ``seed``.
 
 How it decides (everything per layer, then summed):
 
@@ -54,7 +55,13 @@ How it decides (everything per layer, then summed):
 5. *Guard.* Where the engine's default (DeepSeek's EPLB refit on the last interval(s), as
    ``moeplace.solvers.baselines.eplb`` reproduces it) would leave a lower max on the
    estimate than the chosen map, the search continues until it is no worse, paying whatever
-   moves that needs (the promise: never worse balance than the default would leave).
+   moves that needs (the promise: never worse balance than the default would leave). The
+   search never spends more copies in a layer than the default's refit would move there,
+   nor more than ``max_search_steps`` steps; where it cannot reach the refit's balance within
+   that (judged from the rate its last steps closed the gap), the layer lands the refit
+   itself, slots preserved. The refit is computed by ``eplb_fast``, DeepSeek's algorithm
+   vectorised over layers (exactly ``baselines.eplb``), so a step costs about what the
+   engine's own default costs (benchmarks/bench_replay.py measures both).
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ from moeplace.solvers.baselines import eplb, eplb_where_distinct
 __all__ = ["Decision", "OnlinePolicy", "moved_copies", "transfer_stall"]
 
 DEFAULT_DECAYS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
+_SPARES = 32  # spare copies a re-target step considers
+_PROBE_STEPS = 3  # greedy steps before the search judges whether it can reach the guard
 _ERR_DECAY = 0.8  # memory of the per-decay prediction error (a few intervals)
 
 
@@ -159,7 +168,8 @@ class OnlinePolicy:
             raise InputError("online policy", "num_nodes", f"{num_gpus} GPUs do not split into "
                              f"{num_nodes} nodes", "use a node count that divides the GPU count")
         known = {"num_slots", "decays", "z", "history", "copy_cost_tokens",
-                 "max_moves_per_layer", "guard", "guard_intervals", "seed"}
+                 "max_moves_per_layer", "guard", "guard_intervals", "seed",
+                 "max_search_steps"}
         bad = sorted(set(tuning) - known)
         if bad:
             raise InputError("online policy", bad[0], "unknown tuning key",
@@ -176,6 +186,7 @@ class OnlinePolicy:
         self.max_moves = tuning.get("max_moves_per_layer")
         self.guard = bool(tuning.get("guard", True))
         self.guard_intervals = int(tuning.get("guard_intervals", 1))
+        self.max_steps = int(tuning.get("max_search_steps", min(num_gpus, 16)))
         hw = self.hardware
         link = (hw.nvlink_bytes_per_s if num_nodes == 1
                 else hw.network_bytes_per_s * hw.network_efficiency)
@@ -243,7 +254,11 @@ class OnlinePolicy:
                              "pass the map the engine serves now")
         cur = cur.astype(np.int64)
         P = cur.shape[1]
-        target = self._guard_target(L, N, P) if self.guard else None
+        if self.guard:
+            refit, target = self._guard_target(L, N, P)
+            refit_moves = moved_copies(cur, refit, self.num_gpus).sum(axis=1)
+        else:
+            refit, target, refit_moves = None, None, np.full(L, 1 << 30)
         new = cur.copy()
         gains = np.zeros(L)
         reasons = {"paid": 0, "not significant": 0, "guard": 0}
@@ -251,17 +266,26 @@ class OnlinePolicy:
         max_moves = int(self.max_moves) if self.max_moves is not None else 2 * P
         for l in range(L):
             tgt = None if target is None else float(target[l])
+            # Never search past the copies the default's own refit would move in this layer:
+            # beyond that, the refit itself is the cheaper way to its balance.
+            budget = int(min(max_moves, refit_moves[l]))
             rows, copies, maxes = _search_layer(cur[l], w[l], self.num_gpus, P // self.num_gpus,
-                                                self._node_size(), self.colocate, max_moves,
-                                                self.copy_cost / horizon, tgt)
-            if len(rows) == 1:
-                continue
+                                                self._node_size(), self.colocate, budget,
+                                                self.copy_cost / horizon, tgt, self.max_steps)
             net = (maxes[0] - maxes) * horizon - self.copy_cost * copies
             k = int(np.argmax(net))
             forced = tgt is not None and maxes[k] > tgt * (1 + 1e-9)
             if forced:  # the first prefix no worse than the default's refit, if any
                 ok = np.flatnonzero(maxes <= tgt * (1 + 1e-9))
-                k = int(ok[0]) if ok.size else len(maxes) - 1
+                if ok.size:
+                    k = int(ok[0])
+                else:  # the search could not reach it within budget: land the refit
+                    assert refit is not None
+                    rows = [*rows, preserve_slots(refit[l:l + 1], cur[l:l + 1],
+                                                  self.num_gpus)[0]]
+                    copies = np.append(copies, refit_moves[l])
+                    maxes = np.append(maxes, tgt)
+                    k = len(rows) - 1
             if k == 0:
                 continue
             g = _realized_gain(cur[l], rows[k], recent[:, l], self.num_gpus)
@@ -302,16 +326,112 @@ class OnlinePolicy:
         return Decision(True, pl.phy2log.astype(np.int64), 0, "first placement (EPLB on the "
                         "estimated load)", 0.0, 0.0, time.process_time() - t0, L)
 
-    def _guard_target(self, L: int, N: int, P: int) -> np.ndarray:
-        """``[L]`` max GPU load on the estimate of what the default (EPLB refit on the last
-        ``guard_intervals`` intervals) would leave."""
+    def _guard_target(self, L: int, N: int, P: int) -> tuple[np.ndarray, np.ndarray]:
+        """``([L, P] the default's map: EPLB refit on the last ``guard_intervals`` intervals,
+        [L] its max GPU load on the estimate)``."""
         win = np.sum(self._recent[-max(1, self.guard_intervals):], axis=0)
-        d = eplb(win, self.num_gpus, self.num_nodes, P - N, num_groups=self.num_groups)
+        refit = eplb_fast(win, self.num_gpus, self.num_nodes, P, self.num_groups)
         w, _ = self.estimate()
-        return _gpu_loads(d.phy2log, w, self.num_gpus).max(axis=1)
+        return refit, _gpu_loads(refit, w, self.num_gpus).max(axis=1)
 
 
 # ---- kernels ------------------------------------------------------------------------------
+_F = np.float32  # DeepSeek's EPLB and the stacks compute in float32
+
+
+def _pack_batch(w: np.ndarray, packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """``baselines.balanced_packing`` on every row of ``w [B, n]`` at once: heaviest item
+    first (stable), each to the lightest pack with room (lowest index on ties)."""
+    B, n = w.shape
+    per = n // packs
+    if per == 1:
+        return np.tile(np.arange(n), (B, 1)), np.zeros((B, n), np.int64)
+    w = w.astype(_F)
+    order = np.argsort(-w, axis=1, kind="stable")
+    pw = np.zeros((B, packs), _F)
+    pn = np.zeros((B, packs), np.int64)
+    pack = np.empty((B, n), np.int64)
+    rank = np.empty((B, n), np.int64)
+    ar = np.arange(B)
+    inf = _F(np.inf)
+    for j in range(n):
+        i = order[:, j]
+        b = np.argmin(np.where(pn < per, pw, inf), axis=1)
+        pack[ar, i] = b
+        rank[ar, i] = pn[ar, b]
+        pw[ar, b] = pw[ar, b] + w[ar, i]
+        pn[ar, b] += 1
+    return pack, rank
+
+
+def _replicate_batch(w: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """``baselines.replicate_experts`` on every row of ``w [B, n]`` at once."""
+    B, n = w.shape
+    w = w.astype(_F)
+    out = np.empty((B, slots), np.int64)
+    out[:, :n] = np.arange(n)
+    cnt = np.ones((B, n), np.int64)
+    ar = np.arange(B)
+    for i in range(n, slots):
+        e = np.argmax(w / cnt.astype(_F), axis=1)
+        out[:, i] = e
+        cnt[ar, e] += 1
+    return out, cnt
+
+
+def eplb_fast(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: int,
+              num_groups: int = 1) -> np.ndarray:
+    """``[L, P]`` DeepSeek EPLB maps, exactly ``baselines.eplb``'s, vectorised over layers
+    (and nodes): the guard runs it at every step, so it must cost what the engines' own does."""
+    load = np.asarray(load)
+    L, N = load.shape
+    if num_groups % num_nodes:
+        num_groups, num_nodes = 1, 1  # DeepSeek's global policy
+    M, g = num_nodes, num_groups
+    gsize, gpn = N // g, num_gpus // M
+    per_gpu = num_slots // num_gpus
+    spn = num_slots // M
+    if M > 1:
+        gl = load.astype(_F).reshape(L, g, gsize).sum(axis=2, dtype=_F)
+        pack, rank = _pack_batch(gl, M)
+        per_node = g // M
+        pos = pack * per_node + rank                                   # [L, g]
+        order = np.empty((L, g), np.int64)
+        order[np.arange(L)[:, None], pos] = np.arange(g)[None, :]
+        experts = (order[:, :, None] * gsize + np.arange(gsize)).reshape(L, M, N // M)
+    else:
+        experts = np.tile(np.arange(N), (L, 1)).reshape(L, 1, N)
+    ex = experts.reshape(L * M, N // M)
+    w = np.take_along_axis(np.repeat(load.astype(_F), M, axis=0), ex, axis=1)
+    slot_e, cnt = _replicate_batch(w, spn)
+    copy_w = np.take_along_axis(w / cnt.astype(_F), slot_e, axis=1)
+    pack, rank = _pack_batch(copy_w, gpn)
+    local = np.empty_like(slot_e)
+    local[np.arange(L * M)[:, None], pack * per_gpu + rank] = slot_e
+    return np.take_along_axis(ex, local, axis=1).reshape(L, num_slots)
+
+
+def preserve_slots(new: np.ndarray, old: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``new`` with each GPU's slots reordered so that an expert the GPU already held keeps
+    its old slot (a reorder inside one GPU copies nothing; kept slots keep maps comparable).
+    GPU loads and moved copies are those of ``new``."""
+    new, old = np.asarray(new), np.asarray(old)
+    L, P = new.shape
+    S = P // num_gpus
+    out = new.copy()
+    for l in range(L):
+        for g in range(num_gpus):
+            a, b = old[l, g * S:(g + 1) * S], list(new[l, g * S:(g + 1) * S])
+            row: list[int | None] = [None] * S
+            for s in range(S):
+                if a[s] in b:
+                    b.remove(a[s])
+                    row[s] = int(a[s])
+            it = iter(b)
+            out[l, g * S:(g + 1) * S] = [x if x is not None else next(it) for x in row]
+    return out
+
+
 def _gpu_loads(rows: np.ndarray, w: np.ndarray, G: int) -> np.ndarray:
     """``[..., G]`` GPU loads of maps ``rows [..., P]`` under loads ``w [..., N]`` (an
     expert's load split evenly over its copies, as the evaluator's stats view)."""
@@ -334,7 +454,8 @@ def _realized_gain(old: np.ndarray, new: np.ndarray, loads: np.ndarray, G: int) 
 
 
 def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | None,
-                  colocate: bool, max_moves: int, min_gain: float, target: float | None
+                  colocate: bool, max_moves: int, min_gain: float, target: float | None,
+                  max_steps: int | None = None
                   ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Greedy moves on one layer from ``row0``: ``(maps, copies, max loads)`` after 0, 1, ...
     moves. Stops when the max is the mean, no move lowers it, or the remaining possible gain
@@ -352,12 +473,21 @@ def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | N
     rows, copies, maxes = [row.copy()], [0], [float(gl.max())]
     cap = P if colocate else G
     eps = 1e-12 * max(mean, 1.0)
-    for _ in range(max_moves):
+    steps = max_moves if max_steps is None else min(max_moves, max_steps)
+    for j in range(steps):
+        if copies[-1] >= max_moves:
+            break
         h = int(np.argmax(gl))
         cur = float(gl[h])
         met = target is None or cur <= target * (1 + 1e-9)
         if cur - mean <= eps or (met and cur - mean < min_gain):
             break
+        if not met and j >= _PROBE_STEPS:
+            # At the rate its first steps closed the gap, the search would not reach the
+            # default's balance within its steps: stop, the caller lands the refit instead.
+            rate = (maxes[-1 - _PROBE_STEPS] - cur) / _PROBE_STEPS  # over the last steps
+            if rate <= 0 or j + (cur - target) / rate > steps:
+                break
         same = np.ones(G, bool) if node is None else (np.arange(G) // node == h // node)
         best = None  # (score per copy, kind, data)
         order = np.argsort(-gl, kind="stable")
@@ -387,11 +517,29 @@ def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | N
                 if gain > 0:
                     ia, ib = divmod(i, B.size)
                     best = (gain, "swap", (A[ia], B[ib]))
-        # (b) a spare copy elsewhere re-targeted to an expert of h
-        bs = np.unique(row[A])
-        bs = bs[cnt[bs] < cap]
-        Ss = np.flatnonzero((gpu != h) & same[gpu] & (cnt[row] > 1))
-        if bs.size and Ss.size:
+        # (b) a spare copy elsewhere re-targeted to an expert of h; (c) a spare copy on h
+        # re-targeted to an expert h does not hold. Together: every move of one copy that
+        # can lower h (a move elsewhere that touches none of h's experts leaves h as it is).
+        b0 = np.unique(row[A])
+        b0 = b0[cnt[b0] < cap]
+        S0 = np.flatnonzero((gpu != h) & same[gpu] & (cnt[row] > 1))
+        if S0.size > _SPARES:
+            # Only the spare copies whose removal loads their expert's other copies least:
+            # keeps a step's cost independent of the replica count.
+            ra = row[S0]
+            inc = w[ra] / (cnt[ra] - 1) - w[ra] / cnt[ra] + gl[gpu[S0]] * 1e-9
+            S0 = np.sort(S0[np.argpartition(inc, _SPARES)[:_SPARES]])
+        Sh = A[cnt[row[A]] > 1]
+        bh = np.flatnonzero((C[h] == 0) & (cnt < cap)) if Sh.size else Sh
+        if node is not None and bh.size:  # an expert's copies stay inside its node
+            home = np.zeros(N, bool)
+            home[row[same[gpu]]] = True
+            bh = bh[home[bh]]
+        if bh.size > _SPARES:  # the experts whose new copy would carry least
+            bh = np.sort(bh[np.argpartition(w[bh] / (cnt[bh] + 1), _SPARES)[:_SPARES]])
+        for bs, Ss in ((b0, S0), (bh, Sh)):
+            if not (bs.size and Ss.size):
+                continue
             a = row[Ss]
             gs = gpu[Ss]
             oh = np.zeros((G, Ss.size))

@@ -426,6 +426,7 @@ TRACE_COMMANDS = [
     ["analyze", "{IN}"], ["analyze", "{IN}", "--json"], ["stats", "{IN}", "--out", "{OUT}.npz"],
     ["convert", "{IN}", "{OUT}.parquet"], ["evaluate", "{IN}", "{PLACEMENT}", "--json"],
     ["solve", "{IN}", "--gpus", "4", "--time-limit", "1", "--out", "{OUT}.json"],
+    ["replay", "{IN}", "--gpus", "4", "--interval", "64", "--order", "file", "--json"],
 ]
 COMMANDS: dict[str, list[list[str]]] = {
     "parquet": TRACE_COMMANDS, "npz": TRACE_COMMANDS, "vllm": TRACE_COMMANDS,
@@ -464,6 +465,9 @@ FLAG_COMMANDS: list[tuple[list[str], list[str]]] = [
      ["--num-hidden-layers", "--moe-layers", "--format"]),
     (["apply", "{PLACEMENT}", "--checkpoint", "{CKPT}", "--out", "{OUT}"], ["--moe-layers"]),
     (["demo"], ["--gpus"]),
+    (["replay", "{TRACE}", "--gpus", "4", "--interval", "64", "--order", "file"],
+     ["--gpus", "--nodes", "--replicas", "--groups", "--interval", "--window", "--policy",
+      "--order", "--expert-bytes", "--hardware", "--plot"]),
     (["simulate", "--tokens", "16", "--json"],
      ["--ep", "--tokens", "--hidden", "--top-k", "--experts", "--seed", "--kernel", "--hardware"]),
 ]
