@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     except UnsupportedEngineError as e:
         print(str(e), file=sys.stderr)
         raise SystemExit(2) from None
-    if "--enable-eplb" not in args:
+    if "--enable-eplb" not in args and not {"-h", "--help"} & set(args):
         print("moeplace: warning: without --enable-eplb SGLang never rebalances; moeplace's "
               "policy runs only at launch with --init-expert-location", file=sys.stderr)
     import runpy
