@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -45,7 +46,7 @@ DEFAULT_MAX_JSON = 1 << 20
 EXPORT_FORMATS = ("moeplace", *FORMATS)
 SOLVE_METHODS = METHODS
 ENGINES = _ENGINES
-DRIFT_METHODS = ("eplb", "eplb-distinct", "search")
+DRIFT_METHODS = ("eplb", "eplb-distinct", "search", "online")
 DRIFT_THRESHOLD = 0.05
 
 
@@ -479,8 +480,15 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
         if stats is None:
             raise Conflict(f"deployment {dep!r} has no statistics in its recent windows")
         cur = load_placement(dep, cur_v)
-        cluster = Cluster(cur.num_gpus, cur.num_nodes, cur.num_replicas)
-        fresh, rep = solve_with_report(stats, cluster, method=method, time_limit=time_limit)
+        from moeplace.service.online import online_decision
+        wins = [w[3] for w in store().window_loads(dep)][-store().policy.recent_windows:]
+        online, online_map = online_decision(wins, cur, spec)
+        if method == "online":  # the engines' policy decides, from the map served now
+            fresh = online_map
+            rep = SimpleNamespace(method="online", status="ok", seconds=online["cpu_s"])
+        else:
+            cluster = Cluster(cur.num_gpus, cur.num_nodes, cur.num_replicas)
+            fresh, rep = solve_with_report(stats, cluster, method=method, time_limit=time_limit)
         now = evaluate_stats(stats, cur)["load_imbalance_mean"]
         new = evaluate_stats(stats, fresh)["load_imbalance_mean"]
         gain = (now - new) / now if now > 0 else 0.0
@@ -495,9 +503,13 @@ def create_app(data_dir: str | Path, token: str | None = None, *, policy: Policy
             "expected_gain": gain,
             "migration": {**mig, "bytes_known": bool(spec.get("expert_bytes"))},
             "threshold": threshold,
-            "recommendation": "rebalance" if gain >= threshold else "keep",
-            "rule": "rebalance when the fresh placement lowers load_imbalance_mean on the recent "
-                    "windows by at least `threshold` (relative); otherwise keep",
+            "recommendation": (online["recommendation"] if method == "online"
+                               else "rebalance" if gain >= threshold else "keep"),
+            "rule": ("the online policy's decision (moves that pay back their copies with "
+                     "confidence; threshold unused)" if method == "online" else
+                     "rebalance when the fresh placement lowers load_imbalance_mean on the recent "
+                     "windows by at least `threshold` (relative); otherwise keep"),
+            "online": online,
         }
 
     # ---- status page ----------------------------------------------------------------------------------

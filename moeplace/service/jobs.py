@@ -155,6 +155,7 @@ class JobManager:
         # its newest job (and no job queued or running) gets a solve of its recent windows.
         self.resolve_every = resolve_every
         self.resolve_time_limit = resolve_time_limit
+        self._online_seen: dict[str, Any] = {}  # deployment -> newest upload the policy has seen
         self.next_resolve = time.monotonic() + (resolve_every or 0)
         self.max_workers = max_workers
         self.grace_s = grace_s
@@ -294,6 +295,15 @@ class JobManager:
                                     " AS busy FROM jobs WHERE deployment = ?", (dep,))[0]
             if up is None or (last["t"] is not None and (up <= last["t"] or last["busy"])):
                 continue
+            if self.store.current_version(dep) is not None:
+                # a deployment that runs a placement: the engines' online policy decides from it
+                if self._online_seen.get(dep) != up:
+                    self._online_seen[dep] = up
+                    try:
+                        self._online_resolve(dep)
+                    except MoeplaceError:
+                        pass
+                continue
             try:
                 j = self.submit(dep, {"time_limit": self.resolve_time_limit, "method": "auto",
                                       "replicas": None, "current": True, "weights": None,
@@ -302,6 +312,27 @@ class JobManager:
                 continue
             queued.append(j["job"])
         return queued
+
+    def _online_resolve(self, dep: str) -> int | None:
+        """Run the online policy on ``dep``'s recent windows from its current placement; store
+        its map as a new version (``report.method == "online"``) only when it rebalances."""
+        from moeplace.placement import Placement
+        from moeplace.service.online import online_decision
+
+        v = self.store.current_version(dep)
+        wins = self.store.window_loads(dep)[-self.store.policy.recent_windows:]
+        if v is None or not wins:
+            return None
+        cur = Placement.load(self.store.placement_path(dep, v))
+        answer, plc = online_decision([w[3] for w in wins], cur, self.store.spec(dep))
+        if not answer["rebalance"]:
+            return None
+        report = {"method": "online", "status": "ok", "seconds": answer["cpu_s"], "scheduled": True,
+                  "tokens": int(sum(w[1] for w in wins)), "batches": int(sum(w[2] for w in wins)),
+                  "from_version": v, "online": answer,
+                  "migration_from_current": {"copies_transferred": answer["moved_copies"]}}
+        d = plc.to_dict()
+        return self.store.add_placement(dep, d, report, None)
 
     def _start_queued(self) -> None:
         while len(self.procs) < self.max_workers:

@@ -336,7 +336,10 @@ class OnlinePolicy:
 
 
 # ---- kernels ------------------------------------------------------------------------------
-_F = np.float32  # DeepSeek's EPLB and the stacks compute in float32
+# As baselines.eplb and vLLM 0.34: loads and group sums in float32, pack sums and per-copy
+# loads in float64.
+_F = np.float32
+_D = np.float64
 
 
 def _pack_batch(w: np.ndarray, packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -346,14 +349,14 @@ def _pack_batch(w: np.ndarray, packs: int) -> tuple[np.ndarray, np.ndarray]:
     per = n // packs
     if per == 1:
         return np.tile(np.arange(n), (B, 1)), np.zeros((B, n), np.int64)
-    w = w.astype(_F)
+    w = w.astype(_D) if w.dtype == _D else w.astype(_F).astype(_D)
     order = np.argsort(-w, axis=1, kind="stable")
-    pw = np.zeros((B, packs), _F)
+    pw = np.zeros((B, packs), _D)
     pn = np.zeros((B, packs), np.int64)
     pack = np.empty((B, n), np.int64)
     rank = np.empty((B, n), np.int64)
     ar = np.arange(B)
-    inf = _F(np.inf)
+    inf = _D(np.inf)
     for j in range(n):
         i = order[:, j]
         b = np.argmin(np.where(pn < per, pw, inf), axis=1)
@@ -367,13 +370,13 @@ def _pack_batch(w: np.ndarray, packs: int) -> tuple[np.ndarray, np.ndarray]:
 def _replicate_batch(w: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
     """``baselines.replicate_experts`` on every row of ``w [B, n]`` at once."""
     B, n = w.shape
-    w = w.astype(_F)
+    w = w.astype(_F).astype(_D)
     out = np.empty((B, slots), np.int64)
     out[:, :n] = np.arange(n)
     cnt = np.ones((B, n), np.int64)
     ar = np.arange(B)
     for i in range(n, slots):
-        e = np.argmax(w / cnt.astype(_F), axis=1)
+        e = np.argmax(w / cnt, axis=1)
         out[:, i] = e
         cnt[ar, e] += 1
     return out, cnt
@@ -404,7 +407,7 @@ def eplb_fast(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: int,
     ex = experts.reshape(L * M, N // M)
     w = np.take_along_axis(np.repeat(load.astype(_F), M, axis=0), ex, axis=1)
     slot_e, cnt = _replicate_batch(w, spn)
-    copy_w = np.take_along_axis(w / cnt.astype(_F), slot_e, axis=1)
+    copy_w = np.take_along_axis(w.astype(_D) / cnt, slot_e, axis=1)
     pack, rank = _pack_batch(copy_w, gpn)
     local = np.empty_like(slot_e)
     local[np.arange(L * M)[:, None], pack * per_gpu + rank] = slot_e
