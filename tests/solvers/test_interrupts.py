@@ -47,10 +47,14 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     real = shared / "traces/flame-moe-290m/flame_moe_290m_prefill_2048tok.npz"
     wide = real if real.exists() else write_trace(
         synthetic_trace("flame-moe-290m", 2048, seed=0), d / "wide.parquet")
+    # ``searched``: DeepSeek-V2-Lite's shape (26 layers x 64 experts, top-6), on which the
+    # static engines' search works about 25 CPU seconds.
+    searched = write_trace(synthetic_trace("deepseek-v2-lite", 4000, seed=0),
+                           d / "searched.parquet")
     L = 64
     deep = write_trace(synthetic_trace(preset("mixtral", num_layers=L, moe_layer_ids=tuple(range(L)),
                                               num_hidden_layers=L), 2000, seed=0), d / "deep.parquet")
-    return {"wide": Path(wide), "deep": Path(deep)}
+    return {"wide": Path(wide), "deep": Path(deep), "searched": Path(searched)}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -206,10 +210,78 @@ def test_signal_stops_every_exact_method_at_every_moment(method, traces, tmp_pat
     _check(_signal_concurrently(args, runs, tmp_path), method)
 
 
-@pytest.mark.parametrize("engine", [None, "exflow"])
+@pytest.mark.parametrize("engine", ["sglang", "exflow"])
 def test_signal_stops_the_search(engine, traces, tmp_path):
-    """Both searches (the static engines' default and the cross-layer one), mid-run."""
-    args = [str(traces["wide"]), "--gpus", "8", "--method", "search",
-            *(["--engine", engine] if engine else [])]
-    _check(_signal_concurrently(args, [(2.0, signal.SIGINT), (5.0, signal.SIGINT)], tmp_path),
-           f"search ({engine or 'default engine'})")
+    """Both searches: the static engines' (the default) and the cross-layer one, whose eight
+    restarts keep it working past 10 s."""
+    args = [str(traces["searched"]), "--gpus", "8", "--method", "search", "--engine", engine,
+            *(["--restarts", "8"] if engine == "exflow" else [])]
+    _check(_signal_concurrently(args, [(m, signal.SIGINT) for m in MOMENTS], tmp_path),
+           f"search ({engine})")
+
+
+# A command whose main thread never unwinds (a library that swallows KeyboardInterrupt, or native
+# code that does not return): the watchdog must end it, with the temporaries of its output.
+_STUCK = r"""
+import sys, time
+from moeplace._fileio import atomic_path
+from moeplace._interrupts import guarded
+
+with guarded(), atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("half an output")
+    print("ready", flush=True)
+    while True:
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            pass
+"""
+
+
+def _start_stuck(tmp_path: Path, preexec=_default_signals) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK, str(tmp_path / "out" / "p.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=preexec)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n", proc.communicate()
+    assert list((tmp_path / "out").iterdir()), "the temporary should exist while it works"
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_command_that_swallows_the_interrupt_is_still_ended(tmp_path, sig):
+    proc = _start_stuck(tmp_path)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < STOP_BOUND_S
+    assert proc.returncode == 128 + sig, err
+    assert err.decode().splitlines() == [f"moeplace: error: interrupted ({sig.name}); "
+                                         "nothing written"]
+    # the temporary and the directory created for it are gone, nothing was moved into place
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_signal_ignored_at_start_stays_ignored(tmp_path):
+    """nohup and a script's background jobs start us with SIGHUP / SIGINT ignored."""
+    def hup_ignored() -> None:
+        _default_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = _start_stuck(tmp_path, hup_ignored)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(2.0)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+
+
+def test_guard_restores_the_callers_handlers():
+    """In-process callers (click's test runner) get their own handlers back afterwards."""
+    from moeplace._interrupts import guarded
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    with guarded():
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert signal.set_wakeup_fd(-1) == -1  # no descriptor left behind
