@@ -49,6 +49,7 @@ _cleanups: dict[int, Callable[[], Any]] = {}
 _committed: list[str] = []
 _signum: int | None = None  # the first signal seen while guarded
 _raised = False  # whether the main thread has been handed Interrupted already
+_deferred = False  # an output is being moved into place: the handler must not raise now
 _left = threading.Event()  # the guarded command has returned (or the process is leaving)
 
 
@@ -88,10 +89,18 @@ def on_interrupt(stop: Callable[[], Any] | None = None,
 def committing(path: str | os.PathLike[str]) -> Iterator[None]:
     """Around moving a finished output onto ``path``: refused (``Interrupted``) once a signal
     has arrived, and never cut in the middle by the watchdog's exit."""
+    global _deferred
     with _lock:
         check()
-        yield
-        _committed.append(os.fspath(path))
+        # Held back (not lost) while the move runs, so a signal cannot land between the move
+        # and its record: the exit message then says what was written.
+        _deferred = True
+        try:
+            yield
+            _committed.append(os.fspath(path))
+        finally:
+            _deferred = False
+        _raise_once()
 
 
 def _message(signum: int) -> str:
@@ -134,10 +143,16 @@ def exit_interrupted(exc: KeyboardInterrupt) -> NoReturn:
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     """The Python-level handler (main thread): hand the main thread ``Interrupted`` once; later
     signals are ignored so they cannot cut its cleanup short (the watchdog ends it anyway)."""
-    global _signum, _raised
+    global _signum
     if _signum is None:
         _signum = signum
-    if not _raised:
+    if not _deferred:
+        _raise_once()
+
+
+def _raise_once() -> None:
+    global _raised
+    if _signum is not None and not _raised:
         _raised = True
         raise Interrupted(_signum)
 

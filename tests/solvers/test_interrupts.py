@@ -107,7 +107,10 @@ class Outcome:
     orphans: tuple[str, ...] = ()
 
 
-def _run(args: list[str], moment: float, sig: signal.Signals, base: Path) -> Outcome:
+def _run(args: list[str], moment: float, sig: signal.Signals, base: Path, wall: bool = False
+         ) -> Outcome:
+    """One ``moeplace solve`` in ``base``, signalled ``moment`` CPU seconds in (``wall``:
+    wall-clock seconds after start, as benchmarks/bench_interrupts.py --wall measures)."""
     work = base / f"{sig.name}-{moment:g}"
     tmp = work / "tmp"
     tmp.mkdir(parents=True)
@@ -118,10 +121,11 @@ def _run(args: list[str], moment: float, sig: signal.Signals, base: Path) -> Out
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=work,
                             preexec_fn=_default_signals)
     t0 = time.monotonic()
-    cap = WALL_CAP * moment + 10.0
+    cap = moment if wall else WALL_CAP * moment + 10.0
     while proc.poll() is None and not (
             _catches_sigterm(proc.pid)
-            and (_cpu_seconds(proc.pid) >= moment or time.monotonic() - t0 >= cap)):
+            and ((not wall and _cpu_seconds(proc.pid) >= moment)
+                 or time.monotonic() - t0 >= cap)):
         time.sleep(0.02)
     if proc.poll() is not None:
         res.finished_first = True
@@ -229,9 +233,12 @@ from moeplace._interrupts import guarded
 
 with guarded(), atomic_path(sys.argv[1]) as tmp:
     tmp.write_text("half an output")
-    print("ready", flush=True)
+    ready = False
     while True:
         try:
+            if not ready:
+                print("ready", flush=True)
+                ready = True
             time.sleep(0.05)
         except KeyboardInterrupt:
             pass
