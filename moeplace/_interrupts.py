@@ -51,6 +51,7 @@ _signum: int | None = None  # the first signal seen while guarded
 _raised = False  # whether the main thread has been handed Interrupted already
 _deferred = False  # an output is being moved into place: the handler must not raise now
 _left = threading.Event()  # the guarded command has returned (or the process is leaving)
+_fds: tuple[int, int] | None = None  # the watchdog's pipe while a command is guarded
 
 
 def signalled() -> int | None:
@@ -114,6 +115,13 @@ def _leave(signum: int) -> NoReturn:
     """One stderr line, then exit 128 + signum without interpreter teardown."""
     with _lock:  # after any commit in progress; the second caller waits here forever
         _left.set()
+        # Worker processes (the search's restarts fork a pool) would outlive us, blocked on
+        # their task queue; subprocess children (CBC) went with their stop callbacks.
+        mp = sys.modules.get("multiprocessing")
+        if mp is not None:
+            with contextlib.suppress(BaseException):
+                for child in mp.active_children():
+                    child.kill()
         for fn in list(_cleanups.values()):
             with contextlib.suppress(BaseException):
                 fn()
@@ -188,7 +196,7 @@ def guarded() -> Iterator[None]:
 
     On return the previous handlers and wakeup descriptor are restored, so in-process callers
     (click's test runner) keep their own behaviour outside the command."""
-    global _signum, _raised
+    global _signum, _raised, _fds
     if threading.current_thread() is not threading.main_thread() or not SIGNALS:
         yield
         return
@@ -205,7 +213,7 @@ def guarded() -> Iterator[None]:
     # script), as the convention is and as Python itself does for SIGINT.
     old = {s: signal.signal(s, _on_signal) for s in SIGNALS
            if signal.getsignal(s) is not signal.SIG_IGN}
-    _signum, _raised = None, False
+    _signum, _raised, _fds = None, False, (rfd, wfd)
     _committed.clear()
     _left.clear()
     watchdog = threading.Thread(target=_watch, args=(rfd,), name="moeplace-interrupts",
@@ -222,10 +230,31 @@ def guarded() -> Iterator[None]:
             with contextlib.suppress(OSError):
                 os.write(wfd, b"\0")
             watchdog.join(1.0)
+            _fds = None
             os.close(rfd)
             os.close(wfd)
         # After a signal the process is leaving (exit_interrupted or the watchdog): keep the
         # handlers and the watchdog until it has.
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker (the search's process pool) is not the command: it gets Python's own
+    handlers back and stops writing to our watchdog's pipe, so a signal aimed at it alone is
+    not taken for one aimed at the command. The command kills its workers when it leaves."""
+    if _fds is None or threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+        for s in SIGNALS:
+            if signal.getsignal(s) in (_on_signal, _exit_at_once):
+                signal.signal(s, signal.default_int_handler if s == signal.SIGINT
+                              else signal.SIG_DFL)
+        for fd in _fds:
+            os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _exit_at_once(signum: int, frame: FrameType | None) -> None:

@@ -856,11 +856,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                  f"of --time-limit {time_limit:g}; raise --time-limit")
         # The baselines compared against come first: they are cheap, and the solver must not
         # spend the time they need (under load they were once skipped, or the start cut short).
-        # The deadline only guards against huge inputs: whatever --time-limit is, a baseline
-        # gets 10 s, which small ones never need (EPLB-distinct of 8 layers: 0.8 CPU s).
+        # The deadline only guards against huge inputs: whatever --time-limit is, baselines
+        # get 3 s, which small ones never need (EPLB-distinct of 8 layers: 0.8 CPU s).
         base: dict[str, Any] = {}
         skipped: list[str] = []
-        base_deadline = max(deadline, time.monotonic() + 10.0)
+        base_deadline = max(deadline, time.monotonic() + 3.0)
         for name in _baselines_for(cluster):
             if name != method:
                 try:

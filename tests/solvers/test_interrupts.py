@@ -12,6 +12,7 @@ latencies on a quiet machine are in docs/benchmarks.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -116,10 +117,14 @@ def _run(args: list[str], moment: float, sig: signal.Signals, base: Path, wall: 
     tmp.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
     res = Outcome(moment, sig, workdir=work)
-    proc = subprocess.Popen([sys.executable, "-m", "moeplace.cli", "solve", *args,
-                             "--time-limit", str(TIME_LIMIT), "--out", str(work / "p.json")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=work,
-                            preexec_fn=_default_signals)
+    # stderr to a file beside the work directory: a pipe would block the test if a worker the
+    # command forked outlived it holding the pipe's write end.
+    err = base / f"{sig.name}-{moment:g}.stderr"
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moeplace.cli", "solve", *args,
+                                 "--time-limit", str(TIME_LIMIT), "--out", str(work / "p.json")],
+                                stdout=subprocess.DEVNULL, stderr=fh, env=env, cwd=work,
+                                preexec_fn=_default_signals)
     t0 = time.monotonic()
     cap = moment if wall else WALL_CAP * moment + 10.0
     while proc.poll() is None and not (
@@ -140,13 +145,22 @@ def _run(args: list[str], moment: float, sig: signal.Signals, base: Path, wall: 
             proc.wait()
         res.stop_s = time.monotonic() - sent
     res.returncode = proc.returncode
-    res.stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    res.stderr = err.read_text(errors="replace")
     res.leftovers = tuple(sorted(str(p.relative_to(work)) for p in work.rglob("*") if p != tmp))
-    # A solver child (CBC) must not outlive the command: its command line names our TMPDIR.
+    # No solver child (CBC, whose command line names our TMPDIR) or forked worker (the
+    # search's restarts: the command's own command line) may outlive the command.
     time.sleep(0.2)
     res.orphans = tuple(c for c in (_cmdline(p) for p in Path("/proc").iterdir() if p.name.isdigit())
-                        if str(tmp) in c)
+                        if str(work) + os.sep in c)
+    for pid in _pids_naming(work):  # do not leave them to the machine
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     return res
+
+
+def _pids_naming(work: Path) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and str(work) + os.sep in _cmdline(p)]
 
 
 def _cmdline(p: Path) -> str:
