@@ -62,7 +62,9 @@ def signalled() -> int | None:
 def check() -> None:
     """Raise ``Interrupted`` if a signal has arrived (for work that does not reach bytecode
     often, or threads other than the main one)."""
+    global _raised
     if _signum is not None:
+        _raised = True  # the handler, still pending, must not raise a second one mid-cleanup
         raise Interrupted(_signum)
 
 
