@@ -7,7 +7,8 @@ The rules every writer follows (``atomic_path`` enforces them):
 - a symlink is written through: its target is replaced, the link itself stays;
 - an output that is (or resolves to) one of the command's inputs is refused;
 - parent directories the write created are removed again if it fails;
-- SIGTERM and SIGHUP unwind like SIGINT (``install_signal_handlers``), so temporaries go too.
+- SIGINT, SIGTERM and SIGHUP remove temporaries and never let an output be moved into place
+  (``moeplace._interrupts``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import contextlib
 import contextvars
 import os
 import shutil
-import signal
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
-from moeplace.errors import InputError, Interrupted
+from moeplace._interrupts import committing, on_interrupt
+from moeplace.errors import InputError
 
 # Real paths of the current command's inputs; the CLI sets them, library callers may too.
 _INPUTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("moeplace_inputs",
@@ -120,40 +120,36 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool | None = None) 
     directories created for it are removed and nothing appears at ``path``.
     """
     final = check_output(path, directory=directory)
-    created = _make_parents(final.parent)
+    created: list[Path] = []
+    made: list[Path] = []
     ok = False
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    except OSError as exc:
-        _remove_dirs(created)
-        raise InputError(path, "path", f"cannot write here ({exc.strerror})",
-                         "check the directory and its permissions") from None
-    tmp = tmpdir / final.name
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"nothing was written to {final}")
-        # Checked again: something may have appeared at the path while the work ran.
-        check_output(path, directory=tmp.is_dir())
-        # rename(2) replaces an empty directory and refuses a non-empty one, so the target
-        # stays intact whatever happens to it meanwhile.
-        os.replace(tmp, final)
-        ok = True
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def remove() -> None:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
         if not ok:
             _remove_dirs(created)
 
-
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum)
-
-
-def install_signal_handlers() -> None:
-    """Turn SIGTERM and SIGHUP into ``Interrupted`` (a ``KeyboardInterrupt``), as SIGINT already
-    is, so every ``finally`` runs and temporaries are removed. Main thread only."""
-    for name in ("SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            with contextlib.suppress(ValueError, OSError):  # not the main thread
-                signal.signal(sig, _raise_interrupted)
+    # If a signal has to end the process before this unwinds, the exit removes them instead.
+    with on_interrupt(cleanup=remove):
+        try:
+            created += _make_parents(final.parent)
+            try:
+                made.append(Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp",
+                                                  dir=final.parent)))
+            except OSError as exc:
+                raise InputError(path, "path", f"cannot write here ({exc.strerror})",
+                                 "check the directory and its permissions") from None
+            tmp = made[0] / final.name
+            yield tmp
+            if not tmp.exists():
+                raise RuntimeError(f"nothing was written to {final}")
+            # Checked again: something may have appeared at the path while the work ran.
+            check_output(path, directory=tmp.is_dir())
+            # rename(2) replaces an empty directory and refuses a non-empty one, so the target
+            # stays intact whatever happens to it meanwhile. Refused once a signal arrived.
+            with committing(final):
+                os.replace(tmp, final)
+                ok = True
+        finally:
+            remove()

@@ -1,9 +1,10 @@
-"""Run a blocking native solver so that a time limit and Ctrl-C both stop it promptly.
+"""Run a blocking native solver so that a time limit and a signal both stop it promptly.
 
-Native solvers (CP-SAT, HiGHS, a CBC subprocess) block the main thread, where Python delivers
-SIGINT, so a ``KeyboardInterrupt`` would wait for them to return. Running the solve in a worker
-thread leaves the main thread free to notice the signal or the deadline and ask the solver to
-stop (``stop``: CP-SAT ``stop_search``, HiGHS ``cancelSolve``, killing CBC).
+Native solvers (CP-SAT, HiGHS, a CBC subprocess) block the thread that calls them. Running the
+solve in a worker thread leaves the main thread free to watch the deadline and ask the solver to
+stop (``stop``: CP-SAT ``stop_search``, HiGHS ``cancelSolve``, killing CBC). On SIGINT, SIGTERM
+or SIGHUP ``moeplace._interrupts`` calls the same ``stop`` at once from its watchdog thread and
+the main thread gets ``Interrupted``; the process then leaves without waiting for the solver.
 """
 
 from __future__ import annotations
@@ -13,17 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from moeplace._interrupts import on_interrupt
 from moeplace._progress import Progress
 
 R = TypeVar("R")
 
 # How long a solver may take to wind down after being asked to stop before we stop waiting.
 STOP_GRACE_S = 1.5
-
-# Set when a native solver thread was still running as Ctrl-C gave up on it: the process must
-# then leave with os._exit after its own cleanup, since interpreter teardown while the
-# solver's C++ threads run can crash (see cli.main).
-abandoned_threads: list[threading.Thread] = []
 
 
 class OutOfTime(Exception):
@@ -38,11 +35,11 @@ def check_deadline(deadline: float | None) -> None:
 
 def run_stoppable(fn: Callable[[], R], stop: Callable[[], Any], hard_deadline: float,
                   desc: str = "solver") -> R | None:
-    """``fn()`` in a daemon thread; ``stop()`` at ``hard_deadline`` (monotonic) or on Ctrl-C.
+    """``fn()`` in a daemon thread; ``stop()`` at ``hard_deadline`` (monotonic) or on a signal.
 
     Returns fn's result, or None when it had not returned ``STOP_GRACE_S`` after being stopped
-    at the deadline; re-raises ``KeyboardInterrupt`` after stopping (the daemon thread dies
-    with the process if the solver ignores the request).
+    at the deadline. On a signal ``stop()`` runs at once and ``Interrupted`` reaches the caller
+    without waiting for the thread (the process is leaving; the daemon thread dies with it).
     """
     box: dict[str, Any] = {}
 
@@ -53,26 +50,24 @@ def run_stoppable(fn: Callable[[], R], stop: Callable[[], Any], hard_deadline: f
             box["error"] = exc
 
     th = threading.Thread(target=target, name="moeplace-solver", daemon=True)
-    th.start()
     stopped_at: float | None = None
     t0 = time.monotonic()
     # Time-based bar: native solvers report nothing while they run, the clock does.
     bar = Progress(round(max(hard_deadline - t0, 0.0), 1), desc, "s")
     try:
-        while th.is_alive():
-            th.join(0.05)
-            now = time.monotonic()
-            bar.set(round(min(now - t0, bar.total), 1))
-            if stopped_at is None and now > hard_deadline:
-                stop()
-                stopped_at = now
-            elif stopped_at is not None and now > stopped_at + STOP_GRACE_S:
-                return None
+        with on_interrupt(stop=stop):
+            th.start()
+            while th.is_alive():
+                th.join(0.05)
+                now = time.monotonic()
+                bar.set(round(min(now - t0, bar.total), 1))
+                if stopped_at is None and now > hard_deadline:
+                    stop()
+                    stopped_at = now
+                elif stopped_at is not None and now > stopped_at + STOP_GRACE_S:
+                    return None
     except KeyboardInterrupt:
-        stop()
-        th.join(STOP_GRACE_S)
-        if th.is_alive():
-            abandoned_threads.append(th)
+        stop()  # also for a bare KeyboardInterrupt raised in-process
         raise
     finally:
         bar.close()

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from moeplace._interrupts import on_interrupt
 from moeplace.errors import InputError
 from moeplace.placement import Placement
 from moeplace.solvers._exact_common import (
@@ -88,7 +89,8 @@ def min_max_partition(load: np.ndarray, G: int, time_limit: float, workers: int 
     solver.parameters.max_time_in_seconds = max(time_limit, 0.05)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = 0
-    st = solver.solve(m)
+    with on_interrupt(stop=solver.stop_search):  # short, but a signal need not wait for it
+        st = solver.solve(m)
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return hint, int(max(load[hint == c].sum() for c in range(G))), False
     groups = np.array([next(c for c in range(G) if solver.value(x[e][c])) for e in range(N)])
@@ -454,8 +456,8 @@ def search_hint(stats: RoutingStats, cluster: Cluster, options: SolveOptions) ->
     """The exact models' warm start: the better of the default search and a loosely balanced
     one from EPLB (distinct copies), within at most a fifth of the budget (10 s at most)."""
     w = options.weights
-    start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups,
-                     options.deadline)
+    # No deadline for the start: it is what is returned when the budget runs out.
+    start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups)
     hint_budget = min(10.0, 0.2 * options.time_limit)
     hints = [search(stats, start, weights=w, balance_slack=slack, time_limit=hint_budget / 2)[0]
              for slack in (0.0, 1.0)]

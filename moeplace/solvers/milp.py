@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moeplace._interrupts import on_interrupt
 from moeplace._limits import check_memory
 from moeplace.errors import InputError
 from moeplace.placement import Placement
@@ -331,7 +333,9 @@ def _cbc_path() -> str:
 def _run_cbc(model: Milp, seconds: float, start: np.ndarray | None, threads: int
              ) -> tuple[str, np.ndarray | None, float | None]:
     t_start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="moeplace-cbc-") as tmp:
+    # A signal that ends the process before this unwinds removes the model files too.
+    with tempfile.TemporaryDirectory(prefix="moeplace-cbc-") as tmp, on_interrupt(
+            cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         mps, sol, mst = (os.path.join(tmp, f) for f in ("m.mps", "m.sol", "m.mst"))
         _write_mps(model, mps)
         args = [_cbc_path(), mps]

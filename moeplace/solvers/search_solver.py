@@ -159,21 +159,22 @@ class SearchSolver(Solver):
         cost = expert_cost(stats, options.phase, options.tokens_per_step)
         # The search keeps copies of one expert on distinct GPUs, so it starts from the
         # rule-respecting EPLB, on the phase's cost; on unequal GPUs from a packing for them.
+        # The start is what a method out of time returns, so no deadline cuts it short (a
+        # slice of a short budget once did, on a busy machine: exit 2 for eight small layers).
         if speeds is not None:
             start = balanced_placement(cost, cluster.num_gpus, cluster.num_nodes, speeds)
         elif decode:
             start = eplb_distinct(decode_start_cost(cost, stats.load), cluster.num_gpus,
                                   cluster.num_nodes, cluster.replicas,
-                                  num_groups=options.num_groups, deadline=options.deadline)
+                                  num_groups=options.num_groups)
         elif static and cluster.replicas:
             # The static engines are held to EPLB's balance on new traffic: start from the
             # stacks' EPLB itself wherever its layers allow.
             groups = default_groups(stats) if options.num_groups is None else options.num_groups
             start = eplb_where_distinct(stats.load, cluster.num_gpus, cluster.num_nodes,
-                                        cluster.replicas, groups, options.deadline)
+                                        cluster.replicas, groups)
         else:
-            start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups,
-                             options.deadline)
+            start = baseline("eplb-distinct", stats, cluster, options.seed, options.num_groups)
         if (current is not None and w.migration > 0 and current.num_replicas == cluster.replicas
                 and current.num_nodes == cluster.num_nodes and not current.colocated):
             start = current  # moving away from what serves now must pay for itself

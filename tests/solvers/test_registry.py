@@ -166,12 +166,15 @@ def test_a_registered_method_is_callable_without_editing_solve(tiny, reversed_me
     assert rep.method == "reversed-for-test" and rep.status == "reversed"
     assert rep.details == {"note": "from a test", "engine": "exflow"}  # what it declares
     assert rep.objective["total"] == pytest.approx(score(tiny, plc).total)
-    # Not declared exact: its claimed bound is ignored, the general lower bound is reported.
-    assert rep.bound["total"] == pytest.approx(lower_bound(tiny, 3).total)
+    # Not declared exact: its claimed bound is ignored, the general lower bound is reported:
+    # between the bound without refinements and the fully refined one (how far its short
+    # budget refines it depends on the machine's speed).
+    assert (lower_bound(tiny, 3, time_limit=0.0).total - 1e-9 <= rep.bound["total"]
+            <= lower_bound(tiny, 3).total + 1e-9)
     # The options arrive as given, with the deadline set when the solve started.
     opts = reversed_method.seen[-1]
     assert (opts.seed, opts.balance_slack, opts.time_limit) == (5, 0.25, 7)
-    assert opts.deadline is not None and 0 < opts.seconds_left() <= 7
+    assert opts.deadline is not None and opts.seconds_left() <= 7
     assert "reversed-for-test" in registry.names()
     # Capabilities it does not declare are refused generically.
     with pytest.raises(InputError, match="--replicas"):

@@ -172,7 +172,9 @@ def test_deepseek_static_engine_beats_eplb_on_held_out_traffic_at_its_balance():
     tr = import_trace(shared_file(DEEPSEEK))
     fit, hold = tr.split_requests(0.2, seed=0)
     s = compute_stats(fit, coactivation=False)
-    plc, _ = solve_with_report(s, Cluster(8, 2), time_limit=40)
+    # More room than 40 s, which a busy 2-core machine (two busy loops beside the tests) ended
+    # short of these gains; a machine that busy can still need more (see the issue 20 notes).
+    plc, _ = solve_with_report(s, Cluster(8, 2), time_limit=120)
     base, _ = solve_with_report(s, Cluster(8, 2), method="eplb")
     ours, ref = (evaluate(hold, p).summary for p in (plc, base))
     assert ours["traffic_static"] <= 0.97 * ref["traffic_static"]

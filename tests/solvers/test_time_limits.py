@@ -40,7 +40,9 @@ def test_exact_never_worse_than_warm_start(medium, run, limit):
                  random_placement(6, 24, 4, seed=1)):
         t0 = time.monotonic()
         res = run(medium, hint, limit)
-        assert time.monotonic() - t0 < limit + 3.0
+        # Generous for a busy machine: a solver ignoring its limit runs on to prove the
+        # optimum, minutes here (measured overshoot on a quiet machine: docs/benchmarks.md).
+        assert time.monotonic() - t0 < 3 * limit + 20.0
         assert res.placement is not None
         got = score(medium, res.placement).total
         assert got <= score(medium, hint).total + 1e-12
@@ -70,22 +72,31 @@ def test_coactivation_weight_also_bounded():
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigint_stops_cpsat_solve_and_writes_nothing(tmp_path):
-    """A real CLI process: Ctrl-C during a CP-SAT solve exits 130 within 3 s, one stderr line,
-    and no placement file."""
+    """A real CLI process: Ctrl-C during a CP-SAT solve exits 130 promptly, one stderr line,
+    and no placement file (it once ran on to its limit and wrote one; later it died of SIGABRT
+    in interpreter teardown: a signal now always leaves through os._exit)."""
     out = tmp_path / "plc.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "moeplace.cli", "solve",
          str(ROOT / "moeplace/data/flame_moe_290m_2048tok.parquet"), "--gpus", "8",
          "--method", "cpsat", "--time-limit", "60", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+        preexec_fn=_default_signals)
     time.sleep(16)  # past imports, statistics and the warm start (at most 10 s): in CP-SAT
     assert proc.poll() is None, proc.communicate()
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _stdout, stderr = proc.communicate(timeout=10)
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 15.0  # about a second on a quiet machine; 60 s if ignored
     assert proc.returncode == 130, (proc.returncode, stderr)
     assert len(stderr.decode().strip().splitlines()) == 1, stderr
     assert not out.exists()
     assert not list(tmp_path.iterdir())
+
+
+def _default_signals() -> None:
+    # Run from a script's background job, the test inherits SIGINT ignored, and moeplace keeps
+    # an inherited SIG_IGN (nohup, as Python does): give the child an interactive shell's.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
