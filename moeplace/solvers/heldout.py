@@ -386,17 +386,22 @@ def describe(heldout: dict[str, Any], num_layers: int) -> str:
     """One line for the CLI: the held-back balance against the reference and the fallback."""
     h = heldout
     ref = h["reference"]
+    own = ""
+    if h["num_fallback_layers"] and h.get("method_objective") is not None:
+        own = (f"; the method's own placement, which its status and proof are about: objective "
+               f"{h['method_objective']:.4f}, gap {h['method_gap']:.1%}")
     if h["status"] == TOO_FEW:
         return (f"held-back balance: too few requests to check it, so all {num_layers} layers "
-                f"took {ref}'s layout (--balance-slack accepts the risk)")
+                f"took {ref}'s layout (--balance-slack accepts the risk){own}")
     if h["load_imbalance_mean"] is None:
         return f"held-back balance: not checked ({h['status']})"
     text = (f"held-back balance ({h['held_buckets']} request buckets the method did not see): "
             f"load_imbalance_mean {h['load_imbalance_mean']:.3f} vs {ref} "
             f"{h['reference_load_imbalance_mean']:.3f}")
     if h["status"] == CHECKED:
-        text += (f"; {h['num_fallback_layers']} of {num_layers} layers fell back to {ref}'s "
-                 f"layout (method's own {h['method_load_imbalance_mean']:.3f})")
+        text += (f"; {h['num_fallback_layers']} of {num_layers} layers fell back to balance-first, "
+                 f"repaired or {ref} layouts (the method's own "
+                 f"{h['method_load_imbalance_mean']:.3f}){own}")
     elif h["status"] == BY_METHOD:
         text += (f"; {h['num_fallback_layers']} of {num_layers} layers kept the method's start "
                  "or balance-first layout")
