@@ -140,6 +140,8 @@ def hold_balance(stats: RoutingStats, placement: Placement, reference: Placement
         pick, status = np.zeros(L, np.int64), TOO_FEW
     elif H == 0:
         pick, status = np.ones(L, np.int64), NO_HELD
+    elif _within(mine - ref, balance_slack * L):
+        pick, status = np.ones(L, np.int64), CHECKED  # nothing would exceed: keep every layer
     else:
         gains = _neighbour_gains(stats, placement, weights, current)
         imbs = [ref, mine]
@@ -170,6 +172,14 @@ def hold_balance(stats: RoutingStats, placement: Placement, reference: Placement
     final = layer_imbalance(out, held, speeds)
     return out, HeldOut(status, ref_name, H, _mean(final), _mean(ref), _mean(mine),
                         [int(l) for l in back], int(back.size))
+
+
+def _within(excess: np.ndarray, budget: float) -> bool:
+    """Whether the summed excess ``[L, H]`` over layers is within ``budget`` less one standard
+    error over the buckets (``robust.choose_robust``'s test for one choice)."""
+    total = excess.sum(axis=0)
+    se = float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1 else 0.0
+    return float(total.mean()) <= budget - se + 1e-12
 
 
 def _neighbour_gains(stats: RoutingStats, placement: Placement, weights: Weights,
