@@ -6,15 +6,15 @@ odd-numbered ones are never seen by a search, so they estimate each layer's bala
 the placement was not fitted to. A method that balances only the fitted load (the cross-layer
 search, MoETuner's min-max clusters, the exact methods' load term) can fill every GPU up to the
 fitted optimum while putting experts that rise and fall together on one GPU, and on new requests
-lose to EPLB, whose greedy packing hedges. ``hold_balance`` therefore keeps each layer of the
-method's placement only while the mean over layers of the held-back imbalance stays within
-EPLB's (+ ``balance_slack``) less one standard error (``robust.choose_robust``, the static
-search's rule). The other layers take, as the static search's do, a balance-first layout
-(EPLB's layer after descent on the even buckets' summed max GPU load alone, which is usually
-better balanced than EPLB on the held-back buckets and so makes room for the method's layers
-elsewhere), the method's layer repaired into the static search's limits, or EPLB's layout;
-their GPUs are permuted to co-locate as much cross-layer traffic with their neighbours as a
-permutation can (it moves whole GPUs, so a layer's balance is unchanged). With too few
+lose to EPLB, whose greedy packing hedges. ``hold_balance`` therefore keeps a layer of the
+method's placement only where that layer's held-back imbalance is at most EPLB's
+(+ ``balance_slack``), and the mean over layers within EPLB's less one standard error
+(``robust.choose_robust``, the static search's rule). The other layers take, as the static
+search's do, a balance-first layout (EPLB's layer after descent on the even buckets' summed
+max GPU load alone), the method's layer repaired into the static search's limits, or EPLB's
+layout, each under the same per-layer test; their GPUs are permuted to co-locate as much
+cross-layer traffic with their neighbours as a permutation can (it moves whole GPUs, so a
+layer's balance is unchanged). With too few
 requests to judge and no slack every layer takes EPLB's layout, as the static search returns
 its start.
 
@@ -120,7 +120,8 @@ def hold_balance(stats: RoutingStats, placement: Placement, reference: Placement
                  ) -> tuple[Placement, HeldOut]:
     """``placement`` held to ``reference``'s balance on the held-back request buckets, layer by
     layer (see the module docstring). Each layer keeps the method's layout, a repaired one, a
-    balance-first one or ``reference``'s so that the mean held-back imbalance over layers is at
+    balance-first one or ``reference``'s, each allowed only where its held-back imbalance is at
+    most ``reference``'s layer's (+ ``balance_slack``), so that the mean over layers is at
     most ``reference``'s (+ ``balance_slack``, less one standard error), at the most co-located
     cross-layer traffic with the method's neighbour layers (``robust.choose_robust``, the
     static search's rule; ``_balance_first`` builds the middle two within ``seconds``, without
@@ -140,7 +141,8 @@ def hold_balance(stats: RoutingStats, placement: Placement, reference: Placement
         pick, status = np.zeros(L, np.int64), TOO_FEW
     elif H == 0:
         pick, status = np.ones(L, np.int64), NO_HELD
-    elif _within(mine - ref, balance_slack * L):
+    elif ((mine - ref).mean(axis=1) <= balance_slack + 1e-12).all() and _within(
+            mine - ref, balance_slack * L):
         pick, status = np.ones(L, np.int64), CHECKED  # nothing would exceed: keep every layer
     else:
         gains = _neighbour_gains(stats, placement, weights, current)
@@ -159,7 +161,16 @@ def hold_balance(stats: RoutingStats, placement: Placement, reference: Placement
                     values.insert(-1, -_colocated(gains, cand, placement))
                     imbs.insert(-1, layer_imbalance(replace(reference, phy2log=cand), held, speeds))
         excess = np.stack([i - ref for i in imbs], axis=1)  # [L, C, H]
-        pick = choose_robust(np.stack(values, axis=1), excess, balance_slack * L)
+        # Per layer: a layout whose own held-back imbalance exceeds the reference's (+ slack)
+        # is out, so no layer leans on another's margin (a margin on these small slices of
+        # the requests need not carry over to new traffic as a whole); the summed excess is
+        # then held within the budget as the static search holds it.
+        allowed = excess.mean(axis=2) <= balance_slack + 1e-12
+        allowed[:, 0] = True  # the reference itself
+        out_of_reach = 1e30  # finite, so the greedy's ratios stay numbers
+        vals = np.where(allowed, np.stack(values, axis=1), out_of_reach)
+        pick = choose_robust(vals, np.where(allowed[:, :, None], excess, out_of_reach),
+                             balance_slack * L)
         status = CHECKED
     kept = len(rows) - 1  # the method's column
     phy = np.stack([rows[c][l] for l, c in enumerate(pick)])
