@@ -8,15 +8,14 @@ search, MoETuner's min-max clusters, the exact methods' load term) can fill ever
 fitted optimum while putting experts that rise and fall together on one GPU, and on new requests
 lose to EPLB, whose greedy packing hedges. ``hold_balance`` therefore keeps a layer of the
 method's placement only where that layer's held-back imbalance is at most EPLB's
-(+ ``balance_slack``), and the mean over layers within EPLB's less one standard error
-(``robust.choose_robust``, the static search's rule). The other layers take, as the static
-search's do, a balance-first layout (EPLB's layer after descent on the even buckets' summed
-max GPU load alone), the method's layer repaired into the static search's limits, or EPLB's
-layout, each under the same per-layer test; their GPUs are permuted to co-locate as much
-cross-layer traffic with their neighbours as a permutation can (it moves whole GPUs, so a
-layer's balance is unchanged). With too few
-requests to judge and no slack every layer takes EPLB's layout, as the static search returns
-its start.
+(+ ``balance_slack``) less one standard error over the buckets, and the mean over layers
+within EPLB's less one standard error (``robust.choose_robust``, the static search's rule).
+The other layers take, as the static search's do, a balance-first layout (EPLB's layer after
+descent on the even buckets' summed max GPU load alone), the method's layer repaired into the
+static search's limits, or EPLB's layout, each under the same per-layer test; their GPUs are
+permuted to co-locate as much cross-layer traffic with their neighbours as a permutation can
+(it moves whole GPUs, so a layer's balance is unchanged). With too few requests to judge and
+no slack every layer takes EPLB's layout, as the static search returns its start.
 
 A method's proof (``status`` "optimal", its bound) is about the fitted problem; the report keeps
 that objective (``method_objective``, ``method_gap``) next to the fallback, which is listed per
@@ -141,7 +140,7 @@ def hold_balance(stats: RoutingStats, placement: Placement, reference: Placement
         pick, status = np.zeros(L, np.int64), TOO_FEW
     elif H == 0:
         pick, status = np.ones(L, np.int64), NO_HELD
-    elif ((mine - ref).mean(axis=1) <= balance_slack + 1e-12).all() and _within(
+    elif (_layer_margin(mine - ref) <= balance_slack + 1e-12).all() and _within(
             mine - ref, balance_slack * L):
         pick, status = np.ones(L, np.int64), CHECKED  # nothing would exceed: keep every layer
     else:
@@ -165,7 +164,9 @@ def hold_balance(stats: RoutingStats, placement: Placement, reference: Placement
         # is out, so no layer leans on another's margin (a margin on these small slices of
         # the requests need not carry over to new traffic as a whole); the summed excess is
         # then held within the budget as the static search holds it.
-        allowed = excess.mean(axis=2) <= balance_slack + 1e-12
+        # ... with one standard error over the buckets, as the budget's test has it.
+        allowed = np.stack([_layer_margin(excess[:, c]) for c in range(excess.shape[1])],
+                           axis=1) <= balance_slack + 1e-12
         allowed[:, 0] = True  # the reference itself
         out_of_reach = 1e30  # finite, so the greedy's ratios stay numbers
         vals = np.where(allowed, np.stack(values, axis=1), out_of_reach)
@@ -183,6 +184,13 @@ def hold_balance(stats: RoutingStats, placement: Placement, reference: Placement
     final = layer_imbalance(out, held, speeds)
     return out, HeldOut(status, ref_name, H, _mean(final), _mean(ref), _mean(mine),
                         [int(l) for l in back], int(back.size))
+
+
+def _layer_margin(excess: np.ndarray) -> np.ndarray:
+    """``[L]`` each layer's mean excess over the buckets ``[L, H]`` plus one standard error."""
+    H = excess.shape[1]
+    se = excess.std(axis=1, ddof=1) / np.sqrt(H) if H > 1 else 0.0
+    return excess.mean(axis=1) + se
 
 
 def _within(excess: np.ndarray, budget: float) -> bool:
