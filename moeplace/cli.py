@@ -1034,6 +1034,10 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                f"imbalance >= {b['load_imbalance_mean']:.3f}")
         click.echo(f"objective ({eng}, {phase}) {rep.objective['total']:.4f}, lower bound "
                    f"{b['total']:.4f}, gap {rep.gap:.1%} (bounds: {bal}, {terms})")
+        if rep.heldout is not None:
+            from moeplace.solvers.heldout import describe
+
+            click.echo(describe(rep.heldout, plc.num_layers))
         label = "fitted trace" if holdout is not None else "trace"
         click.echo(f"\n{label} ({'per-token evaluator' if trace is not None else 'statistics'}"
                    f"{_scored_note(scoring.get('fit'))}):")

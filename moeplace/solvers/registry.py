@@ -89,12 +89,15 @@ class MethodResult:
     """What a method says about its placement; ``solve_with_report`` scores and bounds it.
 
     ``bound`` is a proven lower bound on the objective's total (only read from methods that
-    declare ``exact``); ``details`` go to the report as they are.
+    declare ``exact``); ``details`` go to the report as they are. ``balance_checked``: the
+    method already held its layers to EPLB's balance on the held-back request buckets (the
+    static search), so ``solve_with_report`` only measures it (``solvers.heldout``).
     """
 
     status: str
     bound: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    balance_checked: bool = False
 
 
 class Solver(ABC):

@@ -196,12 +196,12 @@ class SearchSolver(Solver):
                 load_scenarios=srep.scenarios, sampled_tokens=len(stats.token_sample),
                 start=origin, **more)
             status = "time limit" if srep.stopped == "time limit" else "local optimum"
-            return plc, MethodResult(status, None, details)
+            return plc, MethodResult(status, None, details, balance_checked=True)
         if static and too_few_requests(stats, options.balance_slack):
             # give_back would return the start whatever the search found: do not search.
             return start, MethodResult("local optimum", None, dict(
                 start=origin, layers_kept_from_start=start.num_layers,
-                stopped="too few requests to check balance on new traffic"))
+                stopped="too few requests to check balance on new traffic"), balance_checked=True)
         if static:
             # Without a token sample (statistics from counts) or with replicas, the static
             # objective's stand-in is the within-layer pair spread (co-activation), if known.
@@ -214,8 +214,7 @@ class SearchSolver(Solver):
                                time_limit=budget, current=current, seed=options.seed)
         # This search weighs balance on the fitted load only: for the static engines the
         # held-back request buckets decide which of its layers keep their balance on new
-        # traffic. The cross-layer (exflow) search stays as measured before: its gains come
-        # from moving most layers, and giving them back would undo nearly all of them.
+        # traffic, against the start (the layout the co-activation sweep kept copies apart in).
         back = 0
         if static:
             plc, back = give_back(stats, plc, start, options.balance_slack,
@@ -226,4 +225,6 @@ class SearchSolver(Solver):
         if static:
             details["objective_proxy"] = "co-activation pairs" if w.coact else "balance only"
         status = "time limit" if rep.stopped == "time limit" else "local optimum"
-        return plc, MethodResult(status, None, details)
+        # The cross-layer (exflow) search is held to EPLB's held-back balance afterwards, by
+        # solve_with_report (solvers.heldout), as every method that does not check it itself.
+        return plc, MethodResult(status, None, details, balance_checked=static)

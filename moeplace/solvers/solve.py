@@ -21,9 +21,11 @@ from moeplace.solvers.bounds import lower_bound, static_bound
 from moeplace.solvers.cost import expert_cost, speed_load_bound, unequal_speeds
 from moeplace.solvers.dp import MAX_STATES, num_states
 from moeplace.solvers.groups import expand_groups, group_span, group_stats
+from moeplace.solvers.heldout import BASELINE, BY_METHOD, HeldOut, hold_balance, measure, reference_name
 from moeplace.solvers.objective import STATIC_ENGINES, Weights, check_engine, score
 from moeplace.solvers.registry import (
     Cluster,
+    MethodResult,
     RestartRunner,
     SolveOptions,
     Solver,
@@ -51,11 +53,18 @@ class SolveReport:
     gap: float | None
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    # Balance on the held-back request buckets against EPLB, and any per-layer fallback
+    # (``solvers.heldout.HeldOut.as_dict``); ``status`` and ``gap`` above are the returned
+    # placement's, ``heldout["method_objective"]``/``["method_gap"]`` the method's own.
+    heldout: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "status": self.status, "objective": self.objective,
-                "bound": self.bound, "gap": self.gap, "seconds": self.seconds,
-                "details": self.details}
+        out = {"method": self.method, "status": self.status, "objective": self.objective,
+               "bound": self.bound, "gap": self.gap, "seconds": self.seconds,
+               "details": self.details}
+        if self.heldout is not None:
+            out["heldout"] = self.heldout
+        return out
 
 
 def check_request(stats: RoutingStats, cluster: Cluster, time_limit: float,
@@ -166,19 +175,55 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
         options = replace(options, engine=solver.engines[0])  # what the method optimises
     plc, res = solver.solve(stats, c, options)
     engine = options.engine
+    own = plc
+    plc, held = _hold_balance(stats, c, options, solver, plc, res)
     obj = score(stats, plc, options.weights, options.current, engine, options.phase,
                 options.tokens_per_step, _array(options.gpu_speeds))
     bound = engine_bound(stats, c, options, engine)
     if solver.exact and res.bound is not None and res.bound > bound["total"]:
         bound["total"] = res.bound
     gap = max(0.0, (obj.total - bound["total"]) / max(obj.total, 1e-12))
+    # The method's proof and status are about its own placement on the fitted problem: keep
+    # that objective and gap beside the returned placement's.
+    own_total = obj.total if plc is own else score(
+        stats, own, options.weights, options.current, engine, options.phase,
+        options.tokens_per_step, _array(options.gpu_speeds)).total
+    held.method_objective = own_total
+    held.method_gap = max(0.0, (own_total - bound["total"]) / max(own_total, 1e-12))
     # A copy: a method may hand back its start, which can be the caller's current placement.
     plc = replace(plc, info={**plc.info, "method": method, "status": res.status,
                              "engine": engine})
     _label_layers(plc, stats)
     report = SolveReport(method, res.status, obj.as_dict(), bound, gap,
-                         time.perf_counter() - t0, {**res.details, "engine": engine})
+                         time.perf_counter() - t0, {**res.details, "engine": engine},
+                         held.as_dict())
     return plc, report
+
+
+def _hold_balance(stats: RoutingStats, c: Cluster, options: SolveOptions, solver: Solver,
+                  plc: Placement, res: MethodResult) -> tuple[Placement, HeldOut]:
+    """Every method's placement held to EPLB's balance on the held-back request buckets
+    (``solvers.heldout``): measured for baselines and for methods that checked it
+    themselves, layers falling back to EPLB's layout for the others."""
+    name = reference_name(c.replicas)
+    # Without a deadline: EPLB is fast, and the check must not fail a solve that succeeded.
+    ref = baseline(name, stats, c, num_groups=options.num_groups)
+    decode = options.tokens_per_step if options.phase == "decode" else None
+    speeds = _array(options.gpu_speeds)
+    if solver.baseline or res.balance_checked:
+        held = measure(stats, plc, ref, name, BASELINE if solver.baseline else BY_METHOD,
+                       decode, speeds)
+        if res.balance_checked:
+            held.num_fallback_layers = int(res.details.get("layers_kept_from_start", 0)
+                                           + res.details.get("balance_first_layers", 0))
+        return plc, held
+    # The balance-first layouts get what the method left of its budget and a share of the
+    # reserve (bounds and scoring take the rest).
+    reserve = reserve_seconds(options.time_limit)
+    seconds = max(0.3 * reserve, options.seconds_left() - reserve)
+    return hold_balance(stats, plc, ref, name, balance_slack=options.balance_slack,
+                        weights=options.weights, current=options.current,
+                        tokens_per_step=decode, speeds=speeds, seconds=seconds)
 
 
 def _speeds(speeds: Sequence[float] | np.ndarray | None, num_gpus: int
@@ -297,8 +342,10 @@ def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, method: str,
     plc.info = {**plc.info, "method": inner.method, "status": inner.status,
                 "respect_groups": n_group, "engine": engine}
     _label_layers(plc, stats)
+    # The held-back check ran on the group problem (groups as super-experts).
+    held = None if inner.heldout is None else {**inner.heldout, "level": "groups"}
     return plc, SolveReport(inner.method, inner.status, obj.as_dict(), bound, gap,
-                            time.perf_counter() - t0, details)
+                            time.perf_counter() - t0, details, held)
 
 
 def solve(stats: RoutingStats, cluster: Cluster | int, **kw: Any) -> Placement:
