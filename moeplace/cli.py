@@ -1513,7 +1513,7 @@ def replay(trace: str, gpus: int, nodes: int, replicas: int, groups: int | None,
     """Replay TRACE as an engine runs online EPLB: every --interval tokens each policy picks
     the map for the next interval from what it has seen; score that interval."""
     from moeplace.integrations.engine_policies import run_replay
-    from moeplace.solvers.replay import summary_table
+    from moeplace.solvers.replay import replay_headline, summary_table
     from moeplace.traces import RoutingStats
 
     src = _open(trace, kw, in_memory_max=0)  # Parquet is streamed
@@ -1524,12 +1524,13 @@ def replay(trace: str, gpus: int, nodes: int, replicas: int, groups: int | None,
                      num_groups=groups, interval=interval, window=window, order=order,
                      expert_bytes=expert_bytes, hardware=hardware, out=out, plot_path=plot_path)
     if as_json:
-        _echo_json(res.to_dict())
+        _echo_json({"headline": replay_headline(res), **res.to_dict()})
         return
     st = res.setup
+    click.echo(replay_headline(res) + "\n")
     click.echo(f"{st['trace']}: {st['tokens']:,} tokens in {order} order, {st['intervals']} "
-               f"intervals of {interval:,} (window {st['window']:,}); {gpus} GPUs, {nodes} nodes, "
-               f"{replicas} replicas")
+               f"intervals of {interval:,} (window {st['window']:,}); {gpus} GPUs, "
+               f"{nodes} node{'s' if nodes > 1 else ''}, {replicas} replicas")
     for n, s in res.sources.items():
         click.echo(f"  {n}: {s}")
     lr = st["link_rates"]

@@ -505,3 +505,27 @@ def summary_table(res: ReplayResult, reference: str | None = "vllm") -> list[dic
                                    if ref["moved_copies"] else float("nan"))
         out.append(row)
     return out
+
+
+# The engines' own rebalancing, strongest first: the installed engine's code, else its refit.
+_REFERENCES = ("vllm", "sglang", "eplb", "eplb-cumulative")
+
+
+def replay_headline(res: ReplayResult) -> str:
+    """The one sentence of a replay: moeplace's policy against the engine default replayed
+    beside it (imbalance on the next interval, copies moved), else the best-balanced policy."""
+    s = res.summary
+    ref = next((r for r in _REFERENCES if r in s), None)
+    if "moeplace" in s and ref is not None:
+        m, r = s["moeplace"], s[ref]
+        a, b = m["load_imbalance_mean"], r["load_imbalance_mean"]
+        word = "lower than" if a < b - 5e-5 else ("the same as" if abs(a - b) <= 5e-5
+                                                  else "higher than")
+        ratio = (f" ({m['moved_copies'] / r['moved_copies']:.2f}x)" if r["moved_copies"]
+                 else "")
+        return (f"moeplace's policy left a next-interval imbalance of {a:.3f}, {word} {ref}'s "
+                f"{b:.3f}, moving {m['moved_copies']:,} expert copies against {ref}'s "
+                f"{r['moved_copies']:,}{ratio}.")
+    best = min(s, key=lambda n: s[n]["load_imbalance_mean"])
+    return (f"{best} left the lowest next-interval imbalance ({s[best]['load_imbalance_mean']:.3f}), "
+            f"moving {s[best]['moved_copies']:,} expert copies.")

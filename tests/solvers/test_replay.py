@@ -169,3 +169,26 @@ def test_engine_policy_refused_in_one_line_when_not_importable(tmp_path: Path):
             continue  # importable here: the engine tests below cover it
         cli_fails(["replay", str(path), "--gpus", "4", "--policy", f"moeplace,{engine}"],
                   f"--policy: {engine}")
+
+
+def test_replay_headline_states_the_replayed_numbers(tmp_path: Path):
+    """The printed sentence carries the summary's own figures: imbalance of moeplace and of the
+    default refit, copies each moved, and their ratio."""
+    import re
+
+    path = tmp_path / "t.parquet"
+    write_trace(_trace(T=1200), path)
+    r = CliRunner().invoke(main, ["replay", str(path), "--gpus", "4", "--interval", "100",
+                                  "--policy", "moeplace,eplb", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    m, e = out["policies"]["moeplace"]["summary"], out["policies"]["eplb"]["summary"]
+    h = out["headline"]
+    assert f"{m['load_imbalance_mean']:.3f}" in h and f"{e['load_imbalance_mean']:.3f}" in h
+    assert f"{m['moved_copies']:,} expert copies against eplb's {e['moved_copies']:,}" in h
+    word = re.search(r"(lower than|the same as|higher than) eplb", h).group(1)
+    d = m["load_imbalance_mean"] - e["load_imbalance_mean"]
+    assert word == ("lower than" if d < -5e-5 else "higher than" if d > 5e-5 else "the same as")
+    r = CliRunner().invoke(main, ["replay", str(path), "--gpus", "4", "--interval", "100",
+                                  "--policy", "moeplace,eplb"])
+    assert r.exit_code == 0 and r.output.splitlines()[0] == h
