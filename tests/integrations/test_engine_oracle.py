@@ -72,7 +72,8 @@ import torch.utils._triton as _tt
 # that would look again), so only SGLang's module-level `import triton` sees the shim: its
 # kernels never run in these CPU-only checks. Never a real triton install.
 assert not _tt.has_triton_package()
-import torch._dynamo, torch._inductor.runtime.triton_compat  # noqa: F401,E401
+import torch._dynamo, torch._inductor.runtime.triton_compat, torch._inductor.codecache  # noqa
+import torch.utils.flop_counter  # noqa
 
 
 class _Any:
@@ -92,6 +93,11 @@ class _Stub(types.ModuleType):
 
 class _Shim(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
+        f = sys._getframe(1)
+        while f is not None and f.f_globals.get("__name__", "").startswith(("importlib", "_frozen")):
+            f = f.f_back
+        if f is not None and f.f_globals.get("__name__", "").split(".")[0] in ("torch", "functorch"):
+            return None  # torch looks for triton itself: it must find none
         if name.split(".")[0] == "triton":
             return importlib.machinery.ModuleSpec(name, self, is_package=True)
     def create_module(self, spec):
@@ -131,3 +137,105 @@ def test_eplb_equals_sglang_auto_choice(tmp_path):
     print(json.dumps(out))
     """
     _compare(_engine_layouts("sglang", code, tmp_path))
+
+
+# ---- exports through SGLang's own argument parsing, topology check and loader -------------------
+# Modules SGLang's argument resolution imports at module level that these CPU-only checks never
+# call into (vision, tokenizer, kernel and client packages): import shims, never installs.
+SGLANG_RESOLVE_STUBS = ("gguf", "compressed_tensors", "sentencepiece", "tvm_ffi", "IPython",
+                        "torchvision", "einops", "openai")
+
+DSV3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "num_hidden_layers": 61, "first_k_dense_replace": 3, "n_routed_experts": 256,
+        "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "hidden_size": 7168,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "vocab_size": 129280, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+        "v_head_dim": 128, "n_shared_experts": 1, "max_position_embeddings": 163840,
+        "rope_theta": 10000, "torch_dtype": "bfloat16", "moe_layer_freq": 1,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc", "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "tie_word_embeddings": False}
+
+
+def test_sglang_loads_exports_under_the_printed_launch_line(tmp_path):
+    import shlex
+
+    from moeplace.models import known_layout
+    from moeplace.placement import Placement
+    from moeplace.placement.exports import export_placement
+
+    pytest.importorskip("torch")
+    engine_path("sglang")
+    model = tmp_path / "dsv3"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(DSV3))
+    G, M, R, N = 32, 4, 32, 256
+    rng = np.random.default_rng(7)
+    phy = np.stack([np.concatenate([rng.permutation(N), rng.choice(N, R, replace=False)])
+                    for _ in range(58)])
+    plc = Placement(phy, G, M, N, moe_layer_ids=tuple(range(3, 61)), colocated=True)
+    cases = []
+    for name in ("p.json", "p.pt"):
+        flags = export_placement(plc, "sglang", tmp_path / name, layout=known_layout("deepseek-v3"))
+        line = next(x for x in flags.splitlines() if "sglang.launch_server" in x)
+        assert "--tp-size 32" in line and "--nnodes 4" in line
+        argv = shlex.split(line.split("sglang.launch_server", 1)[1])
+        argv[argv.index("--model-path") + 1] = str(model)
+        for node in range(M):
+            a = list(argv)
+            a[a.index("--node-rank") + 1] = str(node)
+            cases.append({"argv": [*a, "--device", "cpu"], "ranks": [node * 8, node * 8 + 7]})
+    # The bare hint export printed before: SGLang refuses its topology at start-up.
+    cases.append({"argv": ["--model-path", str(model), "--device", "cpu", "--ep-size", "32",
+                           "--init-expert-location", str(tmp_path / "p.json"),
+                           "--ep-num-redundant-experts", "32"], "ranks": [0]})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    boot = SGLANG_BOOT.replace('name.split(".")[0] == "triton"',
+                               f'name.split(".")[0] in {("triton", *SGLANG_RESOLVE_STUBS)!r}')
+    code = boot + f"""
+import json, torch
+from sglang.srt.server_args import prepare_server_args
+from sglang.srt.runtime_context import publish, SpawnRanks, spawn_world_rank, get_parallel
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.eplb import expert_location as el
+
+# SGLang's model registry imports every model's kernels, which do not import without a GPU;
+# what DeepseekV2ForCausalLM.get_model_config_for_expert_location returns, from the config.
+el.ModelConfigForExpertLocation.from_model_config = staticmethod(
+    lambda mc: el.ModelConfigForExpertLocation(mc.hf_config.num_hidden_layers,
+                                               mc.hf_config.n_routed_experts,
+                                               mc.hf_config.n_group))
+out = []
+for c in json.load(open({str(tmp_path / 'cases.json')!r})):
+    try:
+        sa = prepare_server_args(c["argv"])
+        sa.resolve_once()
+        sa.check_server_args()
+        mc = ModelConfig.from_server_args(sa)
+        maps = []
+        for r in c["ranks"]:
+            publish(sa, role="scheduler", ranks=SpawnRanks(
+                world_rank=spawn_world_rank(sa, tp_rank=r, pp_rank=0), gpu_id=r % 8))
+            md = el.compute_initial_expert_location_metadata(mc, get_parallel().moe_ep_rank)
+            maps.append([md.ep_size, md.physical_to_logical_map_cpu.tolist()])
+        out.append({{"ok": maps}})
+    except Exception as e:  # the engine's refusal is the answer
+        out.append({{"error": str(e).splitlines()[0]}})
+print(json.dumps(out))
+"""
+    r = run_with_engine("sglang", code, timeout=900)
+    if r.returncode and "ModuleNotFoundError" in r.stderr:
+        pytest.skip("SGLang's server arguments do not import: " + r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(res) == 2 * M + 1
+    for got in res[:-1]:
+        assert "ok" in got, got
+        for ep, rows in got["ok"]:
+            rows = np.array(rows)
+            assert ep == G and rows.shape == (61, N + R)
+            # all 58 MoE rows are the placement; dense rows SGLang's trivial layout
+            assert (rows[3:] == phy).all()
+            assert (rows[:3] == np.arange(N + R) % N).all()
+    assert "parallel topology is inconsistent" in res[-1].get("error", ""), res[-1]
