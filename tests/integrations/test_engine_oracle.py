@@ -190,6 +190,17 @@ def test_sglang_loads_exports_under_the_printed_launch_line(tmp_path):
     cases.append({"argv": ["--model-path", str(model), "--device", "cpu", "--ep-size", "32",
                            "--init-expert-location", str(tmp_path / "p.json"),
                            "--ep-num-redundant-experts", "32"], "ranks": [0]})
+    # What `apply` prints: the rewritten checkpoint served with SGLang's trivial layout.
+    from moeplace.placement.exports import apply_launch_hint
+
+    hint = next(x for x in apply_launch_hint(plc, str(model)).splitlines() if "launch_server" in x)
+    argv = shlex.split(hint.split("sglang.launch_server", 1)[1].split(" (--init")[0])
+    cases.append({"argv": [*argv, "--device", "cpu"], "ranks": [7]})
+    # Why export checks the deployment: SGLang loads the 288-slot file under
+    # --ep-num-redundant-experts 0 without a word.
+    cases.append({"argv": ["--model-path", str(model), "--device", "cpu", "--tp-size", "32",
+                           "--ep-size", "32", "--init-expert-location", str(tmp_path / "p.json")],
+                  "ranks": [0]})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     boot = SGLANG_BOOT.replace('name.split(".")[0] == "triton"',
                                f'name.split(".")[0] in {("triton", *SGLANG_RESOLVE_STUBS)!r}')
@@ -229,7 +240,13 @@ print(json.dumps(out))
         pytest.skip("SGLang's server arguments do not import: " + r.stderr.strip().splitlines()[-1])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res) == 2 * M + 1
+    assert len(res) == 2 * M + 3
+    trivial, silent = res[-2:]
+    res = res[:-2]
+    (ep, rows), = trivial["ok"]
+    assert ep == G and (np.array(rows) == np.arange(N)).all()
+    (ep, rows), = silent["ok"]
+    assert np.array(rows).shape == (61, N + R)  # accepted, though 288 != 256 + 0
     for got in res[:-1]:
         assert "ok" in got, got
         for ep, rows in got["ok"]:
