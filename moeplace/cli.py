@@ -1121,10 +1121,16 @@ def _scored_note(info: dict[str, Any] | None) -> str:
               "placement).")
 @click.option("--stats", "stats_source", help="sglang-logical-count: the trace or statistics "
               "whose counts to write.")
+@click.option("--gpus", type=POS_INT, help="The deployment's GPUs (expert-parallel size); a "
+              "placement for another count is refused.")
+@click.option("--nodes", type=POS_INT, help="The deployment's nodes (checked likewise).")
+@click.option("--replicas", type=NONNEG_INT, help="The deployment's extra slots per layer "
+              "(SGLang's --ep-num-redundant-experts; checked likewise).")
 @_paths(inputs=("placement", "stats_source", "config_path"), outputs={"out": False})
 def export(placement: str, fmt: str, out: str, config_path: str | None, model_shape: str | None,
            num_hidden_layers: int | None, moe_layers: str | None,
-           stats_source: str | None) -> None:
+           stats_source: str | None, gpus: int | None, nodes: int | None,
+           replicas: int | None) -> None:
     """Write PLACEMENT (moeplace JSON) in a serving stack's format and print how to load it."""
     from moeplace.models import from_hf_config, guess_model, known_layout
     from moeplace.placement import Placement, export_placement
@@ -1150,7 +1156,8 @@ def export(placement: str, fmt: str, out: str, config_path: str | None, model_sh
                              f"placement's {(plc.num_layers, plc.num_experts)}",
                              "pass statistics of the placed model")
     flags = export_placement(plc, fmt, out, num_hidden_layers=num_hidden_layers,
-                             moe_layer_ids=_layer_ids(moe_layers), load=load, layout=layout)
+                             moe_layer_ids=_layer_ids(moe_layers), load=load, layout=layout,
+                             num_gpus=gpus, num_nodes=nodes, replicas=replicas)
     checked = f" (layer ids checked against {layout.name})" if layout is not None else ""
     click.echo(f"wrote {out}{checked}\n{flags}")
 
@@ -1175,6 +1182,7 @@ def apply(placement: str | None, checkpoint: str, out: str, invert: bool,
     """
     from moeplace.placement import Placement
     from moeplace.placement.checkpoint import rewrite_checkpoint
+    from moeplace.placement.exports import apply_launch_hint
 
     if invert and placement:
         raise InputError("apply", "PLACEMENT", "--invert takes no placement",
@@ -1188,10 +1196,7 @@ def apply(placement: str | None, checkpoint: str, out: str, invert: bool,
         click.echo(f"wrote {out}: {plc.num_layers} MoE layers permuted for {plc.num_gpus} GPUs\n"
                    f"serve it with contiguous expert parallelism over {plc.num_gpus} ranks, no "
                    "placement file and no online rebalancing (it would move experts again):\n"
-                   "  vLLM:   --enable-expert-parallel (--expert-placement-strategy linear, the "
-                   "default)\n"
-                   f"  SGLang: --ep-size {plc.num_gpus} (--init-expert-location trivial, the "
-                   "default)")
+                   + apply_launch_hint(plc, out))
 
 
 # ---- demo ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,13 +87,76 @@ def to_vllm_ascend(placement: Placement) -> dict[str, Any]:
         for l in range(placement.num_layers)]}
 
 
+SGLANG_MASTER = "MASTER_IP:5000"  # the first node's address, replaced by the user
+
+
+def sglang_launch_line(placement: Placement, path: str | None = None, model: str = "MODEL",
+                       node_rank: int = 0) -> str:
+    """The SGLang launch command for the placement's deployment, complete as SGLang 0.5.23's
+    own argument parsing and topology check need it: one expert-parallel rank per GPU over the
+    whole tensor-parallel span (``--tp-size`` = ``--ep-size`` = GPUs; a wider EP than TP is
+    refused at start-up as an inconsistent topology), ``--nnodes``/``--node-rank``/
+    ``--dist-init-addr`` on several nodes, and ``--ep-num-redundant-experts`` equal to the
+    file's extra slots. ``path`` is the ``--init-expert-location`` file (none: SGLang's
+    trivial layout)."""
+    G, M = placement.num_gpus, placement.num_nodes
+    args = ["python", "-m", "sglang.launch_server", "--model-path", model,
+            "--tp-size", str(G), "--ep-size", str(G)]
+    if M > 1:
+        args += ["--nnodes", str(M), "--node-rank", str(node_rank),
+                 "--dist-init-addr", SGLANG_MASTER]
+    if path is not None:
+        args += ["--init-expert-location", path]
+        if placement.num_replicas:
+            args += ["--ep-num-redundant-experts", str(placement.num_replicas)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _node_note(placement: Placement) -> str:
+    M = placement.num_nodes
+    if M == 1:
+        return ""
+    return (f"\n  (node r of {M} runs the same line with --node-rank r, r = 0..{M - 1}; "
+            f"{SGLANG_MASTER} is node 0's address; {placement.num_gpus // M} GPUs a node)")
+
+
+def apply_launch_hint(placement: Placement, checkpoint: str) -> str:
+    """How to serve a checkpoint rewritten by ``apply``: contiguous expert parallelism over
+    the placement's GPUs, the engines' default layout, no placement file."""
+    return ("  vLLM:   --enable-expert-parallel (--expert-placement-strategy linear, the "
+            "default)\n"
+            "  SGLang: " + sglang_launch_line(placement, None, model=checkpoint)
+            + " (--init-expert-location trivial, the default)" + _node_note(placement))
+
+
+def check_deployment(placement: Placement, *, num_gpus: int | None = None,
+                     num_nodes: int | None = None, replicas: int | None = None) -> None:
+    """Refuse a placement for another deployment than the one asked for (``InputError``).
+
+    The engines do not: SGLang 0.5.23 loads a 288-slot file for 32 GPUs under
+    ``--ep-num-redundant-experts 0`` or ``--ep-size 16`` without a word, so a mismatch would
+    only show as wrong experts on wrong GPUs.
+    """
+    src = placement.source
+    if num_gpus is not None and num_gpus != placement.num_gpus:
+        raise InputError(src, "num_gpus", f"placed for {placement.num_gpus} GPUs, the deployment "
+                         f"has {num_gpus}", f"solve a placement with --gpus {num_gpus}")
+    if num_nodes is not None and num_nodes != placement.num_nodes:
+        raise InputError(src, "num_nodes", f"placed for {placement.num_nodes} nodes, the "
+                         f"deployment has {num_nodes}", f"solve a placement with --nodes {num_nodes}")
+    if replicas is not None and replicas != placement.num_replicas:
+        raise InputError(src, "num_replicas", f"{placement.num_slots} slots are "
+                         f"{placement.num_experts} experts + {placement.num_replicas} replicas, the "
+                         f"deployment has {replicas}", f"solve a placement with --replicas {replicas}")
+
+
 def launch_flags(fmt: str, path: str, placement: Placement) -> str:
     """How to load an exported file: the serving-stack flags, config keys and conditions."""
     R = placement.num_replicas
     ep = placement.num_gpus
     if fmt in ("sglang", "sglang-logical-count"):
-        return (f"SGLang: --ep-size {ep} --init-expert-location {path}"
-                + (f" --ep-num-redundant-experts {R}" if R else "")
+        return ("SGLang: " + sglang_launch_line(placement, path)
+                + _node_note(placement)
                 + ("\n  (SGLang runs its own EPLB on these counts at start-up)"
                    if fmt == "sglang-logical-count" else ""))
     if fmt == "trtllm":
@@ -150,15 +214,20 @@ def _yaml_trtllm(cfg: dict[str, Any]) -> str:
 
 def export_placement(placement: Placement, fmt: str, path: str | os.PathLike[str], *,
                      num_hidden_layers: int | None = None, moe_layer_ids: list[int] | None = None,
-                     load: np.ndarray | None = None, layout: ModelLayout | None = None) -> str:
+                     load: np.ndarray | None = None, layout: ModelLayout | None = None,
+                     num_gpus: int | None = None, num_nodes: int | None = None,
+                     replicas: int | None = None) -> str:
     """Write ``placement`` as ``fmt`` atomically; returns how to load it (flags, conditions).
 
     With ``layout`` the MoE layer ids and hidden-layer count are checked against the model
     (``InputError`` on a mismatch) and fill in whatever the placement does not record.
-    SGLang formats written to a ``.pt`` path are torch files (torch needed).
+    SGLang formats written to a ``.pt`` path are torch files (torch needed). ``num_gpus``,
+    ``num_nodes`` and ``replicas`` are the deployment's: a placement for another is refused
+    (``check_deployment``), before anything is written.
     """
     if fmt not in FORMATS:
         raise InputError("export", "--format", f"unknown format {fmt!r}", f"use one of {FORMATS}")
+    check_deployment(placement, num_gpus=num_gpus, num_nodes=num_nodes, replicas=replicas)
     if layout is not None:
         from moeplace.models import check_layer_ids
 

@@ -1,7 +1,7 @@
 """Baseline placements: contiguous, round-robin, random, and DeepSeek's EPLB in two variants.
 
-``eplb`` is DeepSeek's expert-parallelism load balancer (``rebalance_experts``) exactly as vLLM's
-``default`` policy and SGLang's ``deepseek`` algorithm run it, re-implemented here from its
+``eplb`` is DeepSeek's expert-parallelism load balancer (``rebalance_experts``) as vLLM's
+``default`` policy and SGLang's ``deepseek`` algorithms run it, re-implemented here from its
 published description:
 
 * policy: hierarchical when ``num_groups % num_nodes == 0``, otherwise global (one node, one
@@ -15,8 +15,15 @@ published description:
   Nothing stops two copies of one expert from landing on one GPU, and the stacks load such
   layouts as they are; the placement records it (``Placement.colocated``).
 
-Loads are single precision and ties go to the lowest index, as in the stacks, so layouts match
-slot for slot.
+Arithmetic as vLLM 0.34.0's ``DefaultEplbPolicy`` does it: loads rounded to single precision
+(its ``weight.float()``), group sums in single precision, loads per copy and pack sums in double
+precision, ties to the lowest index. On loads without ties (no two equal group sums, loads per
+copy or pack sums at a choice) the layout equals vLLM 0.34.0's default policy and SGLang
+0.5.23's ``auto`` choice (``deepseek_hierarchical`` where ``num_groups`` divides over nodes,
+``deepseek`` otherwise) slot for slot (``tests/integrations/test_engine_oracle.py`` runs both
+engines' code). With ties, which real routing counts have, the engines' unstable sorts may
+order equal items differently from this, so the expert sets on each GPU can differ while each
+layer's max GPU load is the same.
 
 ``balanced_placement`` is a speed-aware start without replicas: greedy LPT of any per-expert
 cost onto GPUs of unequal speed with exactly S slots each, then improving pairwise swaps.
@@ -54,12 +61,15 @@ __all__ = ["balanced_packing", "balanced_placement", "baseline", "contiguous", "
            "eplb", "eplb_distinct", "random_placement", "replica_counts", "replicate_experts",
            "round_robin"]
 
-# The engines take the load as float32 (vLLM ``weight.float()``) and group sums stay float32;
-# pack sums and per-copy loads are float64 in vLLM 0.34's DefaultEplbPolicy (numpy promotes
-# float32 / int64), so those are float64 here too: float32 pack sums round at whole tokens on
-# production-size counts and then pick other packs than the engines do.
+# The stacks round loads to float32 (``weight.float()``) and sum group loads in it; vLLM's
+# loads per copy (float32 / int64) and both stacks' pack sums are float64.
 _F = np.float32
 _D = np.float64
+
+
+def _loads(weight: np.ndarray) -> np.ndarray:
+    """Loads as the stacks see them: rounded to float32, then computed on in float64."""
+    return np.asarray(weight, _F).astype(_D)
 
 
 # ---- DeepSeek's three greedy steps, one layer at a time --------------------------------------
@@ -68,10 +78,11 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     first, each to the lightest pack with room (lowest index on ties).
 
     Returns ``(pack [n], rank [n])``: each item's pack and its position inside the pack.
-    With one item per pack, item i goes to pack i (DeepSeek's shortcut).
+    With one item per pack, item i goes to pack i (DeepSeek's shortcut). Float64 weights (the
+    per-copy loads) are packed as they are, as vLLM packs them; others as ``_loads``.
     """
     w = np.asarray(weight)
-    w = w.astype(_D) if w.dtype == _D else w.astype(_F).astype(_D)
+    w = w.copy() if w.dtype == _D else _loads(w)
     n = w.shape[0]
     if n % num_packs:
         raise InfeasibleError(f"{n} items do not split evenly into {num_packs} packs")
@@ -86,7 +97,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
         room = np.flatnonzero(pack_n < per)
         b = int(room[np.argmin(pack_w[room])])
         pack[i], rank[i] = b, pack_n[b]
-        pack_w[b] = pack_w[b] + w[i]
+        pack_w[b] += w[i]
         pack_n[b] += 1
     return pack, rank
 
@@ -95,16 +106,15 @@ def replicate_experts(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, n
     """``num_slots`` copies of ``n`` experts: one each, then every extra slot to the expert with
     the largest load per copy. Returns ``(slot_expert [num_slots], count [n])``; slot i < n
     holds expert i, later slots hold the extras in the order they were chosen."""
-    w = np.asarray(weight, _F)
+    w = _loads(weight)
     n = w.shape[0]
     if num_slots < n:
         raise InfeasibleError(f"{num_slots} slots cannot hold {n} experts")
     slots = np.empty(num_slots, np.int64)
     slots[:n] = np.arange(n)
     cnt = np.ones(n, np.int64)
-    wd = w.astype(_D)
     for i in range(n, num_slots):
-        e = int(np.argmax(wd / cnt))
+        e = int(np.argmax(w / cnt))
         slots[i] = e
         cnt[e] += 1
     return slots, cnt
@@ -113,14 +123,14 @@ def replicate_experts(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, n
 def replica_counts(load: np.ndarray, num_slots: int, max_copies: int | None = None) -> np.ndarray:
     """``[N]`` copies per expert by EPLB's rule (each extra slot to the largest load per copy),
     never more than ``max_copies`` copies of one expert."""
-    w = np.asarray(load, _F)
+    w = _loads(load)
     N = w.shape[0]
     cnt = np.ones(N, np.int64)
     cap = max_copies or num_slots
     if num_slots - N > N * (cap - 1):
         raise InfeasibleError(f"{num_slots} slots exceed {N} experts x {cap} GPUs")
     for _ in range(num_slots - N):
-        per = np.where(cnt < cap, w / cnt.astype(_F), -np.inf)
+        per = np.where(cnt < cap, w / cnt, -np.inf)
         if not np.isfinite(per).any():
             raise InfeasibleError(f"{num_slots} slots exceed {N} experts x {cap} GPUs")
         cnt[int(np.argmax(per))] += 1
@@ -152,9 +162,9 @@ def _deepseek_layer(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: 
     row = np.empty(num_slots, np.int64)
     slots_node = num_slots // num_nodes
     for n, experts in enumerate(_node_domains(load, num_nodes, num_groups)):
-        w = load[experts].astype(_F)
+        w = _loads(load[experts])
         slot_e, cnt = replicate_experts(w, slots_node)
-        copy_w = (w.astype(_D) / cnt)[slot_e]
+        copy_w = (w / cnt)[slot_e]
         pack, rank = balanced_packing(copy_w, gpn)
         local = np.empty(slots_node, np.int64)
         local[pack * per_gpu + rank] = slot_e
