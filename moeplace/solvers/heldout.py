@@ -205,6 +205,17 @@ def _neighbour_gains(stats: RoutingStats, placement: Placement, weights: Weights
                      current: Placement | None) -> np.ndarray | None:
     """``[L, N, G]`` the search's co-location gain of expert e on GPU g at each layer, the
     neighbour layers as ``placement`` has them (None when no term depends on where)."""
+    ctx = _gain_context(stats, placement, weights, current)
+    if ctx is None:
+        return None
+    st, trans, tot, cur_inc, mig_unit = ctx
+    return np.stack([_gain(st, trans, l, weights, tot, cur_inc, mig_unit) for l in range(st.L)])
+
+
+def _gain_context(stats: RoutingStats, placement: Placement, weights: Weights,
+                  current: Placement | None) -> tuple[Any, ...] | None:
+    """``(layers, transitions, their total, current incidence, migration unit)`` for
+    ``_gain``, or None when no term depends on where an expert is."""
     trans = stats.transitions
     migrating = current is not None and weights.migration > 0 and (
         current.phy2log.shape == placement.phy2log.shape)
@@ -213,8 +224,7 @@ def _neighbour_gains(stats: RoutingStats, placement: Placement, weights: Weights
     st = _Layers(stats, placement)
     tot = float(trans.sum()) if trans is not None else 0.0
     cur_inc = current.incidence().astype(np.float64) if migrating and current is not None else None
-    mig_unit = weights.migration / st.phy.size
-    return np.stack([_gain(st, trans, l, weights, tot, cur_inc, mig_unit) for l in range(st.L)])
+    return st, trans, tot, cur_inc, weights.migration / st.phy.size
 
 
 def _colocated(gains: np.ndarray | None, phy: np.ndarray, like: Placement) -> np.ndarray:
@@ -392,15 +402,10 @@ def _relabel_layers(stats: RoutingStats, placement: Placement, layers: np.ndarra
     """Permute whole GPUs of ``layers`` (an exact assignment, loads unchanged) to co-locate
     transition pairs with the neighbour layers and, with a migration weight, stay where
     ``current`` has the experts; sweeps until no layer improves."""
-    trans = stats.transitions
-    migrating = current is not None and weights.migration > 0 and (
-        current.phy2log.shape == placement.phy2log.shape)
-    if (trans is None or not (weights.traffic or weights.node)) and not migrating:
+    ctx = _gain_context(stats, placement, weights, current)
+    if ctx is None:
         return placement
-    st = _Layers(stats, placement)
-    tot = float(trans.sum()) if trans is not None else 0.0
-    cur_inc = current.incidence().astype(np.float64) if migrating and current is not None else None
-    mig_unit = weights.migration / st.phy.size
+    st, trans, tot, cur_inc, mig_unit = ctx
     for _ in range(max_sweeps):
         changed = False
         for l in (int(x) for x in layers):
