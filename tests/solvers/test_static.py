@@ -170,11 +170,14 @@ def test_deepseek_static_engine_beats_eplb_on_held_out_traffic_at_its_balance():
     from moeplace.traces import import_trace
 
     tr = import_trace(shared_file(DEEPSEEK))
+    # Every third MoE layer: the search converges (about 30 s on a busy 2-core machine), so the
+    # outcome is the converged placement's, whatever the machine's speed; the limit only
+    # guards a hang.
+    tr = tr.select_layers(list(range(0, tr.num_layers, 3)))
     fit, hold = tr.split_requests(0.2, seed=0)
     s = compute_stats(fit, coactivation=False)
-    # More room than 40 s, which a busy 2-core machine (two busy loops beside the tests) ended
-    # short of these gains; a machine that busy can still need more (see the issue 20 notes).
-    plc, _ = solve_with_report(s, Cluster(8, 2), time_limit=120)
+    plc, rep = solve_with_report(s, Cluster(8, 2), time_limit=900)
+    assert rep.details["stopped"] == "converged"
     base, _ = solve_with_report(s, Cluster(8, 2), method="eplb")
     ours, ref = (evaluate(hold, p).summary for p in (plc, base))
     assert ours["traffic_static"] <= 0.97 * ref["traffic_static"]
