@@ -341,23 +341,15 @@ def _simulate(source: Trace | TraceReader, plcs: dict[str, Placement], stats: An
               hardware: str, tokens_per_step: int | None,
               gpu_speeds: np.ndarray | None, kernel: str | None = None,
               model_shape: str | None = None) -> tuple[dict[str, float], str]:
+    from moeplace.solvers.scoring import head_tokens
     from moeplace.solvers.simulator import Hardware, ModelShape, guess_shape, step_time
-    from moeplace.traces.store import as_chunks
 
     shape = model_shape or guess_shape(stats.meta.model or stats.meta.source or "")
     if shape is None:
         return {}, ("no simulated step (the trace names no model the simulator knows; "
                     "solve --model-shape simulates one)")
     B = tokens_per_step or 4096
-    want = EVAL_SIM_STEPS * B
-    got: list[Trace] = []
-    n = 0
-    for c in as_chunks(source, min(want, 1 << 16))[0]:
-        got.append(c if n + c.num_tokens <= want else c.select(np.arange(c.num_tokens) < want - n))
-        n += got[-1].num_tokens
-        if n >= want:
-            break
-    tr = Trace.concat(got)
+    tr = head_tokens(source, EVAL_SIM_STEPS * B)
     hw, ms = Hardware.load(hardware), ModelShape.named(shape)
     return {k: 1e3 * step_time(tr, p, hw, ms, B, gpu_speeds=gpu_speeds, kernel=kernel)["step_s"]
             for k, p in plcs.items()}, ""

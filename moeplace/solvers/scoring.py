@@ -227,19 +227,22 @@ def priced_steps(source: Trace | TraceReader, placement: Placement, sim: tuple[A
     simulator holds its steps in memory)."""
     from moeplace.solvers.simulator import step_time
 
-    if isinstance(source, Trace):
-        tr = source.select(slice(0, max_tokens))
-    else:
-        parts, n = [], 0
-        for chunk in source.iter_chunks(min(max_tokens, 1 << 16), weights=False):
-            parts.append(chunk.select(slice(0, max_tokens - n)))
-            n += parts[-1].num_tokens
-            if n >= max_tokens:
-                break
-        tr = Trace.concat(parts)
+    tr = head_tokens(source, max_tokens)
     if tr.num_tokens > tokens_per_step:  # whole steps only
         tr = tr.select(slice(0, tr.num_tokens // tokens_per_step * tokens_per_step))
     r = step_time(tr, placement, *sim, tokens_per_step, gpu_speeds=gpu_speeds, kernel=kernel)
     return {"dispatch": kernel, "hardware": sim[0].name, "step_ms": 1e3 * r["step_s"],
             "dispatch_us": 1e6 * r["dispatch_s"], "combine_us": 1e6 * r["combine_s"],
             "simulated_tokens": tr.num_tokens}
+
+
+def head_tokens(source: Trace | TraceReader, max_tokens: int) -> Trace:
+    """The first ``max_tokens`` tokens of a source, in memory (what the simulator steps
+    through), reading no further than that."""
+    parts, n = [], 0
+    for chunk in as_chunks(source, min(max_tokens, 1 << 16), weights=False)[0]:
+        parts.append(chunk.select(slice(0, max_tokens - n)))
+        n += parts[-1].num_tokens
+        if n >= max_tokens:
+            break
+    return Trace.concat(parts)
