@@ -25,8 +25,9 @@ API (stable; the vLLM plug-in and the SGLang launcher call exactly this)::
 gain test, default 1.64), ``history`` (intervals kept for the test, default 16),
 ``copy_cost_tokens`` (override the cost of one copied expert, in token-expert assignments of
 GPU time), ``max_moves_per_layer``, ``guard`` (default True), ``guard_intervals`` (how many
-of the last intervals the engine's default refits on, default 1), ``max_search_steps``
-(greedy steps per layer, default min(GPUs, 16)), ``seed``.
+of the last intervals the engine's default refits on, default 1), ``slack_sd`` (how many
+standard errors of the estimate the default's refit must win by before the guard acts,
+default 1), ``max_search_steps`` (greedy steps per layer, default min(GPUs, 16)), ``seed``.
 
 How it decides (everything per layer, then summed):
 
@@ -54,14 +55,21 @@ How it decides (everything per layer, then summed):
    whose one-sided lower confidence bound (mean - z * standard error) still pays the copies.
 5. *Guard.* Where the engine's default (DeepSeek's EPLB refit on the last interval(s), as
    ``moeplace.solvers.baselines.eplb`` reproduces it) would leave a lower max on the
-   estimate than the chosen map, the search continues until it is no worse, paying whatever
-   moves that needs (the promise: never worse balance than the default would leave). The
-   search never spends more copies in a layer than the default's refit would move there,
-   nor more than ``max_search_steps`` steps; where it cannot reach the refit's balance within
-   that (judged from the rate its last steps closed the gap), the layer lands the refit
-   itself, slots preserved. The refit is computed by ``eplb_fast``, DeepSeek's algorithm
-   vectorised over layers (exactly ``baselines.eplb``), so a step costs about what the
-   engine's own default costs (benchmarks/bench_replay.py measures both).
+   estimate than the chosen map by more than the estimate's own statistical error
+   (``slack_sd`` standard errors of a GPU's load, counts taken as Poisson over the intervals
+   the decay averages: a refit that wins by less has fitted noise, which small intervals
+   are mostly made of), the search continues until it is no worse, paying whatever moves
+   that needs (the promise: never worse balance than the default would leave). The search
+   never spends more copies in a layer than the default's refit would move there, nor more
+   than ``max_search_steps`` steps; where it cannot reach the refit's balance within that
+   (judged from the rate its steps closed the gap), the layer lands the refit itself, its
+   GPUs renumbered so that as many copies as possible stay where they are
+   (``relabel_gpus``: an assignment problem per layer; a fresh fit's GPU numbering is
+   arbitrary) and slots preserved. The refit is computed by ``eplb_fast``, DeepSeek's
+   algorithm vectorised over layers (exactly ``baselines.eplb``), and the greedy search is
+   compiled with numba where installed (``_online_kernels``; vLLM depends on numba), so a
+   step costs about what the engine's own default costs (benchmarks/bench_replay.py
+   measures both).
 """
 
 from __future__ import annotations
@@ -75,7 +83,7 @@ import numpy as np
 from moeplace.errors import InputError
 from moeplace.solvers.baselines import eplb, eplb_where_distinct
 
-__all__ = ["Decision", "OnlinePolicy", "moved_copies", "transfer_stall"]
+__all__ = ["Decision", "OnlinePolicy", "moved_copies", "relabel_gpus", "transfer_stall"]
 
 DEFAULT_DECAYS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
 _SPARES = 32  # spare copies a re-target step considers
@@ -169,7 +177,7 @@ class OnlinePolicy:
                              f"{num_nodes} nodes", "use a node count that divides the GPU count")
         known = {"num_slots", "decays", "z", "history", "copy_cost_tokens",
                  "max_moves_per_layer", "guard", "guard_intervals", "seed",
-                 "max_search_steps"}
+                 "max_search_steps", "slack_sd"}
         bad = sorted(set(tuning) - known)
         if bad:
             raise InputError("online policy", bad[0], "unknown tuning key",
@@ -186,6 +194,7 @@ class OnlinePolicy:
         self.max_moves = tuning.get("max_moves_per_layer")
         self.guard = bool(tuning.get("guard", True))
         self.guard_intervals = int(tuning.get("guard_intervals", 1))
+        self.slack_sd = float(tuning.get("slack_sd", 1.0))
         self.max_steps = int(tuning.get("max_search_steps", min(num_gpus, 16)))
         hw = self.hardware
         link = (hw.nvlink_bytes_per_s if num_nodes == 1
@@ -193,6 +202,10 @@ class OnlinePolicy:
         self.copy_cost = float(tuning.get("copy_cost_tokens",
                                           hw.bf16_flops * hw.matmul_efficiency / link))
         self.hierarchical = num_nodes > 1 and self.num_groups % num_nodes == 0
+        from moeplace.solvers import _online_kernels as kern
+
+        if kern.HAVE_NUMBA:  # load the compiled search now, at the engine's start-up
+            kern.compiled_search()
         # state
         self._mean: np.ndarray | None = None   # [D, L, N] decayed share means
         self._z: np.ndarray | None = None      # [D] bias-correction weights
@@ -259,13 +272,21 @@ class OnlinePolicy:
             refit_moves = moved_copies(cur, refit, self.num_gpus).sum(axis=1)
         else:
             refit, target, refit_moves = None, None, np.full(L, 1 << 30)
+        # The estimate's own statistical error of a GPU's load (counts ~ Poisson, summed over
+        # the intervals the decay effectively averages): a refit better by less than this is
+        # noise the default fitted, not balance it will keep.
+        n_eff = min(float(self.steps), (1 + decay) / (1 - decay)) if decay < 1 else float(self.steps)
+        if target is not None:
+            slack = self.slack_sd / np.sqrt(np.maximum(target * n_eff, 1.0))
+        else:
+            slack = np.zeros(L)
         new = cur.copy()
         gains = np.zeros(L)
         reasons = {"paid": 0, "not significant": 0, "guard": 0}
         recent = np.stack(self._recent)  # [K, L, N]
         max_moves = int(self.max_moves) if self.max_moves is not None else 2 * P
         for l in range(L):
-            tgt = None if target is None else float(target[l])
+            tgt = None if target is None else float(target[l] * (1 + slack[l]))
             # Never search past the copies the default's own refit would move in this layer:
             # beyond that, the refit itself is the cheaper way to its balance.
             budget = int(min(max_moves, refit_moves[l]))
@@ -279,12 +300,15 @@ class OnlinePolicy:
                 ok = np.flatnonzero(maxes <= tgt * (1 + 1e-9))
                 if ok.size:
                     k = int(ok[0])
-                else:  # the search could not reach it within budget: land the refit
-                    assert refit is not None
-                    rows = [*rows, preserve_slots(refit[l:l + 1], cur[l:l + 1],
-                                                  self.num_gpus)[0]]
-                    copies = np.append(copies, refit_moves[l])
-                    maxes = np.append(maxes, tgt)
+                else:  # the search could not reach it within budget: land the refit,
+                    # renumbered so that the copies it keeps in place stay
+                    assert refit is not None and target is not None
+                    land = relabel_gpus(refit[l:l + 1], cur[l:l + 1], self.num_gpus,
+                                        self._node_size())
+                    rows = [*rows, land[0]]
+                    copies = np.append(copies, moved_copies(cur[l:l + 1], land,
+                                                            self.num_gpus).sum())
+                    maxes = np.append(maxes, target[l])
                     k = len(rows) - 1
             if k == 0:
                 continue
@@ -417,22 +441,31 @@ def eplb_fast(load: np.ndarray, num_gpus: int, num_nodes: int, num_slots: int,
 def preserve_slots(new: np.ndarray, old: np.ndarray, num_gpus: int) -> np.ndarray:
     """``new`` with each GPU's slots reordered so that an expert the GPU already held keeps
     its old slot (a reorder inside one GPU copies nothing; kept slots keep maps comparable).
-    GPU loads and moved copies are those of ``new``."""
+    GPU loads and moved copies are those of ``new``. Old slots are served in order, each by
+    the first unused equal entry of the new block; the rest of the new block fills the free
+    slots in its own order."""
     new, old = np.asarray(new), np.asarray(old)
     L, P = new.shape
     S = P // num_gpus
-    out = new.copy()
-    for l in range(L):
-        for g in range(num_gpus):
-            a, b = old[l, g * S:(g + 1) * S], list(new[l, g * S:(g + 1) * S])
-            row: list[int | None] = [None] * S
-            for s in range(S):
-                if a[s] in b:
-                    b.remove(a[s])
-                    row[s] = int(a[s])
-            it = iter(b)
-            out[l, g * S:(g + 1) * S] = [x if x is not None else next(it) for x in row]
-    return out
+    nb = new.reshape(L * num_gpus, S)
+    ob = old.reshape(L * num_gpus, S)
+    used = np.zeros(nb.shape, bool)      # new entries already placed in an old slot
+    kept = np.zeros(nb.shape, bool)      # old slots that keep their expert
+    rows = np.arange(len(nb))
+    for s in range(S):  # vectorised over every (layer, GPU); S is a handful of slots
+        m = (nb == ob[:, s:s + 1]) & ~used
+        hit = m.any(axis=1)
+        first = np.argmax(m, axis=1)
+        used[rows[hit], first[hit]] = True
+        kept[hit, s] = True
+    out = np.where(kept, ob, 0)
+    # the k-th free slot of a block takes the k-th unused new entry (stable orders)
+    free = np.argsort(kept, axis=1, kind="stable")
+    rest = np.argsort(used, axis=1, kind="stable")
+    take = np.arange(S)[None, :] < (~kept).sum(axis=1, keepdims=True)
+    r = np.broadcast_to(rows[:, None], nb.shape)
+    out[r[take], free[take]] = nb[r[take], rest[take]]
+    return out.reshape(L, P)
 
 
 def _gpu_loads(rows: np.ndarray, w: np.ndarray, G: int) -> np.ndarray:
@@ -449,6 +482,58 @@ def _gpu_loads(rows: np.ndarray, w: np.ndarray, G: int) -> np.ndarray:
     return share.reshape((*rows.shape[:-1], G, P // G)).sum(axis=-1)
 
 
+def relabel_gpus(new: np.ndarray, old: np.ndarray, num_gpus: int,
+                 node_size: int | None = None) -> np.ndarray:
+    """``new [L, P]`` with its GPUs renumbered (whole GPUs; with ``node_size``, whole nodes
+    first, then GPUs inside them) so that as many (GPU, expert) pairs of ``old`` as possible
+    stay: a fresh fit's GPU numbering is arbitrary, and every pair kept is a copy not sent.
+    Slots are then preserved per GPU (``preserve_slots``). GPU loads are those of ``new``."""
+    from ortools.graph.python import linear_sum_assignment as lsa
+
+    new, old = np.asarray(new), np.asarray(old)
+    L, P = new.shape
+    G = num_gpus
+    S = P // G
+    N = int(max(new.max(), old.max())) + 1
+    gpu = np.arange(P) // S
+
+    def match(O: np.ndarray) -> np.ndarray:
+        """perm[i] = old index that new index i takes, maximising the summed overlap O."""
+        n = len(O)
+        a = lsa.SimpleLinearSumAssignment()
+        a.add_arcs_with_cost(np.repeat(np.arange(n), n), np.tile(np.arange(n), n),
+                             (-np.rint(O)).astype(np.int64).ravel())
+        a.solve()
+        return np.array([a.right_mate(i) for i in range(n)])
+
+    # overlap[l, i, j]: experts new GPU i shares with old GPU j (a gather, not a matmul: BLAS
+    # threads would cost CPU time the engine's own policy does not spend)
+    held_old = np.zeros((L, N, G), np.int64)
+    held_old[np.arange(L)[:, None], old, gpu[None, :]] = 1
+    blocks_new = np.sort(new.reshape(L, G, S), axis=2)
+    first = np.ones((L, G, S), bool)
+    first[:, :, 1:] = blocks_new[:, :, 1:] != blocks_new[:, :, :-1]  # an expert once per GPU
+    overlap = (held_old[np.arange(L)[:, None, None], blocks_new] * first[..., None]).sum(axis=2)
+    out = np.empty_like(new)
+    for l in range(L):
+        O = overlap[l]
+        if node_size is None or node_size == G:
+            perm = match(O)
+        else:
+            M = G // node_size
+            On = O.reshape(M, node_size, M, node_size).sum(axis=(1, 3))
+            nperm = match(On)
+            perm = np.empty(G, np.int64)
+            for i in range(M):
+                j = nperm[i]
+                sub = O[i * node_size:(i + 1) * node_size, j * node_size:(j + 1) * node_size]
+                perm[i * node_size:(i + 1) * node_size] = j * node_size + match(sub)
+        blocks = np.empty((G, S), new.dtype)
+        blocks[perm] = new[l].reshape(G, S)
+        out[l] = blocks.ravel()
+    return preserve_slots(out, old, G)
+
+
 def _realized_gain(old: np.ndarray, new: np.ndarray, loads: np.ndarray, G: int) -> np.ndarray:
     """``[K]`` max GPU load with ``old`` minus with ``new`` on each interval of ``loads``."""
     a = _gpu_loads(np.broadcast_to(old, (len(loads), *old.shape)), loads, G).max(axis=1)
@@ -457,6 +542,27 @@ def _realized_gain(old: np.ndarray, new: np.ndarray, loads: np.ndarray, G: int) 
 
 
 def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | None,
+                  colocate: bool, max_moves: int, min_gain: float, target: float | None,
+                  max_steps: int | None = None
+                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The greedy move search of one layer (``_search_layer_numpy``), compiled where numba is
+    installed and the layer is large enough for it to pay."""
+    from moeplace.solvers import _online_kernels as kern
+
+    P = row0.shape[0]
+    if kern.HAVE_NUMBA and P * G >= kern.NUMBA_MIN_WORK:
+        steps = max_moves if max_steps is None else min(max_moves, max_steps)
+        rows, copies, maxes = kern.compiled_search()(
+            np.ascontiguousarray(row0, np.int64), np.ascontiguousarray(w, np.float64), G, S,
+            node or 0, colocate, int(max_moves), float(min_gain),
+            float(target) if target is not None else 0.0, target is not None, int(steps),
+            _PROBE_STEPS, _SPARES)
+        return list(rows), copies, maxes
+    return _search_layer_numpy(row0, w, G, S, node, colocate, max_moves, min_gain, target,
+                               max_steps)
+
+
+def _search_layer_numpy(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | None,
                   colocate: bool, max_moves: int, min_gain: float, target: float | None,
                   max_steps: int | None = None
                   ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -485,11 +591,15 @@ def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | N
         met = target is None or cur <= target * (1 + 1e-9)
         if cur - mean <= eps or (met and cur - mean < min_gain):
             break
-        if not met and j >= _PROBE_STEPS:
-            # At the rate its first steps closed the gap, the search would not reach the
-            # default's balance within its steps: stop, the caller lands the refit instead.
-            rate = (maxes[-1 - _PROBE_STEPS] - cur) / _PROBE_STEPS  # over the last steps
-            if rate <= 0 or j + (cur - target) / rate > steps:
+        if not met and j >= 1:
+            # Greedy gains shrink step by step: if even the best step so far, repeated, would
+            # not close the gap to the default's balance within the steps left (from the first
+            # step on), or the last steps' rate would not (after a few), stop: the caller
+            # lands the refit instead, and the steps saved are most of a step's CPU time.
+            best_rate = float(np.max(-np.diff(maxes)))
+            rate = ((maxes[-1 - _PROBE_STEPS] - cur) / _PROBE_STEPS if j >= _PROBE_STEPS
+                    else best_rate)
+            if min(rate, best_rate) <= 0 or j + (cur - target) / min(rate, best_rate) > steps:
                 break
         same = np.ones(G, bool) if node is None else (np.arange(G) // node == h // node)
         best = None  # (score per copy, kind, data)
@@ -531,7 +641,7 @@ def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | N
             # keeps a step's cost independent of the replica count.
             ra = row[S0]
             inc = w[ra] / (cnt[ra] - 1) - w[ra] / cnt[ra] + gl[gpu[S0]] * 1e-9
-            S0 = np.sort(S0[np.argpartition(inc, _SPARES)[:_SPARES]])
+            S0 = np.sort(S0[np.argsort(inc, kind="stable")[:_SPARES]])
         Sh = A[cnt[row[A]] > 1]
         bh = np.flatnonzero((C[h] == 0) & (cnt < cap)) if Sh.size else Sh
         if node is not None and bh.size:  # an expert's copies stay inside its node
@@ -539,7 +649,7 @@ def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | N
             home[row[same[gpu]]] = True
             bh = bh[home[bh]]
         if bh.size > _SPARES:  # the experts whose new copy would carry least
-            bh = np.sort(bh[np.argpartition(w[bh] / (cnt[bh] + 1), _SPARES)[:_SPARES]])
+            bh = np.sort(bh[np.argsort(w[bh] / (cnt[bh] + 1), kind="stable")[:_SPARES]])
         for bs, Ss in ((b0, S0), (bh, Sh)):
             if not (bs.size and Ss.size):
                 continue
