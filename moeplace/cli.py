@@ -1141,12 +1141,22 @@ def _scored_note(info: dict[str, Any] | None) -> str:
 
 # ---- export ---------------------------------------------------------------------------------
 @main.command()
-@click.argument("placement")
+@click.argument("placement", required=False)
 @click.option("--format", "fmt", required=True, type=click.Choice(
     ["sglang", "sglang-logical-count", "trtllm", "vllm-ascend", "vllm-pr49572", "vllm-pr41141",
      "eplb"]))
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", type=click.Path(dir_okay=False),
               help="File to write (SGLang: .json, or .pt for a torch file; trtllm: .yaml).")
+@click.option("--prefill", "prefill", type=click.Path(dir_okay=False),
+              help="Prefill-decode disaggregation (SGLang): the prefill instance's placement "
+              "(solve --phase prefill), with --decode and --out-dir instead of PLACEMENT and "
+              "--out.")
+@click.option("--decode", "decode", type=click.Path(dir_okay=False),
+              help="The decode instance's placement (solve --phase decode); same model, any "
+              "GPU count.")
+@click.option("--out-dir", type=click.Path(file_okay=False),
+              help="New directory for --prefill/--decode: prefill.json and decode.json, and "
+              "each instance's launch line printed (--disaggregation-mode, --deepep-mode).")
 @click.option("--config", "config_path", type=click.Path(),
               help="The model's Hugging Face config.json: MoE layer ids and hidden-layer count "
               "are checked against it (a mismatch is refused).")
@@ -1164,16 +1174,27 @@ def _scored_note(info: dict[str, Any] | None) -> str:
 @click.option("--nodes", type=POS_INT, help="The deployment's nodes (checked likewise).")
 @click.option("--replicas", type=NONNEG_INT, help="The deployment's extra slots per layer "
               "(SGLang's --ep-num-redundant-experts; checked likewise).")
-@_paths(inputs=("placement", "stats_source", "config_path"), outputs={"out": False})
-def export(placement: str, fmt: str, out: str, config_path: str | None, model_shape: str | None,
-           num_hidden_layers: int | None, moe_layers: str | None,
+@_paths(inputs=("placement", "stats_source", "config_path", "prefill", "decode"),
+        outputs={"out": False, "out_dir": True})
+def export(placement: str | None, fmt: str, out: str | None, prefill: str | None,
+           decode: str | None, out_dir: str | None, config_path: str | None,
+           model_shape: str | None, num_hidden_layers: int | None, moe_layers: str | None,
            stats_source: str | None, gpus: int | None, nodes: int | None,
            replicas: int | None) -> None:
-    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print how to load it."""
+    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print how to load it;
+    or, with --prefill and --decode, both instances of a prefill-decode disaggregated SGLang
+    deployment into --out-dir."""
     from moeplace.models import from_hf_config, guess_model, known_layout
     from moeplace.placement import Placement, export_placement
 
-    plc = Placement.load(placement)
+    pd = prefill is not None or decode is not None or out_dir is not None
+    if pd:
+        _check_pd_request(placement, out, prefill, decode, out_dir, stats_source, gpus, nodes,
+                          replicas)
+    elif placement is None or out is None:
+        raise InputError("export", "PLACEMENT" if placement is None else "--out", "missing",
+                         "give PLACEMENT and --out FILE, or --prefill, --decode and --out-dir")
+    plc = Placement.load(prefill if pd else placement)  # type: ignore[arg-type]
     if config_path and model_shape:
         raise InputError("export", "--config", "given together with --model-shape",
                          "pass one of them")
@@ -1185,6 +1206,15 @@ def export(placement: str, fmt: str, out: str, config_path: str | None, model_sh
         cand = known_layout(guessed)
         if cand.num_experts == plc.num_experts:
             layout = cand
+    if pd:
+        from moeplace.placement.exports import export_disaggregated
+
+        flags = export_disaggregated(plc, Placement.load(decode), out_dir, fmt=fmt,  # type: ignore[arg-type]
+                                     num_hidden_layers=num_hidden_layers,
+                                     moe_layer_ids=_layer_ids(moe_layers), layout=layout)
+        checked = f" (layer ids checked against {layout.name})" if layout is not None else ""
+        click.echo(f"wrote {out_dir}: prefill.json, decode.json{checked}\n{flags}")
+        return
     load = None
     if stats_source:
         st, _ = _stats_of(stats_source)
@@ -1198,6 +1228,25 @@ def export(placement: str, fmt: str, out: str, config_path: str | None, model_sh
                              num_gpus=gpus, num_nodes=nodes, replicas=replicas)
     checked = f" (layer ids checked against {layout.name})" if layout is not None else ""
     click.echo(f"wrote {out}{checked}\n{flags}")
+
+
+def _check_pd_request(placement: str | None, out: str | None, prefill: str | None,
+                      decode: str | None, out_dir: str | None, stats_source: str | None,
+                      gpus: int | None, nodes: int | None, replicas: int | None) -> None:
+    """One line for a disaggregated export asked for with a missing or a foreign flag."""
+    fix = "give --prefill P.json --decode D.json --out-dir DIR, without PLACEMENT or --out"
+    for flag, value in (("PLACEMENT", placement), ("--out", out)):
+        if value is not None:
+            raise InputError("export", flag, "given with --prefill/--decode/--out-dir", fix)
+    for flag, value in (("--prefill", prefill), ("--decode", decode), ("--out-dir", out_dir)):
+        if value is None:
+            raise InputError("export", flag, "missing for a prefill-decode export", fix)
+    for flag, value in (("--stats", stats_source), ("--gpus", gpus), ("--nodes", nodes),
+                        ("--replicas", replicas)):
+        if value is not None:
+            raise InputError("export", flag, "names one deployment; the prefill and decode "
+                             "instances are two, each placed for its own GPUs",
+                             f"drop {flag}, or check each placement with export PLACEMENT {flag}")
 
 
 # ---- apply --------------------------------------------------------------------------------
