@@ -93,7 +93,7 @@ def select_phase(source: Trace | TraceReader, phase: str) -> PhaseSelection:
         total = source.num_tokens
         if "phase" not in source.tokens:
             return PhaseSelection(source, phase, total, total, False)
-        col = np.clip(source.tokens["phase"].astype(np.int64), -128, 127)
+        col = source.tokens["phase"].astype(np.int64)  # int8 in a Trace
         counts = np.bincount(col + 128, minlength=256)
         mask = col == code
         view = source.select(mask) if mask.any() else None

@@ -294,9 +294,9 @@ class TraceReader:
 
     def phase_counts(self) -> dict[tuple[int, int], np.ndarray]:
         """Tokens of each ``phase`` value per row group ``(file, group)``: an int64 array of
-        256 counts indexed by value + 128 (the column is int8 on disk; a foreign file may hold
-        any integer, counted here as out of range at index 0 or 255). One pass over the phase
-        column only; an empty dict when the trace has no phase column."""
+        256 counts indexed by value + 128 (values as the chunks' int8 ``phase`` holds them, so
+        these counts are the view's tokens). One pass over the phase column only; an empty dict
+        when the trace has no phase column."""
         if "phase" not in self.token_fields:
             return {}
         out: dict[tuple[int, int], np.ndarray] = {}
@@ -309,8 +309,8 @@ class TraceReader:
                         if b.column(0).null_count:
                             raise InputError(f, "phase", "holds null values",
                                              "re-create the file")
-                        v = np.clip(b.column(0).to_numpy().astype(np.int64), -128, 127)
-                        c += np.bincount(v + 128, minlength=256)
+                        v = _as_phase(b.column(0).to_numpy())
+                        c += np.bincount(v.astype(np.int64) + 128, minlength=256)
                 except (pa.ArrowException, OSError, ValueError) as exc:
                     if isinstance(exc, InputError):
                         raise
@@ -413,7 +413,7 @@ class TraceReader:
                         raise InputError(f, name, "holds null values", "re-create the file")
                     v = b.column(0).to_numpy()
                     if self.phase is not None:
-                        v = v[b.column(len(cols) - 1).to_numpy() == self.phase]
+                        v = v[_as_phase(b.column(len(cols) - 1).to_numpy()) == self.phase]
                     yield v
             except (pa.ArrowException, OSError, ValueError) as exc:
                 if isinstance(exc, InputError):
@@ -462,6 +462,11 @@ def _binary_to_numpy(col: pa.Array, dtype: np.dtype, n: int, L: int, k: int,
                          "the file is corrupt; re-create it")
     raw = np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=start)
     return raw.view(dtype).reshape(n, L, k)
+
+
+def _as_phase(values: np.ndarray) -> np.ndarray:
+    """A phase column's values as a ``Trace`` holds them (``TOKEN_FIELDS``: int8)."""
+    return values.astype(TOKEN_FIELDS["phase"], copy=False)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -135,3 +135,21 @@ def test_phase_column_without_the_phase_is_refused(tmp_path, on_disk):
 def test_unknown_phase_name_refused():
     with pytest.raises(InputError, match="--phase"):
         select_phase(_trace(None), "extend")
+
+
+def test_foreign_phase_values_count_as_the_chunks_hold_them(tmp_path):
+    """A foreign file's int64 phase column: the counts and the chunks read its values alike
+    (as the int8 a Trace holds), so the view's size is the tokens it yields."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = write_trace(_trace(_mixed()), tmp_path / "t.parquet")
+    table = pq.read_table(path)
+    raw = np.resize(np.array([0, 1, 256, 257, -1, 1 << 40], np.int64), T)
+    table = table.set_column(table.column_names.index("phase"), "phase", pa.array(raw))
+    pq.write_table(table, tmp_path / "f.parquet")
+    for phase in ("prefill", "decode"):
+        sel = select_phase(open_trace(tmp_path / "f.parquet"), phase)
+        got = sum(c.num_tokens for c in sel.source.iter_chunks(333))
+        assert got == sel.tokens == sel.source.num_tokens
+        assert got == sum(len(v) for v in sel.source.iter_column("request"))
