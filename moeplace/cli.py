@@ -930,8 +930,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                              f"(fit {stats.num_tokens:,} tokens, held out {held_tokens:,})",
                              "record more requests, change --holdout or --seed, or drop --holdout")
         check_request(stats, cluster, time_limit, cur)
-        # Notes after the input and the request are checked, so that bad input stays one line.
-        if picked is not None:
+        if picked is not None:  # notes come after the checks, as the kernel's below
             click.echo(f"moeplace: note: {picked.note(source)}", err=True)
         elif asked_phase is not None:
             click.echo(f"moeplace: note: {source}: statistics carry no phase, so all "
@@ -1194,7 +1193,9 @@ def export(placement: str | None, fmt: str, out: str | None, prefill: str | None
     elif placement is None or out is None:
         raise InputError("export", "PLACEMENT" if placement is None else "--out", "missing",
                          "give PLACEMENT and --out FILE, or --prefill, --decode and --out-dir")
-    plc = Placement.load(prefill if pd else placement)  # type: ignore[arg-type]
+    first = prefill if pd else placement
+    assert first is not None  # checked above
+    plc = Placement.load(first)
     if config_path and model_shape:
         raise InputError("export", "--config", "given together with --model-shape",
                          "pass one of them")
@@ -1209,7 +1210,8 @@ def export(placement: str | None, fmt: str, out: str | None, prefill: str | None
     if pd:
         from moeplace.placement.exports import export_disaggregated
 
-        flags = export_disaggregated(plc, Placement.load(decode), out_dir, fmt=fmt,  # type: ignore[arg-type]
+        assert decode is not None and out_dir is not None  # checked above
+        flags = export_disaggregated(plc, Placement.load(decode), out_dir, fmt=fmt,
                                      num_hidden_layers=num_hidden_layers,
                                      moe_layer_ids=_layer_ids(moe_layers), layout=layout)
         checked = f" (layer ids checked against {layout.name})" if layout is not None else ""
