@@ -40,7 +40,8 @@ def one_case(seeds: Path, case_seed: int, timeout: float) -> dict:
         for p in seeds.iterdir():
             (shutil.copytree if p.is_dir() else shutil.copy2)(p, work / p.name)
         paths = {"OUT": work / "out", "TRACE": work / "trace.parquet",
-                 "PLACEMENT": work / "placement.json", "CKPT": work / "ckpt"}
+                 "PLACEMENT": work / "placement.json", "DECODE": work / "decode.json",
+                 "CKPT": work / "ckpt"}
         if rng.random() < 0.25:
             kind = "flags"
             base, flags = rng.choice(corpus.FLAG_COMMANDS)

@@ -511,10 +511,12 @@ def convert(src: str, dst: str, model: str, **kw: Any) -> None:
 @click.option("--affinity", type=UNIT_FLOAT, help="Weight of topic-specific routing (0..1).")
 @click.option("--stickiness", type=UNIT_FLOAT, help="Chance a token keeps its topic per layer (0..1).")
 @click.option("--weights", is_flag=True, help="Also write gate weights.")
+@click.option("--prompt-tokens", type=NONNEG_INT, help="Phase column: the first N tokens of each "
+              "request are prefill, the rest decode (default: every token prefill).")
 @click.option("--out", required=True, type=click.Path(), help="Output Parquet trace.")
 @_paths(outputs={"out": None})
 def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: float | None,
-          stickiness: float | None, weights: bool, out: str) -> None:
+          stickiness: float | None, weights: bool, prompt_tokens: int | None, out: str) -> None:
     """Write a seeded synthetic trace with controllable skew and cross-layer affinity."""
     from moeplace._progress import Progress
     from moeplace.traces import SyntheticRouter, TraceWriter
@@ -526,7 +528,7 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
     bar = Progress(tokens, "synth", "tokens")
     with TraceWriter(out, router.meta, with_weights=weights,
                      token_fields=["request", "position", "phase"]) as w:
-        for chunk in router.sample(tokens, weights=weights):
+        for chunk in router.sample(tokens, weights=weights, prompt_tokens=prompt_tokens):
             w.write(chunk)
             bar.update(chunk.num_tokens)
     bar.close()
@@ -557,6 +559,10 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
               help="Hardware profile for --dispatch: h100-nvlink, h100-ib, h800-ib or a JSON file.")
 @click.option("--model-shape", help="Model shape for --dispatch (hidden size, expert size), e.g. "
               "deepseek-v3 (default: guessed from the trace's model name).")
+@click.option("--phase", type=click.Choice(["prefill", "decode"]),
+              help="Score only this phase's tokens (traces with a phase column; otherwise all, "
+              "said so), the table's step priced by its kernel (prefill deepep-normal, decode "
+              "deepep-ll; default: every token, deepep-normal).")
 @click.option("--per-layer", is_flag=True, help="Print the per-layer table too.")
 @click.option("--all-metrics", is_flag=True, help="Print every metric, also those that cannot "
               "differ here (node metrics on one node, ...); --json always has them all.")
@@ -565,7 +571,7 @@ def synth(preset: str, tokens: int, seed: int, skew: float | None, affinity: flo
 @_paths(inputs=("trace", "placement", "current", "hardware"))
 def evaluate(trace: str, placement: str, home: str, window: int, current: str | None,
              expert_bytes: int, tokens_per_step: int | None, gpu_speeds: str | None,
-             dispatch: str | None, hardware: str, model_shape: str | None,
+             dispatch: str | None, hardware: str, model_shape: str | None, phase: str | None,
              per_layer: bool, all_metrics: bool, as_json: bool, **kw: Any) -> None:
     """Score PLACEMENT (JSON) on TRACE with the shared metrics of docs/objective.md, next to
     the baselines fitted to TRACE."""
@@ -581,6 +587,12 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
     if isinstance(src, RoutingStats):
         raise InputError(trace, "format", "aggregated counts cannot be scored per token",
                          "give a per-token trace")
+    picked = None
+    if phase is not None:
+        from moeplace.traces import select_phase
+
+        picked = select_phase(src, phase)
+        src = picked.source
     sim = None
     if dispatch is not None:
         from moeplace.solvers.simulator import Hardware, ModelShape, guess_shape
@@ -590,11 +602,16 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
             raise InputError(trace, "model", "no model shape known for --dispatch",
                              "pass --model-shape, e.g. deepseek-v3")
         sim = (Hardware.load(hardware), ModelShape.named(shape))
-    # The table's step_ms: the kernel asked for, else SGLang's prefill kernel (as solve).
+    # The table's step_ms: the kernel asked for, else SGLang's kernel of the phase (as solve).
+    from moeplace.solvers.dispatch import default_kernel
+
     res = rpt.evaluate_with_baselines(src, plc, window=window, home=home, current=cur,
                                       expert_bytes=expert_bytes, tokens_per_step=tokens_per_step,
                                       gpu_speeds=speeds, hardware=hardware,
-                                      kernel=dispatch or "deepep-normal", model_shape=model_shape)
+                                      kernel=dispatch or default_kernel("sglang", phase or "prefill"),
+                                      model_shape=model_shape)
+    if picked is not None:  # after the input is checked: bad input stays one line
+        click.echo(f"moeplace: note: {picked.note(trace)}", err=True)
     if sim is not None:
         from moeplace.solvers.scoring import priced_steps
 
@@ -606,6 +623,8 @@ def evaluate(trace: str, placement: str, home: str, window: int, current: str | 
     if as_json:
         out = dict(res.summary)
         out.update(headline=headline, comparison=res.rows.to_dict("records"))
+        if picked is not None:
+            out["phase"] = picked.as_dict()
         if len(gains):
             out["vs_strongest_baseline"] = gains.to_dict("records")
         if per_layer:
@@ -747,9 +766,12 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
               "trtllm (static home, DeepEP dispatch: distinct remote GPUs and nodes per token; "
               "the default for search) or exflow (cross-layer pairs, MoETuner; what dp, cpsat, "
               "ilp-* and moetuner optimise).")
-@click.option("--phase", type=click.Choice(["prefill", "decode"]), default="prefill",
-              show_default=True, help="decode: balance the expected active experts per step of "
-              "--tokens-per-step tokens (memory-bound decode) instead of tokens (search).")
+@click.option("--phase", type=click.Choice(["prefill", "decode"]),
+              help="Solve for one phase of a disaggregated deployment: fit and score only that "
+              "phase's tokens (traces with a phase column; otherwise all, said so) with its "
+              "kernel; decode also balances the expected active experts per step of "
+              "--tokens-per-step tokens (memory-bound decode) instead of tokens (search). "
+              "Default: every token, prefill's objective and kernel.")
 @click.option("--dispatch", type=click.Choice(["alltoall", "deepep-normal", "deepep-ll",
                                                "deepep-v2"]),
               help="Dispatch kernel whose counting rule the traffic terms follow (default: the "
@@ -805,7 +827,7 @@ def _baselines_for(cluster: Any) -> tuple[str, ...]:
 @import_options
 @_paths(inputs=("source", "current", "hardware"), outputs={"out": False, "plot_path": False})
 def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
-          engine: str | None, phase: str, dispatch: str | None, gpu_speeds: str | None,
+          engine: str | None, phase: str | None, dispatch: str | None, gpu_speeds: str | None,
           weights_text: str | None, balance_slack: float, time_limit: float,
           holdout: float | None, current: str | None, num_groups: int | None,
           respect_groups: int | None, seed: int,
@@ -854,7 +876,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
             split_stream,
         )
         from moeplace.solvers.solve import baseline, check_request, default_groups
-        from moeplace.traces import RoutingStats, compute_stats
+        from moeplace.traces import RoutingStats, compute_stats, select_phase
 
         # The budget covers the whole command from here: reading and counting the trace too,
         # not the imports above (seconds on a busy machine, and nothing --time-limit governs).
@@ -863,6 +885,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         from dataclasses import replace as _replace
 
         from moeplace.solvers.dispatch import default_kernel
+        asked_phase, phase = phase, phase or "prefill"  # the objective's phase by default
         kernel = dispatch or default_kernel(engine or "sglang", phase)
         if kernel == "deepep-ll" and (weights.traffic or weights.node):
             # One put per (token, selected expert): remote copies are k (1 - 1/G) per token
@@ -879,6 +902,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         cur = Placement.load(current) if current else None
         src = _open(source, kw, in_memory_max=0)  # Parquet is streamed, never held in memory
         trace = None if isinstance(src, RoutingStats) else src
+        picked = None
+        if asked_phase is not None and trace is not None:
+            # Only the phase's tokens from here on: fit, holdout split, scoring, plot.
+            picked = select_phase(trace, asked_phase)
+            trace = picked.source
         if holdout is not None and trace is None:
             raise InputError(source, "format", "--holdout needs per-token routing",
                              "give a trace, not statistics")
@@ -902,6 +930,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                              f"(fit {stats.num_tokens:,} tokens, held out {held_tokens:,})",
                              "record more requests, change --holdout or --seed, or drop --holdout")
         check_request(stats, cluster, time_limit, cur)
+        if picked is not None:  # notes come after the checks, as the kernel's below
+            click.echo(f"moeplace: note: {picked.note(source)}", err=True)
+        elif asked_phase is not None:
+            click.echo(f"moeplace: note: {source}: statistics carry no phase, so all "
+                       f"{stats.num_tokens:,} tokens are used for --phase {asked_phase}", err=True)
         if kernel == "deepep-ll":
             # After the input and the request are checked, so that bad input stays one line.
             click.echo("moeplace: note: dispatch deepep-ll sends one copy per (token, expert), "
@@ -943,6 +976,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                      restart_runner=runner, engine=engine, phase=phase,
                                      tokens_per_step=tokens_per_step, gpu_speeds=speeds)
         plc.info["report"] = rep.as_dict()
+        if asked_phase is not None:  # the instance it is for: export checks it (--prefill/--decode)
+            plc.info.update(phase=asked_phase, dispatch=kernel)
         plcs = {rep.method: plc, **{n: p for n, p in base.items() if n != rep.method}}
         front = None
         if show_pareto:
@@ -1009,6 +1044,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                    "headline": headline}
             if hold_rows is not None:
                 res["holdout"] = hold_rows.to_dict("records")
+            if picked is not None:
+                res["phase"] = picked.as_dict()
             if front is not None:
                 res["pareto"] = [{k: v for k, v in r.items() if k != "placement"} for r in front]
             if len(gains):
@@ -1103,12 +1140,22 @@ def _scored_note(info: dict[str, Any] | None) -> str:
 
 # ---- export ---------------------------------------------------------------------------------
 @main.command()
-@click.argument("placement")
+@click.argument("placement", required=False)
 @click.option("--format", "fmt", required=True, type=click.Choice(
     ["sglang", "sglang-logical-count", "trtllm", "vllm-ascend", "vllm-pr49572", "vllm-pr41141",
      "eplb"]))
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", type=click.Path(dir_okay=False),
               help="File to write (SGLang: .json, or .pt for a torch file; trtllm: .yaml).")
+@click.option("--prefill", "prefill", type=click.Path(dir_okay=False),
+              help="Prefill-decode disaggregation (SGLang): the prefill instance's placement "
+              "(solve --phase prefill), with --decode and --out-dir instead of PLACEMENT and "
+              "--out.")
+@click.option("--decode", "decode", type=click.Path(dir_okay=False),
+              help="The decode instance's placement (solve --phase decode); same model, any "
+              "GPU count.")
+@click.option("--out-dir", type=click.Path(file_okay=False),
+              help="New directory for --prefill/--decode: prefill.json and decode.json, and "
+              "each instance's launch line printed (--disaggregation-mode, --deepep-mode).")
 @click.option("--config", "config_path", type=click.Path(),
               help="The model's Hugging Face config.json: MoE layer ids and hidden-layer count "
               "are checked against it (a mismatch is refused).")
@@ -1126,16 +1173,29 @@ def _scored_note(info: dict[str, Any] | None) -> str:
 @click.option("--nodes", type=POS_INT, help="The deployment's nodes (checked likewise).")
 @click.option("--replicas", type=NONNEG_INT, help="The deployment's extra slots per layer "
               "(SGLang's --ep-num-redundant-experts; checked likewise).")
-@_paths(inputs=("placement", "stats_source", "config_path"), outputs={"out": False})
-def export(placement: str, fmt: str, out: str, config_path: str | None, model_shape: str | None,
-           num_hidden_layers: int | None, moe_layers: str | None,
+@_paths(inputs=("placement", "stats_source", "config_path", "prefill", "decode"),
+        outputs={"out": False, "out_dir": True})
+def export(placement: str | None, fmt: str, out: str | None, prefill: str | None,
+           decode: str | None, out_dir: str | None, config_path: str | None,
+           model_shape: str | None, num_hidden_layers: int | None, moe_layers: str | None,
            stats_source: str | None, gpus: int | None, nodes: int | None,
            replicas: int | None) -> None:
-    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print how to load it."""
+    """Write PLACEMENT (moeplace JSON) in a serving stack's format and print how to load it;
+    or, with --prefill and --decode, both instances of a prefill-decode disaggregated SGLang
+    deployment into --out-dir."""
     from moeplace.models import from_hf_config, guess_model, known_layout
     from moeplace.placement import Placement, export_placement
 
-    plc = Placement.load(placement)
+    pd = prefill is not None or decode is not None or out_dir is not None
+    if pd:
+        _check_pd_request(placement, out, prefill, decode, out_dir, stats_source, gpus, nodes,
+                          replicas)
+    elif placement is None or out is None:
+        raise InputError("export", "PLACEMENT" if placement is None else "--out", "missing",
+                         "give PLACEMENT and --out FILE, or --prefill, --decode and --out-dir")
+    first = prefill if pd else placement
+    assert first is not None  # checked above
+    plc = Placement.load(first)
     if config_path and model_shape:
         raise InputError("export", "--config", "given together with --model-shape",
                          "pass one of them")
@@ -1147,6 +1207,16 @@ def export(placement: str, fmt: str, out: str, config_path: str | None, model_sh
         cand = known_layout(guessed)
         if cand.num_experts == plc.num_experts:
             layout = cand
+    if pd:
+        from moeplace.placement.exports import export_disaggregated
+
+        assert decode is not None and out_dir is not None  # checked above
+        flags = export_disaggregated(plc, Placement.load(decode), out_dir, fmt=fmt,
+                                     num_hidden_layers=num_hidden_layers,
+                                     moe_layer_ids=_layer_ids(moe_layers), layout=layout)
+        checked = f" (layer ids checked against {layout.name})" if layout is not None else ""
+        click.echo(f"wrote {out_dir}: prefill.json, decode.json{checked}\n{flags}")
+        return
     load = None
     if stats_source:
         st, _ = _stats_of(stats_source)
@@ -1160,6 +1230,25 @@ def export(placement: str, fmt: str, out: str, config_path: str | None, model_sh
                              num_gpus=gpus, num_nodes=nodes, replicas=replicas)
     checked = f" (layer ids checked against {layout.name})" if layout is not None else ""
     click.echo(f"wrote {out}{checked}\n{flags}")
+
+
+def _check_pd_request(placement: str | None, out: str | None, prefill: str | None,
+                      decode: str | None, out_dir: str | None, stats_source: str | None,
+                      gpus: int | None, nodes: int | None, replicas: int | None) -> None:
+    """One line for a disaggregated export asked for with a missing or a foreign flag."""
+    fix = "give --prefill P.json --decode D.json --out-dir DIR, without PLACEMENT or --out"
+    for flag, value in (("PLACEMENT", placement), ("--out", out)):
+        if value is not None:
+            raise InputError("export", flag, "given with --prefill/--decode/--out-dir", fix)
+    for flag, value in (("--prefill", prefill), ("--decode", decode), ("--out-dir", out_dir)):
+        if value is None:
+            raise InputError("export", flag, "missing for a prefill-decode export", fix)
+    for flag, value in (("--stats", stats_source), ("--gpus", gpus), ("--nodes", nodes),
+                        ("--replicas", replicas)):
+        if value is not None:
+            raise InputError("export", flag, "names one deployment; the prefill and decode "
+                             "instances are two, each placed for its own GPUs",
+                             f"drop {flag}, or check each placement with export PLACEMENT {flag}")
 
 
 # ---- apply --------------------------------------------------------------------------------
@@ -1510,11 +1599,15 @@ def simulate(hardware: str, kernel: str, ep: int, tokens: int, hidden: int, top_
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and every interval as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_plot_path,
               help="Save imbalance and moved copies over time to this image file.")
+@click.option("--phase", type=click.Choice(["prefill", "decode"]),
+              help="Replay one instance of a disaggregated deployment: only this phase's tokens "
+              "(traces with a phase column; otherwise all, said so). Default: every token.")
 @import_options
 @_paths(inputs=("trace",), outputs={"out": True, "plot_path": False})
 def replay(trace: str, gpus: int, nodes: int, replicas: int, groups: int | None, interval: int,
            window: int | None, policies: str, order: str, expert_bytes: int, hardware: str,
-           out: str | None, as_json: bool, plot_path: str | None, **kw: Any) -> None:
+           out: str | None, as_json: bool, plot_path: str | None, phase: str | None,
+           **kw: Any) -> None:
     """Replay TRACE as an engine runs online EPLB: every --interval tokens each policy picks
     the map for the next interval from what it has seen; score that interval."""
     from moeplace.integrations.engine_policies import run_replay
@@ -1525,9 +1618,18 @@ def replay(trace: str, gpus: int, nodes: int, replicas: int, groups: int | None,
     if isinstance(src, RoutingStats):
         raise InputError(trace, "format", "aggregated counts have no token order to replay",
                          "give a per-token trace")
+    picked = None
+    if phase is not None:
+        from moeplace.traces import select_phase
+
+        picked = select_phase(src, phase)
+        src = picked.source
     res = run_replay(src, policies, num_gpus=gpus, num_nodes=nodes, replicas=replicas,
                      num_groups=groups, interval=interval, window=window, order=order,
-                     expert_bytes=expert_bytes, hardware=hardware, out=out, plot_path=plot_path)
+                     expert_bytes=expert_bytes, hardware=hardware, out=out, plot_path=plot_path,
+                     phase=picked)
+    if picked is not None:  # after the replay's checks: bad input stays one line
+        click.echo(f"moeplace: note: {picked.note(trace)}", err=True)
     if as_json:
         _echo_json({"headline": replay_headline(res), **res.to_dict()})
         return

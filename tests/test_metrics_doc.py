@@ -27,7 +27,7 @@ def _keys(obj, out: set[str]) -> set[str]:
 def _run(*args: str) -> dict:
     r = CliRunner().invoke(main, list(args), catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    return json.loads(r.output)
+    return json.loads(r.stdout)  # notes (--phase) go to stderr
 
 
 def test_every_printed_name_is_documented(tmp_path):
@@ -43,6 +43,9 @@ def test_every_printed_name_is_documented(tmp_path):
                "--weights", "coact=0.5,migration=0.1"), names)
     _keys(_run("evaluate", tr, plc, "--json", "--per-layer", "--current", plc), names)
     _keys(_run("evaluate", tr, plc, "--json", "--dispatch", "deepep-ll"), names)
+    _keys(_run("solve", tr, "--gpus", "4", "--phase", "prefill", "--time-limit", "3", "--json"),
+          names)
+    _keys(_run("evaluate", tr, plc, "--json", "--phase", "prefill"), names)
     _keys(_run("simulate", "--kernel", "deepep-normal", "--ep", "16", "--tokens", "16", "--json"),
           names)
     text = DOC.read_text()

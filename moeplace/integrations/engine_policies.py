@@ -16,6 +16,7 @@ import numpy as np
 
 from moeplace.errors import InputError
 from moeplace.solvers.replay import ENGINE_POLICIES, Observation, ReplayPolicy, builtin_policy
+from moeplace.traces.phase import PhaseSelection
 
 __all__ = ["SglangPolicy", "VllmDefaultPolicy", "make_policy"]
 
@@ -104,25 +105,29 @@ class SglangPolicy:
 
 
 def make_policy(name: str, num_gpus: int, num_nodes: int, num_groups: int, *,
-                expert_bytes: int = 0, hardware: Any = None) -> ReplayPolicy:
-    """A replay policy by its ``--policy`` name: the engines' own here, the rest built in."""
+                expert_bytes: int = 0, hardware: Any = None,
+                phase: str = "prefill") -> ReplayPolicy:
+    """A replay policy by its ``--policy`` name: the engines' own here, the rest built in
+    (``phase`` goes to moeplace's policy; the engines' EPLB has no phase)."""
     if name == "vllm":
         return VllmDefaultPolicy()
     if name == "sglang":
         return SglangPolicy()
     assert name not in ENGINE_POLICIES
     return builtin_policy(name, num_gpus, num_nodes, num_groups, expert_bytes=expert_bytes,
-                          hardware=hardware)
+                          hardware=hardware, phase=phase)
 
 
 def run_replay(source: Any, policies: str, *, num_gpus: int, num_nodes: int = 1,
                replicas: int = 0, num_groups: int | None = None, interval: int = 4096,
                window: int | None = None, order: str = "arrival", expert_bytes: int = 0,
                hardware: str = "h100-nvlink", out: str | None = None,
-               plot_path: str | None = None) -> Any:
+               plot_path: str | None = None, phase: PhaseSelection | None = None) -> Any:
     """``moeplace replay``: build the named policies (comma separated), replay ``source``
     through all of them in one pass, write ``out`` and ``plot_path`` if given; returns the
-    ``ReplayResult``."""
+    ``ReplayResult``. ``phase``: the instance replayed (``moeplace.traces.select_phase``; its
+    ``source`` is what is replayed), recorded in the result's setup and given to moeplace's
+    policy."""
     from moeplace.solvers.replay import POLICIES, check_shape, plot, replay, write_placements
     from moeplace.solvers.simulator import Hardware
 
@@ -145,11 +150,13 @@ def run_replay(source: Any, policies: str, *, num_gpus: int, num_nodes: int = 1,
     check_shape(num_gpus, num_nodes, replicas, meta.num_layers, meta.num_experts,
                 meta.source or "trace")  # before an engine's slow import
     groups = 1 if num_groups is None else int(num_groups)
-    pols = [make_policy(n, num_gpus, num_nodes, groups, expert_bytes=expert_bytes, hardware=hw)
-            for n in names]
+    pols = [make_policy(n, num_gpus, num_nodes, groups, expert_bytes=expert_bytes, hardware=hw,
+                        phase="prefill" if phase is None else phase.phase) for n in names]
     res = replay(source, pols, num_gpus=num_gpus, num_nodes=num_nodes, replicas=replicas,
                  num_groups=num_groups, interval=interval, window=window, order=order,
                  expert_bytes=expert_bytes, hardware=hw)
+    if phase is not None:  # before summary.json is written
+        res.setup["phase"] = phase.as_dict()
     if out is not None:
         write_placements(res, out)
     if plot_path is not None:

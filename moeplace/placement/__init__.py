@@ -3,6 +3,7 @@
 from moeplace.placement.checkpoint import rewrite_checkpoint
 from moeplace.placement.exports import (
     FORMATS,
+    export_disaggregated,
     export_placement,
     launch_flags,
     read_placement,
@@ -26,6 +27,7 @@ __all__ = [
     "Placement",
     "apply_to_model",
     "contiguous",
+    "export_disaggregated",
     "export_placement",
     "from_gpu_lists",
     "launch_flags",

@@ -89,35 +89,53 @@ def to_vllm_ascend(placement: Placement) -> dict[str, Any]:
 
 SGLANG_MASTER = "MASTER_IP:5000"  # the first node's address, replaced by the user
 
+# Prefill-decode disaggregation (SGLang 0.5.23 ``--disaggregation-mode``): each phase runs on an
+# instance of its own, with the DeepEP kernel of that phase, as SGLang's ``--deepep-mode auto``
+# picks per batch (``DeepEPMode.resolve``: normal for extend batches, low_latency for decode).
+# moeplace's kernel names as ``solvers.dispatch.PHASE_KERNEL`` (the test keeps the two equal).
+PD_PHASES = ("prefill", "decode")
+PD_KERNEL = {"prefill": "deepep-normal", "decode": "deepep-ll"}
+SGLANG_DEEPEP_MODE = {"deepep-normal": "normal", "deepep-ll": "low_latency"}
+PD_MASTER = {"prefill": "PREFILL_MASTER_IP:5000", "decode": "DECODE_MASTER_IP:5000"}
+PD_FILES = {"prefill": "prefill.json", "decode": "decode.json"}
+
 
 def sglang_launch_line(placement: Placement, path: str | None = None, model: str = "MODEL",
-                       node_rank: int = 0) -> str:
+                       node_rank: int = 0, disaggregation: str | None = None) -> str:
     """The SGLang launch command for the placement's deployment, complete as SGLang 0.5.23's
     own argument parsing and topology check need it: one expert-parallel rank per GPU over the
     whole tensor-parallel span (``--tp-size`` = ``--ep-size`` = GPUs; a wider EP than TP is
     refused at start-up as an inconsistent topology), ``--nnodes``/``--node-rank``/
     ``--dist-init-addr`` on several nodes, and ``--ep-num-redundant-experts`` equal to the
     file's extra slots. ``path`` is the ``--init-expert-location`` file (none: SGLang's
-    trivial layout)."""
+    trivial layout). ``disaggregation`` (``"prefill"`` or ``"decode"``): the line of that
+    instance of a prefill-decode disaggregated deployment, ``--disaggregation-mode`` and the
+    phase's DeepEP kernel (``--moe-a2a-backend deepep --deepep-mode normal|low_latency``)."""
     G, M = placement.num_gpus, placement.num_nodes
     args = ["python", "-m", "sglang.launch_server", "--model-path", model,
             "--tp-size", str(G), "--ep-size", str(G)]
     if M > 1:
-        args += ["--nnodes", str(M), "--node-rank", str(node_rank),
-                 "--dist-init-addr", SGLANG_MASTER]
+        master = SGLANG_MASTER if disaggregation is None else PD_MASTER[disaggregation]
+        args += ["--nnodes", str(M), "--node-rank", str(node_rank), "--dist-init-addr", master]
     if path is not None:
         args += ["--init-expert-location", path]
         if placement.num_replicas:
             args += ["--ep-num-redundant-experts", str(placement.num_replicas)]
+    if disaggregation is not None:
+        if disaggregation not in PD_KERNEL:
+            raise InputError("export", "disaggregation", f"{disaggregation!r} is not a phase",
+                             f"use one of {PD_PHASES}")
+        args += ["--disaggregation-mode", disaggregation, "--moe-a2a-backend", "deepep",
+                 "--deepep-mode", SGLANG_DEEPEP_MODE[PD_KERNEL[disaggregation]]]
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _node_note(placement: Placement) -> str:
+def _node_note(placement: Placement, master: str = SGLANG_MASTER) -> str:
     M = placement.num_nodes
     if M == 1:
         return ""
     return (f"\n  (node r of {M} runs the same line with --node-rank r, r = 0..{M - 1}; "
-            f"{SGLANG_MASTER} is node 0's address; {placement.num_gpus // M} GPUs a node)")
+            f"{master} is node 0's address; {placement.num_gpus // M} GPUs a node)")
 
 
 def apply_launch_hint(placement: Placement, checkpoint: str) -> str:
@@ -279,6 +297,71 @@ def export_placement(placement: Placement, fmt: str, path: str | os.PathLike[str
             else:
                 tmp.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
     return launch_flags(fmt, str(path), placement)
+
+
+def check_disaggregated(prefill: Placement, decode: Placement,
+                        moe_layer_ids: list[int] | None = None) -> None:
+    """Refuse (``InputError``) a pair of placements that cannot serve one model's prefill and
+    decode instances: other MoE layers or expert counts, or a placement recorded as solved for
+    the other phase or another kernel (``solve --phase`` records ``phase`` and ``dispatch`` in
+    its ``info``). GPU, node and replica counts may differ: the instances are separate."""
+    p, d = prefill, decode
+    for field, a, b in (("num_layers", p.num_layers, d.num_layers),
+                        ("num_experts", p.num_experts, d.num_experts)):
+        if a != b:
+            raise InputError(d.source, field, f"{b}, but the prefill placement {p.source} has {a}",
+                             "solve both placements for one model")
+    ids = (p.moe_layer_ids, d.moe_layer_ids)
+    if moe_layer_ids is None and ids[0] is not None and ids[1] is not None and \
+            tuple(ids[0]) != tuple(ids[1]):
+        raise InputError(d.source, "moe_layer_ids", "the MoE layers differ from those of the "
+                         f"prefill placement {p.source}", "solve both placements for one model")
+    for role, plc in (("prefill", p), ("decode", d)):
+        other = "decode" if role == "prefill" else "prefill"
+        solved = plc.info.get("phase")
+        if solved is not None and solved != role:
+            raise InputError(plc.source, "phase", f"solved with --phase {solved}, given as "
+                             f"--{role}", f"pass it as --{other}, or solve with --phase {role}")
+        kernel = plc.info.get("dispatch")
+        if kernel is not None and kernel != PD_KERNEL[role]:
+            raise InputError(plc.source, "dispatch", f"solved for {kernel}, but SGLang's {role} "
+                             f"instance runs {PD_KERNEL[role]} (--deepep-mode "
+                             f"{SGLANG_DEEPEP_MODE[PD_KERNEL[role]]})",
+                             f"solve it with --phase {role} and no --dispatch")
+
+
+def export_disaggregated(prefill: Placement, decode: Placement, out_dir: str | os.PathLike[str],
+                         *, fmt: str = "sglang", num_hidden_layers: int | None = None,
+                         moe_layer_ids: list[int] | None = None,
+                         layout: ModelLayout | None = None) -> str:
+    """Write the placements of a prefill-decode disaggregated SGLang deployment into the new
+    directory ``out_dir`` (``prefill.json``, ``decode.json``: SGLang's
+    ``--init-expert-location`` files) atomically, both or nothing; returns the launch line of
+    each instance (``sglang_launch_line`` with ``disaggregation``) and how to route between
+    them. The pair is checked first (``check_disaggregated``), each placement like
+    ``export_placement`` (``layout``, ``num_hidden_layers``, ``moe_layer_ids``).
+    """
+    if fmt != "sglang":
+        raise InputError("export", "--format", f"{fmt} has no prefill-decode launch here",
+                         "use --format sglang with --prefill/--decode")
+    check_disaggregated(prefill, decode, moe_layer_ids)
+    plcs = {"prefill": prefill, "decode": decode}
+    with atomic_path(out_dir, directory=True) as tmp:
+        tmp.mkdir()
+        for role, plc in plcs.items():
+            export_placement(plc, "sglang", tmp / PD_FILES[role], layout=layout,
+                             num_hidden_layers=num_hidden_layers, moe_layer_ids=moe_layer_ids)
+    lines = []
+    for role, plc in plcs.items():
+        path = os.path.join(os.fspath(out_dir), PD_FILES[role])
+        lines.append(f"SGLang {role}: " + sglang_launch_line(plc, path, disaggregation=role)
+                     + _node_note(plc, PD_MASTER[role]))
+    lines.append("  (two instances on GPUs of their own, KV cache sent from prefill to decode "
+                 "by SGLang's --disaggregation-transfer-backend, mooncake by default; route "
+                 "requests through SGLang's router: python -m sglang_router.launch_router "
+                 "--pd-disaggregation --prefill http://PREFILL_IP:30000 "
+                 "--decode http://DECODE_IP:30000)")
+    return "\n".join(lines)
 
 
 def read_placement(path: str | os.PathLike[str], fmt: str = "auto", *, num_gpus: int | None = None,

@@ -5,7 +5,8 @@ API (stable; the vLLM plug-in and the SGLang launcher call exactly this)::
     from moeplace.solvers.online import OnlinePolicy, Decision
 
     policy = OnlinePolicy(num_gpus, num_nodes=1, num_groups=1, *, expert_bytes=0,
-                          hardware=None, allow_colocated_copies=False, **tuning)
+                          hardware=None, allow_colocated_copies=False, phase="prefill",
+                          **tuning)
     d = policy.step(load, current)
     # load:    [L, N] tokens routed to each logical expert since the previous call (what the
     #          engine measured in that interval; the policy keeps its own decayed history)
@@ -19,6 +20,12 @@ API (stable; the vLLM plug-in and the SGLang launcher call exactly this)::
     d.stall_s        # estimated transfer stall (0 when expert_bytes is 0)
     d.cpu_s          # CPU seconds the decision took
     d.layers_changed # layers whose map changed
+
+``phase`` (``"prefill"`` or ``"decode"``) is the instance the policy serves in a prefill-decode
+disaggregated deployment; it sets ``policy.dispatch``, the phase's kernel
+(``dispatch.default_kernel``: prefill ``deepep-normal``, decode ``deepep-ll``). The rule below
+prices copies against GPU load only, which both kernels need balanced, so the kernel changes no
+decision today; it is recorded for whatever prices dispatch.
 
 ``hardware`` is a ``moeplace.solvers.simulator.Hardware`` or a profile name (default
 ``h100-nvlink``). Tuning keys: ``num_slots``, ``decays``, ``z`` (one-sided confidence of the
@@ -170,7 +177,15 @@ class OnlinePolicy:
 
     def __init__(self, num_gpus: int, num_nodes: int = 1, num_groups: int = 1, *,
                  expert_bytes: int = 0, hardware: Any = None,
-                 allow_colocated_copies: bool = False, **tuning: Any) -> None:
+                 allow_colocated_copies: bool = False, phase: str = "prefill",
+                 **tuning: Any) -> None:
+        from moeplace.solvers.dispatch import PHASE_KERNEL, default_kernel
+
+        if phase not in PHASE_KERNEL:
+            raise InputError("online policy", "phase", f"{phase!r} is not a phase",
+                             f"use one of {tuple(PHASE_KERNEL)}")
+        self.phase = phase
+        self.dispatch = default_kernel("sglang", phase)
         num_gpus, num_nodes = int(num_gpus), int(num_nodes)
         if num_gpus < 1 or num_nodes < 1 or num_gpus % num_nodes:
             raise InputError("online policy", "num_nodes", f"{num_gpus} GPUs do not split into "

@@ -149,9 +149,10 @@ class OnlineReplayPolicy:
     name = "moeplace"
 
     def __init__(self, num_gpus: int, num_nodes: int, num_groups: int, *,
-                 expert_bytes: int = 0, hardware: Any = None, **tuning: Any) -> None:
+                 expert_bytes: int = 0, hardware: Any = None, phase: str = "prefill",
+                 **tuning: Any) -> None:
         self.policy = OnlinePolicy(num_gpus, num_nodes, num_groups, expert_bytes=expert_bytes,
-                                   hardware=hardware, **tuning)
+                                   hardware=hardware, phase=phase, **tuning)
         self.source = "moeplace.solvers.online.OnlinePolicy"
         self.reasons: list[str] = []
 
@@ -162,11 +163,13 @@ class OnlineReplayPolicy:
 
 
 def builtin_policy(name: str, num_gpus: int, num_nodes: int, num_groups: int, *,
-                   expert_bytes: int = 0, hardware: Any = None) -> ReplayPolicy:
-    """A policy of this module by its ``--policy`` name (the engines' are in integrations)."""
+                   expert_bytes: int = 0, hardware: Any = None,
+                   phase: str = "prefill") -> ReplayPolicy:
+    """A policy of this module by its ``--policy`` name (the engines' are in integrations);
+    ``phase``: the instance moeplace's policy serves (``OnlinePolicy``)."""
     if name == "moeplace":
         return OnlineReplayPolicy(num_gpus, num_nodes, num_groups, expert_bytes=expert_bytes,
-                                  hardware=hardware)
+                                  hardware=hardware, phase=phase)
     if name in ("eplb", "eplb-cumulative"):
         return EplbPolicy(cumulative=name == "eplb-cumulative")
     if name == "static":

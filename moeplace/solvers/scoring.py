@@ -53,8 +53,7 @@ def request_ids(source: Trace | TraceReader) -> np.ndarray:
     if "request" not in source.token_fields:
         raise InputError(source.path, "request", "a holdout split needs per-request ids",
                          "record per-request metadata or drop --holdout")
-    parts = [np.unique(b.column(0).to_numpy()) for pf in source._pfs
-             for b in pf.iter_batches(batch_size=1 << 20, columns=["request"])]
+    parts = [np.unique(v) for v in source.iter_column("request")]  # a phase view's only
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 

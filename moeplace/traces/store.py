@@ -280,11 +280,64 @@ class TraceReader:
         self.token_fields = [n for n in names if n in TOKEN_FIELDS]
         self.dtype = np.dtype(self.header["experts_dtype"]).newbyteorder("<")
         self.num_tokens = sum(pf.metadata.num_rows for pf in self._pfs)
+        # A phase view (``only_phase``): the phase code kept, and its tokens per row group.
+        self.phase: int | None = None
+        self._phase_rows: dict[tuple[int, int], int] = {}
 
     def row_groups(self) -> list[tuple[int, int, int]]:
-        """``(file index, row group index, tokens)`` of every row group, in trace order."""
+        """``(file index, row group index, tokens)`` of every row group, in trace order (of a
+        phase view: the groups holding tokens of its phase, and how many)."""
+        if self.phase is not None:
+            return [(fi, g, n) for (fi, g), n in self._phase_rows.items()]
         return [(fi, g, pf.metadata.row_group(g).num_rows) for fi, pf in enumerate(self._pfs)
                 for g in range(pf.metadata.num_row_groups)]
+
+    def phase_counts(self) -> dict[tuple[int, int], np.ndarray]:
+        """Tokens of each ``phase`` value per row group ``(file, group)``: an int64 array of
+        256 counts indexed by value + 128 (values as the chunks' int8 ``phase`` holds them, so
+        these counts are the view's tokens). One pass over the phase column only; an empty dict
+        when the trace has no phase column."""
+        if "phase" not in self.token_fields:
+            return {}
+        out: dict[tuple[int, int], np.ndarray] = {}
+        for fi, (f, pf) in enumerate(zip(self.files, self._pfs, strict=True)):
+            for g in range(pf.metadata.num_row_groups):
+                c = np.zeros(256, np.int64)
+                try:
+                    for b in pf.iter_batches(batch_size=1 << 20, columns=["phase"],
+                                             row_groups=[g]):
+                        if b.column(0).null_count:
+                            raise InputError(f, "phase", "holds null values",
+                                             "re-create the file")
+                        v = _as_phase(b.column(0).to_numpy())
+                        c += np.bincount(v.astype(np.int64) + 128, minlength=256)
+                except (pa.ArrowException, OSError, ValueError) as exc:
+                    if isinstance(exc, InputError):
+                        raise
+                    raise InputError(f, "file", f"corrupt Parquet data ({_first_line(exc)})",
+                                     "the file may be truncated; re-create it") from None
+                out[(fi, g)] = c
+        return out
+
+    def only_phase(self, phase: int,
+                   counts: dict[tuple[int, int], np.ndarray] | None = None) -> TraceReader:
+        """A view of this trace holding only the tokens whose ``phase`` column is ``phase``
+        (``trace.PHASE_PREFILL``/``PHASE_DECODE``): every reader of it (chunks, row groups,
+        ``num_tokens``, ``read``, ``iter_column``) sees those tokens alone, still streamed, and
+        row groups without one are never read. ``counts``: ``phase_counts()`` if already
+        taken. The trace must have a phase column."""
+        import copy
+
+        if "phase" not in self.token_fields:
+            raise InputError(self.path, "phase", "the trace has no phase column",
+                             "record the phase (moeplace profile does) or use every token")
+        counts = self.phase_counts() if counts is None else counts
+        view = copy.copy(self)
+        view.phase = int(phase)
+        view._phase_rows = {key: int(c[int(phase) + 128]) for key, c in counts.items()
+                            if c[int(phase) + 128]}
+        view.num_tokens = sum(view._phase_rows.values())
+        return view
 
     def iter_chunks(self, chunk_tokens: int = DEFAULT_CHUNK, *, weights: bool = True,
                     token_fields: bool = True,
@@ -296,6 +349,11 @@ class TraceReader:
             cols.append("weights")
         if token_fields:
             cols += self.token_fields
+        elif self.phase is not None:
+            cols.append("phase")  # to select the view's tokens; dropped from the chunks
+        if self.phase is not None:  # only the row groups holding the view's tokens
+            keep = set(self._phase_rows)
+            row_groups = keep if row_groups is None else keep & set(row_groups)
         L, k = self.meta.num_layers, self.meta.top_k
         if chunk_tokens < 1:
             raise InputError("chunk_tokens", "value", f"{chunk_tokens} is not positive",
@@ -313,7 +371,50 @@ class TraceReader:
             try:
                 for batch in pf.iter_batches(batch_size=chunk_tokens, columns=cols,
                                              row_groups=groups):
-                    yield self._decode(batch, L, k, f)
+                    chunk = self._decode(batch, L, k, f)
+                    if self.phase is not None:
+                        chunk = self._phase_only(chunk, token_fields)
+                        if chunk is None:
+                            continue
+                    yield chunk
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                if isinstance(exc, InputError):
+                    raise
+                raise InputError(f, "file", f"corrupt Parquet data ({_first_line(exc)})",
+                                 "the file may be truncated; re-create it") from None
+
+    def _phase_only(self, chunk: Trace, token_fields: bool) -> Trace | None:
+        """The tokens of the view's phase in ``chunk`` (None when it holds none)."""
+        mask = chunk.tokens["phase"] == self.phase
+        if not mask.any():
+            return None
+        if not mask.all():
+            chunk = chunk.select(mask)
+        if not token_fields:
+            chunk.tokens = {}
+        return chunk
+
+    def iter_column(self, name: str, chunk_tokens: int = 1 << 20) -> Iterator[np.ndarray]:
+        """The values of one per-token column (``request``, ``position``, ``phase``,
+        ``step``), chunk by chunk, reading that column alone (and ``phase`` in a phase view)."""
+        if name not in self.token_fields:
+            raise InputError(self.path, name, "column missing", "record this per-token field")
+        cols = [name] if self.phase is None or name == "phase" else [name, "phase"]
+        keep = None if self.phase is None else set(self._phase_rows)
+        for fi, (f, pf) in enumerate(zip(self.files, self._pfs, strict=True)):
+            groups = None if keep is None else [g for g in range(pf.metadata.num_row_groups)
+                                                if (fi, g) in keep]
+            if groups == []:
+                continue
+            try:
+                for b in pf.iter_batches(batch_size=chunk_tokens, columns=cols,
+                                         row_groups=groups):
+                    if any(b.column(i).null_count for i in range(b.num_columns)):
+                        raise InputError(f, name, "holds null values", "re-create the file")
+                    v = b.column(0).to_numpy()
+                    if self.phase is not None:
+                        v = v[_as_phase(b.column(len(cols) - 1).to_numpy()) == self.phase]
+                    yield v
             except (pa.ArrowException, OSError, ValueError) as exc:
                 if isinstance(exc, InputError):
                     raise
@@ -361,6 +462,11 @@ def _binary_to_numpy(col: pa.Array, dtype: np.dtype, n: int, L: int, k: int,
                          "the file is corrupt; re-create it")
     raw = np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=start)
     return raw.view(dtype).reshape(n, L, k)
+
+
+def _as_phase(values: np.ndarray) -> np.ndarray:
+    """A phase column's values as a ``Trace`` holds them (``TOKEN_FIELDS``: int8)."""
+    return values.astype(TOKEN_FIELDS["phase"], copy=False)
 
 
 def _first_line(exc: BaseException) -> str:

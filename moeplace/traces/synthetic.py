@@ -18,7 +18,7 @@ import numpy as np
 
 from moeplace.errors import InputError
 from moeplace.models import known_layout
-from moeplace.traces.trace import PHASE_PREFILL, Trace, TraceMeta, expert_dtype
+from moeplace.traces.trace import PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta, expert_dtype
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,17 @@ class SyntheticRouter:
                               source=f"synthetic:{spec.model}:seed={seed}", extra=extra)
 
     def sample(self, num_tokens: int, *, seed: int | None = None, chunk_tokens: int = 1 << 16,
-               mean_request_tokens: int = 256, weights: bool = False) -> Iterator[Trace]:
-        """Yield ``num_tokens`` tokens in chunks; requests are runs of consecutive tokens."""
+               mean_request_tokens: int = 256, weights: bool = False,
+               prompt_tokens: int | None = None) -> Iterator[Trace]:
+        """Yield ``num_tokens`` tokens in chunks; requests are runs of consecutive tokens.
+
+        ``phase``: every token prefill, or with ``prompt_tokens`` the first that many tokens of
+        each request prefill and the rest decode (the routing is the same in both phases)."""
         if num_tokens < 1:
             raise InputError("synthetic", "tokens", f"{num_tokens} < 1", "ask for >= 1 token")
+        if prompt_tokens is not None and prompt_tokens < 0:
+            raise InputError("synthetic", "prompt_tokens", f"{prompt_tokens} < 0",
+                             "give a prompt length >= 0")
         spec = self.spec
         L, H, k = spec.num_layers, spec.num_topics, spec.top_k
         rng = np.random.default_rng(self.seed + 1 if seed is None else seed)
@@ -164,8 +171,10 @@ class SyntheticRouter:
             if weights:
                 w = np.sort(rng.dirichlet(np.ones(k), size=(n, L)), axis=2)[:, :, ::-1]
                 w = w.astype(np.float32)
+            phase = (np.full(n, PHASE_PREFILL, np.int8) if prompt_tokens is None else
+                     np.where(pos < prompt_tokens, PHASE_PREFILL, PHASE_DECODE).astype(np.int8))
             tokens = {"request": rid.astype(np.int64), "position": pos.astype(np.int32),
-                      "phase": np.full(n, PHASE_PREFILL, np.int8)}
+                      "phase": phase}
             yield Trace(experts=experts, meta=self.meta, weights=w, tokens=tokens)
             done += n
 

@@ -33,8 +33,22 @@ def seed_parquet(d: Path) -> Path:
 
     meta = TraceMeta(num_experts=N, top_k=K, moe_layer_ids=(1, 2, 3), num_hidden_layers=H,
                      model="fuzz")
-    tr = Trace(_experts(), meta, tokens={"request": np.repeat(np.arange(6), T // 6)})
+    # A phase column (each request's first 3 tokens prefill, the rest decode): --phase reads it.
+    phase = (np.tile(np.arange(T // 6), 6) >= 3).astype(np.int8)
+    tr = Trace(_experts(), meta, tokens={"request": np.repeat(np.arange(6), T // 6),
+                                         "phase": phase})
     return write_trace(tr, d / "trace.parquet")
+
+
+def seed_pd_placements(d: Path) -> Path:
+    """The prefill and decode placements of one model (``export --prefill --decode``): the
+    prefill one is ``placement.json`` (``seed_placement``), the decode one this, on 2 GPUs."""
+    from moeplace.placement import Placement
+
+    phy = np.stack([np.random.default_rng(l).permutation(N) for l in range(L)])
+    plc = Placement(phy, 2, 1, N, moe_layer_ids=(1, 2, 3), info={"phase": "decode",
+                                                                "dispatch": "deepep-ll"})
+    return plc.save(d / "decode.json")
 
 
 def seed_npz(d: Path) -> Path:
@@ -156,7 +170,7 @@ def seed_checkpoint(d: Path) -> Path:
 SEEDS: dict[str, Callable[[Path], Path]] = {
     "parquet": seed_parquet, "npz": seed_npz, "stats": seed_stats, "placement": seed_placement,
     "vllm": seed_vllm, "sglang": seed_sglang, "megatron": seed_megatron,
-    "checkpoint": seed_checkpoint,
+    "checkpoint": seed_checkpoint, "decode_placement": seed_pd_placements,
 }
 
 
@@ -303,7 +317,11 @@ def mutate_parquet(path: Path, rng: random.Random) -> bytes:
         table = table.replace_schema_metadata(meta)
     else:
         cols = table.column_names
-        if rng.random() < 0.4 and len(cols) > 1:
+        if "phase" in cols and rng.random() < 0.25:  # foreign phase values and types
+            vals = rng.choice([[2**40, -1, 7], [None, 1, 0], ["decode", "x", "0"], [0.5, 1.0, 0]])
+            table = table.set_column(cols.index("phase"), "phase",
+                                     pa.array((vals * table.num_rows)[:table.num_rows]))
+        elif rng.random() < 0.4 and len(cols) > 1:
             table = table.drop_columns([rng.choice(cols)])
         else:
             width = rng.choice([1, L * K - 1, L * K + 3])
@@ -421,12 +439,16 @@ MUTATORS: dict[str, Callable[[Path, random.Random], bytes]] = {
 }
 
 # Commands that read each kind of file. ``{IN}`` is the mutated file, ``{OUT}`` a fresh output
-# path, ``{TRACE}``/``{PLACEMENT}``/``{CKPT}`` valid companions.
+# path, ``{TRACE}``/``{PLACEMENT}``/``{DECODE}``/``{CKPT}`` valid companions.
 TRACE_COMMANDS = [
     ["analyze", "{IN}"], ["analyze", "{IN}", "--json"], ["stats", "{IN}", "--out", "{OUT}.npz"],
     ["convert", "{IN}", "{OUT}.parquet"], ["evaluate", "{IN}", "{PLACEMENT}", "--json"],
     ["solve", "{IN}", "--gpus", "4", "--time-limit", "1", "--out", "{OUT}.json"],
     ["replay", "{IN}", "--gpus", "4", "--interval", "64", "--order", "file", "--json"],
+    ["solve", "{IN}", "--gpus", "4", "--time-limit", "1", "--phase", "decode", "--holdout",
+     "0.5", "--out", "{OUT}.json"],
+    ["evaluate", "{IN}", "{PLACEMENT}", "--phase", "prefill", "--json"],
+    ["replay", "{IN}", "--gpus", "4", "--interval", "16", "--phase", "decode", "--json"],
 ]
 COMMANDS: dict[str, list[list[str]]] = {
     "parquet": TRACE_COMMANDS, "npz": TRACE_COMMANDS, "vllm": TRACE_COMMANDS,
@@ -441,6 +463,10 @@ COMMANDS: dict[str, list[list[str]]] = {
                   ["export", "{IN}", "--format", "eplb", "--out", "{OUT}.npz"],
                   ["export", "{IN}", "--format", "vllm-ascend", "--out", "{OUT}.json"],
                   ["solve", "{TRACE}", "--gpus", "4", "--time-limit", "1", "--current", "{IN}"],
+                  ["export", "--prefill", "{IN}", "--decode", "{DECODE}", "--format", "sglang",
+                   "--out-dir", "{OUT}"],
+                  ["export", "--prefill", "{PLACEMENT}", "--decode", "{IN}", "--format",
+                   "sglang", "--out-dir", "{OUT}"],
                   ["apply", "{IN}", "--checkpoint", "{CKPT}", "--out", "{OUT}"]],
     "checkpoint": [["apply", "{PLACEMENT}", "--checkpoint", "{IN}", "--out", "{OUT}"],
                    ["apply", "--invert", "--checkpoint", "{IN}", "--out", "{OUT}"]],
@@ -453,21 +479,27 @@ FLAG_COMMANDS: list[tuple[list[str], list[str]]] = [
     (["analyze", "{TRACE}"], ["--top", "--drift-windows", "--num-experts", "--moe-layers",
                               "--plot", "--top-k", "--num-hidden-layers"]),
     (["stats", "{TRACE}", "--out", "{OUT}.npz"], ["--num-experts", "--moe-layers"]),
-    (["evaluate", "{TRACE}", "{PLACEMENT}"], ["--window", "--expert-bytes", "--home"]),
+    (["evaluate", "{TRACE}", "{PLACEMENT}"], ["--window", "--expert-bytes", "--home",
+                                              "--phase"]),
     (["solve", "{TRACE}", "--time-limit", "1", "--out", "{OUT}.json"],
      ["--gpus", "--nodes", "--replicas", "--balance-slack", "--time-limit", "--holdout",
       "--groups", "--respect-groups", "--seed", "--restarts", "--window", "--weights",
       "--tokens-per-step", "--hardware", "--model-shape", "--method", "--engine",
-      "--dispatch"]),
+      "--dispatch", "--phase"]),
     (["synth", "--preset", "flame-moe-290m", "--tokens", "64", "--out", "{OUT}.parquet"],
-     ["--tokens", "--seed", "--skew", "--affinity", "--stickiness", "--preset"]),
+     ["--tokens", "--seed", "--skew", "--affinity", "--stickiness", "--preset",
+      "--prompt-tokens"]),
     (["export", "{PLACEMENT}", "--format", "sglang", "--out", "{OUT}.json"],
      ["--num-hidden-layers", "--moe-layers", "--format"]),
+    (["export", "--prefill", "{PLACEMENT}", "--decode", "{DECODE}", "--format", "sglang",
+      "--out-dir", "{OUT}"],
+     ["--num-hidden-layers", "--moe-layers", "--format", "--gpus", "--model-shape", "--prefill",
+      "--decode", "--out-dir"]),
     (["apply", "{PLACEMENT}", "--checkpoint", "{CKPT}", "--out", "{OUT}"], ["--moe-layers"]),
     (["demo"], ["--gpus"]),
     (["replay", "{TRACE}", "--gpus", "4", "--interval", "64", "--order", "file"],
      ["--gpus", "--nodes", "--replicas", "--groups", "--interval", "--window", "--policy",
-      "--order", "--expert-bytes", "--hardware", "--plot"]),
+      "--order", "--expert-bytes", "--hardware", "--plot", "--phase"]),
     (["simulate", "--tokens", "16", "--json"],
      ["--ep", "--tokens", "--hidden", "--top-k", "--experts", "--seed", "--kernel", "--hardware"]),
 ]

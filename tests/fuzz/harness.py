@@ -61,6 +61,10 @@ def _valid_output(path: Path, args: list[str]) -> str | None:
             assert RoutingStats.load_npz(path).num_tokens > 0
         elif cmd in ("solve", "demo"):
             Placement.load(path)
+        elif cmd == "export" and "--out-dir" in args:  # prefill-decode: both maps, no more
+            assert sorted(p.name for p in path.iterdir()) == ["decode.json", "prefill.json"]
+            for name in ("prefill.json", "decode.json"):
+                read_placement(path / name, "sglang", num_gpus=1)
         elif cmd == "export":
             fmt = args[args.index("--format") + 1] if "--format" in args else "auto"
             if fmt != "sglang-logical-count":

@@ -52,7 +52,7 @@ def _case(seeds: Path, kind: str, rng: random.Random) -> None:
             target.write_bytes(corpus.MUTATORS[kind](work / ins, rng))
         args = corpus.fill(rng.choice(corpus.COMMANDS[kind]), IN=target, OUT=work / "out",
                            TRACE=work / "trace.parquet", PLACEMENT=work / "placement.json",
-                           CKPT=work / "ckpt")
+                           DECODE=work / "decode.json", CKPT=work / "ckpt")
         before = snapshot(work)
         out = judge(run_inprocess(args), work, before, inputs=set(before))
         assert out.ok, f"{args}: {out.problems}"
@@ -89,7 +89,8 @@ def test_flags(seeds, rng):
         for p in seeds.iterdir():
             (shutil.copytree if p.is_dir() else shutil.copy2)(p, work / p.name)
         full = corpus.fill(args, OUT=work / "out", TRACE=work / "trace.parquet",
-                           PLACEMENT=work / "placement.json", CKPT=work / "ckpt")
+                           PLACEMENT=work / "placement.json", DECODE=work / "decode.json",
+                           CKPT=work / "ckpt")
         before = snapshot(work)
         out = judge(run_inprocess(full), work, before, inputs=set(before))
         assert out.ok, f"{full}: {out.problems}"

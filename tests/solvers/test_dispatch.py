@@ -140,9 +140,9 @@ def test_solve_phase_picks_kernel(tmp_path):
 
     from moeplace.cli import main
 
-    tr = str(tmp_path / "t.parquet")
+    tr = str(tmp_path / "t.parquet")  # both phases: each request's first 32 tokens prefill
     r = CliRunner().invoke(main, ["synth", "--preset", "flame-moe-290m", "--tokens", "1500",
-                                  "--out", tr])
+                                  "--prompt-tokens", "32", "--out", tr])
     assert r.exit_code == 0
     for args, want in ((["--phase", "decode", "--tokens-per-step", "16"], "deepep-ll"),
                        (["--phase", "prefill"], "deepep-normal"),
