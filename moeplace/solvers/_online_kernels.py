@@ -70,13 +70,9 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
         met = (not has_target) or cur <= target * (1 + 1e-9)
         if cur - mean <= eps or (met and cur - mean < min_gain):
             break
-        if (not met) and j >= 1:
-            best_rate = -np.inf
-            for i in range(n):
-                best_rate = max(best_rate, maxes[i] - maxes[i + 1])
-            rate = (maxes[n - probe] - cur) / probe if j >= probe else best_rate
-            r = min(rate, best_rate)
-            if r <= 0 or j + (cur - target) / r > steps:
+        if (not met) and j >= probe:
+            rate = (maxes[n - probe] - cur) / probe
+            if rate <= 0 or j + (cur - target) / rate > steps:
                 break
         for g in range(G):
             same[g] = True if node == 0 else (g // node == h // node)

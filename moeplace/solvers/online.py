@@ -34,7 +34,7 @@ gain test, default 1.64), ``history`` (intervals kept for the test, default 16),
 GPU time), ``max_moves_per_layer``, ``guard`` (default True), ``guard_intervals`` (how many
 of the last intervals the engine's default refits on, default 1), ``slack_sd`` (how many
 standard errors of the estimate the default's refit must win by before the guard acts,
-default 1), ``max_search_steps`` (greedy steps per layer, default min(GPUs, 16)), ``seed``.
+default 0.5), ``max_search_steps`` (greedy steps per layer, default min(GPUs, 16)), ``seed``.
 
 How it decides (everything per layer, then summed):
 
@@ -209,7 +209,7 @@ class OnlinePolicy:
         self.max_moves = tuning.get("max_moves_per_layer")
         self.guard = bool(tuning.get("guard", True))
         self.guard_intervals = int(tuning.get("guard_intervals", 1))
-        self.slack_sd = float(tuning.get("slack_sd", 1.0))
+        self.slack_sd = float(tuning.get("slack_sd", 0.5))
         self.max_steps = int(tuning.get("max_search_steps", min(num_gpus, 16)))
         hw = self.hardware
         link = (hw.nvlink_bytes_per_s if num_nodes == 1
@@ -606,15 +606,11 @@ def _search_layer_numpy(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: i
         met = target is None or cur <= target * (1 + 1e-9)
         if cur - mean <= eps or (met and cur - mean < min_gain):
             break
-        if not met and j >= 1:
-            # Greedy gains shrink step by step: if even the best step so far, repeated, would
-            # not close the gap to the default's balance within the steps left (from the first
-            # step on), or the last steps' rate would not (after a few), stop: the caller
-            # lands the refit instead, and the steps saved are most of a step's CPU time.
-            best_rate = float(np.max(-np.diff(maxes)))
-            rate = ((maxes[-1 - _PROBE_STEPS] - cur) / _PROBE_STEPS if j >= _PROBE_STEPS
-                    else best_rate)
-            if min(rate, best_rate) <= 0 or j + (cur - target) / min(rate, best_rate) > steps:
+        if not met and j >= _PROBE_STEPS:
+            # At the rate its last steps closed the gap, the search would not reach the
+            # default's balance within its steps: stop, the caller lands the refit instead.
+            rate = (maxes[-1 - _PROBE_STEPS] - cur) / _PROBE_STEPS  # over the last steps
+            if rate <= 0 or j + (cur - target) / rate > steps:
                 break
         same = np.ones(G, bool) if node is None else (np.arange(G) // node == h // node)
         best = None  # (score per copy, kind, data)
