@@ -57,7 +57,12 @@ counts (Jensen) >= the price at (copies sent / G) (monotone; max(sent, received)
 steps of B tokens drawn from the sample with uniform homes the expected slowest rank is then at
 least the price of B / G times the expected copies per token (Jensen once more), and so at least
 the least price of any copies meeting the three bounds, a two-variable LP solved in closed form
-(``_least_price``). ``tests/solvers/test_bounds.py`` checks all of this by enumeration.
+(``_least_price``). Under ``deepep-ll`` without replicas the busiest rank does better: it
+receives every selection of its experts whose token lives on another rank of its node (chance
+(n-1)/G) over NVLink, on another node ((G-n)/G) over RDMA, and its expected price is at least
+the price of those expected receptions (Jensen; max(sent, received) >= received); some rank
+serves at least ``bounds.load_bound``'s share of the selections, and E[slowest] >= the busiest
+rank's expected price. ``tests/solvers/test_bounds.py`` checks all of this by enumeration.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ import numpy as np
 
 from moeplace.errors import InputError
 from moeplace.placement import Placement
+from moeplace.solvers.bounds import load_bound
 from moeplace.solvers.dispatch import bytes_per_token, check_kernel, kernel_params, volumes
 
 __all__ = ["CopyBound", "copy_bound", "placement_copies", "priced_bound"]
@@ -81,13 +87,18 @@ class CopyBound:
     """Per MoE layer (``[L]`` each), lower bounds on a token's expected copies under
     ``kernel``: ``nvlink``, ``rdma`` and ``copies`` (their sum; at least ``nvlink + rdma``, and
     sometimes more: the two parts cannot be cheapest at once). ``exact``: every placement pays
-    exactly these (``deepep-ll`` without replicas)."""
+    exactly these (``deepep-ll`` without replicas); then ``busiest`` bounds the selections per
+    token the busiest rank serves (``bounds.load_bound`` on the sample's selections), which
+    ``priced_bound`` turns into received copies."""
 
     kernel: str
     nvlink: np.ndarray
     rdma: np.ndarray
     copies: np.ndarray
     exact: bool = False
+    # deepep-ll without replicas: per layer, a lower bound on the busiest rank's share of the
+    # selections times the mean selections per token (max_g sum over its experts of sel_e / T)
+    busiest: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, float]:
         """Means over layers, under the names ``dispatch.simulate`` reports."""
@@ -200,7 +211,7 @@ def copy_bound(sample: np.ndarray, num_experts: int, kernel: str, num_gpus: int,
         if any(np.shape(d) != (L,) for d in distinct):
             raise InputError("copy_bound", "distinct", "not one value per layer",
                              "pass bounds.distinct_bound's two [L] arrays")
-    nvl, net, cop = np.zeros(L), np.zeros(L), np.zeros(L)
+    nvl, net, cop, busiest = np.zeros(L), np.zeros(L), np.zeros(L), np.zeros(L)
     if T == 0:
         return CopyBound(kernel, nvl, net, cop, exact=False)
     for l in range(L):
@@ -213,6 +224,8 @@ def copy_bound(sample: np.ndarray, num_experts: int, kernel: str, num_gpus: int,
             cop[l] = mean_sel - _most_weight(sel, R, G) / (T * G)
             net[l] = mean_sel - _most_weight(sel, R, M) / (T * M)
             nvl[l] = cop[l] - net[l] if R == 0 else 0.0  # = k (n - 1) / G without replicas
+            if R == 0:  # some rank serves at least the load bound's share of the selections
+                busiest[l] = float(load_bound(sel[None], G, S, 0)[0]) * mean_sel / G
             continue
         load = np.bincount(srt[first], minlength=N).astype(np.float64)  # tokens per expert
         on_ranks = _most_weight(load, R, G) / T  # largest mean copies over ranks per token
@@ -234,7 +247,8 @@ def copy_bound(sample: np.ndarray, num_experts: int, kernel: str, num_gpus: int,
                 net[l] = max(net[l], dn * (1 - 1 / M))
                 nvl[l] = max(nvl[l], d * (1 - 1 / n))
         cop[l] = max(cop[l], nvl[l] + net[l])
-    return CopyBound(kernel, nvl, net, cop, exact=kernel == "deepep-ll" and R == 0)
+    exact = kernel == "deepep-ll" and R == 0
+    return CopyBound(kernel, nvl, net, cop, exact=exact, busiest=busiest if exact else None)
 
 
 def placement_copies(sample: np.ndarray, placement: Placement, kernel: str,
@@ -321,5 +335,14 @@ def priced_bound(bound: CopyBound, hw: Any, hidden: int, tokens_per_step: int,
         fixed = p["alpha_us"] * 1e-6 + (p["beta_us"] * 1e-6 * math.log2(max(M, 1)) if ll else 0.0)
         layers = [fixed + _least_price(kernel, c1, c2, per_rank * x, per_rank * y, per_rank * t)
                   for x, y, t in zip(bound.nvlink, bound.rdma, bound.copies, strict=True)]
+        if bound.busiest is not None:
+            # deepep-ll: the busiest rank receives each of its selections whose token lives on
+            # another rank of its node (chance (n - 1)/G) over NVLink, on another node
+            # ((G - n)/G) over RDMA; max(sent, received) >= received, and the slowest rank is
+            # at least the busiest one's expected price.
+            n = G // M
+            recv = tokens_per_step * bound.busiest
+            layers = [max(t, fixed + r * (c1 * (n - 1) + c2 * (G - n)) / G)
+                      for t, r in zip(layers, recv, strict=True)]
         out.append(1e6 * float(np.mean(layers)) if layers else 0.0)
     return out[0], out[1]

@@ -536,9 +536,10 @@ def rank_volumes(ranks_per_token, homes, G: int, n: int, kernel: str) -> tuple[n
 def test_priced_bound_below_every_placement(N, G, M, R, k, profile):
     """The time bound is below every layout's expected slowest rank (dispatch and combine),
     the step being the sample's tokens with every assignment of homes enumerated; copies
-    chosen by the evaluator's rule (own rank, else own node, else the first copy). It is also
-    below the price of each step's mean rank (the proof's middle step), and equal to it under
-    deepep-ll without replicas, where the copies and the pricing are exact and linear."""
+    chosen by the evaluator's rule (own rank, else own node, else the first copy), and below
+    every layout's largest expected price of one rank. It is also below the price of each
+    step's mean rank (the proof's middle step), except under deepep-ll without replicas, where
+    that price is exact (exact copies, linear pricing) and the bound is at least it."""
     from moeplace.solvers.dispatch import KERNELS
     from moeplace.solvers.kernel_bounds import copy_bound, priced_bound
     from moeplace.solvers.simulator import Hardware
@@ -551,8 +552,9 @@ def test_priced_bound_below_every_placement(N, G, M, R, k, profile):
     for kernel in KERNELS:
         lb = np.array(priced_bound(copy_bound(sets, N, kernel, G, M, R), hw, hidden, T, G, M))
         slowest, mean_rank = np.full(2, math.inf), np.full(2, math.inf)
+        busiest = np.full(2, math.inf)
         for c in cnt:
-            got, mid = np.zeros(2), np.zeros(2)
+            got, mid, per_rank = np.zeros(2), np.zeros(2), np.zeros((2, G))
             for homes in itertools.product(range(G), repeat=T):
                 ranks = []
                 for experts, h in zip(sets[:, 0].tolist(), homes, strict=True):
@@ -565,14 +567,19 @@ def test_priced_bound_below_every_placement(N, G, M, R, k, profile):
                 sends, recvs = rank_volumes(ranks, homes, G, n, kernel)
                 avg = sends.sum(axis=1, keepdims=True) / G
                 for i, stage in enumerate(("dispatch", "combine")):
-                    got[i] += naive_price(kernel, hw, hidden, stage, sends, recvs, M).max()
+                    ranks_s = naive_price(kernel, hw, hidden, stage, sends, recvs, M)
+                    got[i] += ranks_s.max()
+                    per_rank[i] += ranks_s
                     mid[i] += naive_price(kernel, hw, hidden, stage, avg, avg, M)[0]
             slowest = np.minimum(slowest, 1e6 * got / G ** T)
+            busiest = np.minimum(busiest, 1e6 * per_rank.max(axis=1) / G ** T)
             mean_rank = np.minimum(mean_rank, 1e6 * mid / G ** T)
-        assert np.all(lb <= mean_rank * (1 + 1e-9)), (kernel, lb, mean_rank)
-        assert np.all(mean_rank <= slowest * (1 + 1e-9))
+        assert np.all(lb <= busiest * (1 + 1e-9)), (kernel, lb, busiest)
+        assert np.all(busiest <= slowest * (1 + 1e-9)) and np.all(mean_rank <= slowest * (1 + 1e-9))
         if kernel == "deepep-ll" and R == 0:
-            assert lb == pytest.approx(mean_rank, rel=1e-9)
+            assert np.all(lb >= mean_rank * (1 - 1e-9))
+        else:
+            assert np.all(lb <= mean_rank * (1 + 1e-9)), (kernel, lb, mean_rank)
         assert np.all(lb > 0)
 
 
