@@ -1026,7 +1026,7 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
                    f"{f' in {nodes} nodes' if nodes > 1 else ''}"
                    f"{f' with {replicas} replicas per layer' if replicas else ''}")
-        click.echo(rpt.bound_line(rep.objective, b, rep.gap, weights, nodes))
+        click.echo(rpt.bound_line(rep.objective, b, rep.gap, weights, nodes, replicas))
         kernel_line = rpt.kernel_line(rep.objective, b, replicas, nodes,
                                       None if sim is None else sim[0].name, tokens_per_step)
         if kernel_line:

@@ -264,11 +264,11 @@ class Evaluation:
 
 
 def bound_line(objective: dict[str, Any], bound: dict[str, Any], gap: float | None,
-               weights: Any, num_nodes: int) -> str:
+               weights: Any, num_nodes: int, replicas: int = 0) -> str:
     """``solve``'s objective line: the total, its lower bound and the gap, and the bound on
     each term the objective weighs (a term with weight 0 is not part of the total: under
-    deepep-ll the command line zeroes the traffic weights, since no placement changes the
-    copies that kernel sends)."""
+    deepep-ll the command line zeroes the traffic weights, since without replicas no
+    placement changes the copies that kernel sends)."""
     eng, phase = objective.get("engine", "exflow"), objective.get("phase", "prefill")
     parts = [f"active_experts_imbalance >= {bound['active_experts_imbalance']:.3f}"
              if bound.get("active_experts_imbalance") is not None else
@@ -281,7 +281,8 @@ def bound_line(objective: dict[str, Any], bound: dict[str, Any], gap: float | No
         if getattr(weights, weight) > 0 and (weight != "node" or num_nodes > 1):
             parts.append(f"{key} >= {bound[key]:.3f}")
     if not weights.traffic and not weights.node and bound.get("dispatch") == "deepep-ll":
-        parts.append("no traffic term: every placement sends the same deepep-ll copies")
+        parts.append("no traffic term: every placement sends the same deepep-ll copies"
+                     if not replicas else "no traffic term under deepep-ll")
     kernel = f", {bound['dispatch']}" if bound.get("dispatch") else ""
     shown = "n/a" if gap is None else f"{gap:.1%}"
     return (f"objective ({eng}, {phase}{kernel}) {objective['total']:.4f}, lower bound "

@@ -279,6 +279,15 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
     sample = stats.token_sample
     has_sample = sample is not None and len(sample) > 0
     distinct = None
+    if c.replicas == 0 and has_sample:
+        # The static terms and the kernel's copies are measured on the token sample, so its
+        # pair counts bound a token's distinct GPUs and nodes, per layer.
+        assert sample is not None
+        L, N = stats.load.shape
+        co = np.zeros((L, N, N), np.int64)
+        count_into(sample, np.zeros((L, N), np.int64), None, co)
+        distinct = distinct_bound(co, len(sample), _fewest_experts(sample), c.num_gpus,
+                                  c.num_nodes, S, time_limit=seconds / 2)
     if engine in STATIC_ENGINES:
         # A token's k experts fill at least ceil(k / slots) GPUs and ceil(k / node slots) nodes;
         # with replicas a token may find all its experts on one GPU.
@@ -286,15 +295,7 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
         n = c.num_gpus // c.num_nodes
         dg, dn = (-(-k // S), -(-k // (S * n))) if c.replicas == 0 else (1, 1)
         rg, rn = dg * (1 - 1 / c.num_gpus), dn * (1 - 1 / c.num_nodes)
-        if c.replicas == 0 and has_sample:
-            # The static terms are measured on the token sample, so its pair counts bound them;
-            # per layer, so that each kernel's copies follow from the same bounds.
-            assert sample is not None
-            L, N = stats.load.shape
-            co = np.zeros((L, N, N), np.int64)
-            count_into(sample, np.zeros((L, N), np.int64), None, co)
-            distinct = distinct_bound(co, len(sample), _fewest_experts(sample), c.num_gpus,
-                                      c.num_nodes, S, time_limit=seconds / 2)
+        if distinct is not None:
             rg = max(rg, (1 - 1 / c.num_gpus) * float(distinct[0].mean()))
             if c.num_nodes > 1:
                 rn = max(rn, (1 - 1 / c.num_nodes) * float(distinct[1].mean()))

@@ -321,7 +321,7 @@ def test_decomposition_above_every_split(seed, case):
 
 
 # ---- kernel-aware bounds (issue 18): copies per token and priced time ----------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layouts(N: int, G: int, R: int) -> np.ndarray:
     """``states``, enumerated once per shape."""
     return states(N, G, R)

@@ -390,6 +390,7 @@ def test_solve_bounds_the_kernels_copies(synth_trace, tmp_path, args, kernel):
     total, lb = float(m.group(1)), float(m.group(2))
     assert float(m.group(3)) == pytest.approx(100 * (total - lb) / total, abs=0.06)
     assert ("traffic_static >=" in head) is (kernel != "deepep-ll")
+    assert ("every placement sends the same deepep-ll copies" in head) is same
 
 
 def test_solve_with_report_kernel_and_sim():
