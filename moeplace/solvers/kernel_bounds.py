@@ -252,13 +252,13 @@ def copy_bound(sample: np.ndarray, num_experts: int, kernel: str, num_gpus: int,
 
 
 def placement_copies(sample: np.ndarray, placement: Placement, kernel: str,
-                     max_tokens: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+                     max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``([L], [L])``: the NVLink and RDMA copies per token that ``placement`` costs under
     ``kernel`` on ``sample [T, L, k]``, expected over a uniform home (the quantity
     ``copy_bound`` bounds). Without replicas exactly, by the closed forms of the module
     docstring; with replicas every home is tried with the evaluator's copy rule (on its rank,
     else on its node, else round-robin; ``evaluator._Resolver``), on the first ``max_tokens``
-    tokens."""
+    tokens (default: 4,096 token-home pairs per layer, at least 256 tokens)."""
     from moeplace.solvers.evaluator import _Resolver
 
     check_kernel(kernel, "--dispatch")
@@ -287,7 +287,8 @@ def placement_copies(sample: np.ndarray, placement: Placement, kernel: str,
             else:
                 nvl[l], net[l] = d * (1 - 1 / n), dn * (1 - 1 / M)
         return nvl, net
-    e_all = e_all[:max_tokens].astype(np.int64)
+    # Every home of every token: keep the pairs per layer near 4,096 (about 10 ms each).
+    e_all = e_all[:max(256, 4096 // G) if max_tokens is None else max_tokens].astype(np.int64)
     T = e_all.shape[0]
     res = _Resolver(placement)
     homes = np.repeat(np.arange(G), T)
