@@ -974,7 +974,8 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
                                      current=cur, seed=seed, num_groups=num_groups,
                                      restarts=restarts, respect_groups=respect_groups,
                                      restart_runner=runner, engine=engine, phase=phase,
-                                     tokens_per_step=tokens_per_step, gpu_speeds=speeds)
+                                     tokens_per_step=tokens_per_step, gpu_speeds=speeds,
+                                     kernel=kernel, sim=sim)
         plc.info["report"] = rep.as_dict()
         if asked_phase is not None:  # the instance it is for: export checks it (--prefill/--decode)
             plc.info.update(phase=asked_phase, dispatch=kernel)
@@ -1062,15 +1063,11 @@ def solve(source: str, gpus: int, nodes: int, replicas: int, method: str,
         click.echo(f"method {rep.method} ({rep.status}) in {rep.seconds:.2f} s on {gpus} GPUs"
                    f"{f' in {nodes} nodes' if nodes > 1 else ''}"
                    f"{f' with {replicas} replicas per layer' if replicas else ''}")
-        terms = (f"traffic_static >= {b['traffic_static']:.3f}, traffic_static_remote_nodes >= "
-                 f"{b['traffic_static_remote_nodes']:.3f}" if eng != "exflow" else
-                 f"cross-GPU >= {b['cross_gpu_pair_fraction']:.3f}, cross-node >= "
-                 f"{b['cross_node_pair_fraction']:.3f}")
-        bal = (f"active_experts_imbalance >= {b['active_experts_imbalance']:.3f}"
-               if b.get("active_experts_imbalance") is not None else
-               f"imbalance >= {b['load_imbalance_mean']:.3f}")
-        click.echo(f"objective ({eng}, {phase}) {rep.objective['total']:.4f}, lower bound "
-                   f"{b['total']:.4f}, gap {rep.gap:.1%} (bounds: {bal}, {terms})")
+        click.echo(rpt.bound_line(rep.objective, b, rep.gap, weights, nodes, replicas))
+        kernel_line = rpt.kernel_line(rep.objective, b, replicas, nodes,
+                                      None if sim is None else sim[0].name, tokens_per_step)
+        if kernel_line:
+            click.echo(kernel_line)
         if rep.heldout is not None:
             from moeplace.solvers.heldout import describe
 

@@ -26,9 +26,9 @@ a GPU). Tests compare each one against enumeration of all placements on tiny ins
 - Co-activation spread: the same flow on the layer's pair graph with degree ``S - 1`` per copy
   (the bipartite double cover; the LP has a symmetric optimum so nothing is lost), and the
   eigenvalue bound.
-- ``static_bound``: a token's distinct GPUs (nodes) are at least a convex function of its
-  co-located pairs (``distinct_floor``), whose mean the co-activation bounds cap; and at least
-  ceil(k / S).
+- ``distinct_bound`` / ``static_bound``: a token's distinct GPUs (nodes) are at least a convex
+  function of its co-located pairs (``distinct_floor``), whose mean the co-activation bounds
+  cap; and at least ceil(k / S). ``kernel_bounds`` turns them into each dispatch kernel's copies.
 
 Order and time: flows for every term first (fast; a pair reached after the deadline gets the
 per-expert "heaviest partners" bound: each row and each column alone, whole extra copies given
@@ -549,17 +549,18 @@ def distinct_floor(k: int, pairs: float) -> float:
     return 1.0  # pragma: no cover
 
 
-def static_bound(coactivation: np.ndarray, num_tokens: int, top_k: int, num_gpus: int,
-                 num_nodes: int, slots_per_gpu: int, replicas: int = 0, *,
-                 time_limit: float = DEFAULT_TIME_LIMIT) -> tuple[float, float]:
-    """Lower bounds on ``traffic_static`` and ``traffic_static_remote_nodes`` with a uniform
-    home: ``(1 - 1/G) * mean distinct GPUs`` and ``(1 - 1/M) * mean distinct nodes`` holding a
-    token's experts, over tokens and MoE layers, for every placement without replicas.
+def distinct_bound(coactivation: np.ndarray, num_tokens: int, top_k: int, num_gpus: int,
+                   num_nodes: int, slots_per_gpu: int, replicas: int = 0, *,
+                   time_limit: float = DEFAULT_TIME_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """``([L], [L])`` lower bounds, per MoE layer, on the mean over tokens of the distinct GPUs
+    and the distinct nodes holding a token's experts, for every placement without replicas
+    (nodes: all ones on one node). ``top_k``: the fewest distinct experts a token has.
 
     The layer's co-located pairs are at most the co-activation flow bound (``coactivation``
     counts each unordered pair twice; its diagonal, the load, is ignored), so tokens average at
-    most ``P`` co-located pairs, and ``distinct_floor(k, P)`` bounds their mean distinct GPUs.
-    Each token also needs ``ceil(k / S)`` GPUs at least.
+    most ``P`` co-located pairs, and ``distinct_floor(k, P)`` bounds their mean distinct GPUs
+    (a token with more experts needs at least as many GPUs for the same pairs, so the fewest
+    distinct experts is the safe k). Each token also needs ``ceil(k / S)`` GPUs at least.
     """
     if replicas:
         raise InputError("static_bound", "replicas", f"{replicas} replicas: the bound covers "
@@ -570,7 +571,7 @@ def static_bound(coactivation: np.ndarray, num_tokens: int, top_k: int, num_gpus
     L, N, _ = coactivation.shape
     G, M, S = num_gpus, num_nodes, slots_per_gpu
     if num_tokens <= 0 or L == 0:
-        return 0.0, 0.0
+        return np.zeros(L), np.zeros(L)
     if G < 1 or M < 1 or G % M or S * G != N:
         raise InputError("static_bound", "num_gpus", f"{G} GPUs x {S} slots in {M} nodes do "
                          f"not hold {N} experts once each", "pass S = N / G and M dividing G")
@@ -578,15 +579,32 @@ def static_bound(coactivation: np.ndarray, num_tokens: int, top_k: int, num_gpus
     c = _off_diagonal(coactivation)
     k = top_k
 
-    def mean_distinct(window: int) -> float:
+    def mean_distinct(window: int) -> np.ndarray:
         per_layer = []
         for cl in c:
             same = min(_colocated(cl, window - 1, 0, 1, deadline),
                        spectral_colocated(cl, N // window, 1, deadline)[0])
             pairs = same / 2.0
             per_layer.append(max(distinct_floor(k, pairs / num_tokens), math.ceil(k / window)))
-        return float(np.mean(per_layer))
+        return np.array(per_layer, np.float64)
 
-    gpu = (1.0 - 1.0 / G) * mean_distinct(S)
-    node = (1.0 - 1.0 / M) * mean_distinct(S * (G // M)) if M > 1 else 0.0
+    gpu = mean_distinct(S)
+    node = mean_distinct(S * (G // M)) if M > 1 else np.ones(L)
     return gpu, node
+
+
+def static_bound(coactivation: np.ndarray, num_tokens: int, top_k: int, num_gpus: int,
+                 num_nodes: int, slots_per_gpu: int, replicas: int = 0, *,
+                 time_limit: float = DEFAULT_TIME_LIMIT) -> tuple[float, float]:
+    """Lower bounds on ``traffic_static`` and ``traffic_static_remote_nodes`` with a uniform
+    home: ``(1 - 1/G) * mean distinct GPUs`` and ``(1 - 1/M) * mean distinct nodes`` holding a
+    token's experts, over tokens and MoE layers, for every placement without replicas
+    (``distinct_bound`` per layer, averaged: a token's D GPUs hold its home with chance D / G).
+    """
+    gpu, node = distinct_bound(coactivation, num_tokens, top_k, num_gpus, num_nodes,
+                               slots_per_gpu, replicas, time_limit=time_limit)
+    if num_tokens <= 0 or gpu.size == 0:
+        return 0.0, 0.0
+    M = num_nodes
+    return ((1.0 - 1.0 / num_gpus) * float(gpu.mean()),
+            (1.0 - 1.0 / M) * float(node.mean()) if M > 1 else 0.0)

@@ -67,6 +67,11 @@ class SolveOptions:
     phase: str = "prefill"
     tokens_per_step: int = 4096
     gpu_speeds: tuple[float, ...] | None = None  # per-GPU speed factors (None: all equal)
+    # the dispatch kernel whose copies the report bounds (dispatch.KERNELS; None: the engine
+    # and phase's, dispatch.default_kernel) and the simulator's (Hardware, ModelShape) that
+    # prices them (None: no time bound)
+    kernel: str | None = None
+    sim: tuple[Any, Any] | None = None
 
     def started(self) -> SolveOptions:
         """These options with the deadline ``time_limit`` seconds from now."""

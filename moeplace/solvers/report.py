@@ -263,6 +263,63 @@ class Evaluation:
     step_note: str = ""
 
 
+def bound_line(objective: dict[str, Any], bound: dict[str, Any], gap: float | None,
+               weights: Any, num_nodes: int, replicas: int = 0) -> str:
+    """``solve``'s objective line: the total, its lower bound and the gap, and the bound on
+    each term the objective weighs (a term with weight 0 is not part of the total: under
+    deepep-ll the command line zeroes the traffic weights, since without replicas no
+    placement changes the copies that kernel sends)."""
+    eng, phase = objective.get("engine", "exflow"), objective.get("phase", "prefill")
+    parts = [f"active_experts_imbalance >= {bound['active_experts_imbalance']:.3f}"
+             if bound.get("active_experts_imbalance") is not None else
+             f"imbalance >= {bound['load_imbalance_mean']:.3f}"]
+    static = eng != "exflow"
+    names = (("traffic", "traffic_static" if static else "cross_gpu_pair_fraction"),
+             ("node", "traffic_static_remote_nodes" if static else "cross_node_pair_fraction"),
+             ("coact", "coactivation_spread"))
+    for weight, key in names:
+        if getattr(weights, weight) > 0 and (weight != "node" or num_nodes > 1):
+            parts.append(f"{key} >= {bound[key]:.3f}")
+    if not weights.traffic and not weights.node and bound.get("dispatch") == "deepep-ll":
+        parts.append("no traffic term: every placement sends the same deepep-ll copies"
+                     if not replicas else "no traffic term under deepep-ll")
+    kernel = f", {bound['dispatch']}" if bound.get("dispatch") else ""
+    shown = "n/a" if gap is None else f"{gap:.1%}"
+    return (f"objective ({eng}, {phase}{kernel}) {objective['total']:.4f}, lower bound "
+            f"{bound['total']:.4f}, gap {shown} (bounds: {', '.join(parts)})")
+
+
+def kernel_line(objective: dict[str, Any], bound: dict[str, Any], replicas: int,
+                num_nodes: int, hardware: str | None = None, tokens_per_step: int = 4096
+                ) -> str | None:
+    """``solve``'s line on the dispatch kernel: the placement's NVLink, RDMA and total copies
+    per token and MoE layer with their lower bounds (``solvers.kernel_bounds``; equal for
+    every placement under deepep-ll without replicas), and the bound on the priced dispatch
+    and combine when a simulator profile is known. None without a token sample."""
+    if "copies_per_token" not in bound:
+        return None
+    kernel = bound["dispatch"]
+    same = kernel == "deepep-ll" and replicas == 0
+    keys = [("NVLink", "nvlink_copies_per_token")]
+    if num_nodes > 1:
+        keys.append(("RDMA", "rdma_copies_per_token"))
+    keys.append(("total", "copies_per_token"))
+    terms = []
+    for name, key in keys:
+        value = objective.get(key)
+        if same or value is None:
+            terms.append(f"{name} {'' if same else '>= '}{bound[key]:.3f}")
+        else:
+            terms.append(f"{name} {value:.3f} >= {bound[key]:.3f}")
+    line = (f"{kernel} copies per token and MoE layer (homes uniform): {', '.join(terms)}"
+            f"{', the same for every placement' if same else ''}")
+    if "dispatch_us" in bound:
+        line += (f"; per layer dispatch >= {bound['dispatch_us']:.1f} us, combine >= "
+                 f"{bound['combine_us']:.1f} us ({hardware or 'profile'}, "
+                 f"{tokens_per_step}-token steps)")
+    return line
+
+
 def _table_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
     return {"placement": name, **{k: v for k, v in s.items()
                                   if isinstance(v, (int, float, np.integer, np.floating))

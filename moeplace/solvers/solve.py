@@ -17,11 +17,13 @@ from moeplace._limits import check_memory
 from moeplace.errors import InfeasibleError, InputError
 from moeplace.placement import Placement
 from moeplace.solvers.baselines import baseline, default_groups
-from moeplace.solvers.bounds import lower_bound, static_bound
+from moeplace.solvers.bounds import distinct_bound, lower_bound
 from moeplace.solvers.cost import expert_cost, speed_load_bound, unequal_speeds
+from moeplace.solvers.dispatch import check_kernel, default_kernel
 from moeplace.solvers.dp import MAX_STATES, num_states
 from moeplace.solvers.groups import expand_groups, group_span, group_stats
 from moeplace.solvers.heldout import BASELINE, BY_METHOD, HeldOut, hold_balance, measure, reference_name
+from moeplace.solvers.kernel_bounds import copy_bound, placement_copies, priced_bound
 from moeplace.solvers.objective import STATIC_ENGINES, Weights, check_engine, score
 from moeplace.solvers.registry import (
     Cluster,
@@ -118,7 +120,8 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
                       restart_runner: RestartRunner | None = None,
                       engine: str = "sglang", phase: str = "prefill",
                       tokens_per_step: int = 4096,
-                      gpu_speeds: Sequence[float] | np.ndarray | None = None
+                      gpu_speeds: Sequence[float] | np.ndarray | None = None,
+                      kernel: str | None = None, sim: tuple[Any, Any] | None = None
                       ) -> tuple[Placement, SolveReport]:
     """Solve and return the placement with its report (objective, bound, gap, time).
 
@@ -139,13 +142,20 @@ def solve_with_report(stats: RoutingStats, cluster: Cluster | int, *, method: st
 
     ``respect_groups=n_group`` only moves whole routing groups (DeepSeek's group-limited
     routing), so the placement can be applied to a checkpoint; see ``solvers.groups``.
+
+    ``kernel`` (``dispatch.KERNELS``; default: the engine and phase's, ``dispatch.
+    default_kernel``) is the dispatch kernel whose copies the report counts and bounds
+    (``solvers.kernel_bounds``: ``nvlink_copies_per_token``, ``rdma_copies_per_token``,
+    ``copies_per_token`` in ``objective`` and ``bound``); with ``sim = (Hardware, ModelShape)``
+    the bound adds the priced ``dispatch_us`` and ``combine_us``. The weights are used as given
+    (the command line zeroes the traffic weights under deepep-ll).
     """
     num_gpus = cluster.num_gpus if isinstance(cluster, Cluster) else int(cluster)
     options = SolveOptions(weights=weights, time_limit=time_limit, balance_slack=balance_slack,
                            current=current, seed=seed, num_groups=num_groups, restarts=restarts,
                            restart_runner=restart_runner, engine=engine, phase=phase,
                            tokens_per_step=tokens_per_step,
-                           gpu_speeds=_speeds(gpu_speeds, num_gpus))
+                           gpu_speeds=_speeds(gpu_speeds, num_gpus), kernel=kernel, sim=sim)
     return solve_with_options(stats, cluster, options, method=method,
                               respect_groups=respect_groups)
 
@@ -161,6 +171,8 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
                          f"use one of {('auto', *names())}")
     check_request(stats, c, options.time_limit, options.current)
     check_engine(options.engine)
+    if options.kernel is not None:
+        check_kernel(options.kernel, "--dispatch")
     if respect_groups:
         return _solve_groups(stats, c, respect_groups, method, options)
     t0 = time.perf_counter()
@@ -194,9 +206,9 @@ def solve_with_options(stats: RoutingStats, cluster: Cluster | int, options: Sol
     plc = replace(plc, info={**plc.info, "method": method, "status": res.status,
                              "engine": engine})
     _label_layers(plc, stats)
-    report = SolveReport(method, res.status, obj.as_dict(), bound, gap,
-                         time.perf_counter() - t0, {**res.details, "engine": engine},
-                         held.as_dict())
+    report = SolveReport(method, res.status, {**obj.as_dict(), **kernel_terms(
+        stats, plc, _kernel(options, engine))}, bound, gap, time.perf_counter() - t0,
+        {**res.details, "engine": engine}, held.as_dict())
     return plc, report
 
 
@@ -238,14 +250,18 @@ def _array(speeds: tuple[float, ...] | None) -> np.ndarray | None:
 
 
 def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine: str
-                 ) -> dict[str, float]:
+                 ) -> dict[str, Any]:
     """Lower bounds on each term and the total of ``engine``'s objective (the balance term on
-    the phase's cost and the GPUs' speeds)."""
+    the phase's cost and the GPUs' speeds), and on what the dispatch kernel pays
+    (``dispatch``: ``nvlink_copies_per_token``, ``rdma_copies_per_token``, ``copies_per_token``;
+    with ``options.sim``, ``dispatch_us`` and ``combine_us``; ``solvers.kernel_bounds``)."""
     weights = options.weights
     # The bounds' flow and eigenvalue refinements share the time the solve kept for itself.
     seconds = min(3.0, 0.6 * reserve_seconds(options.time_limit))
     lb = lower_bound(stats, c.num_gpus, c.num_nodes, c.replicas, weights, time_limit=seconds / 2)
-    bound = {**lb.as_dict(), "engine": engine, "phase": options.phase}
+    kernel = _kernel(options, engine)
+    bound: dict[str, Any] = {**lb.as_dict(), "engine": engine, "phase": options.phase,
+                             "dispatch": kernel}
     S = (stats.num_experts + c.replicas) // c.num_gpus
     balance = lb.load_imbalance_mean
     if options.phase != "prefill" or options.gpu_speeds is not None:
@@ -260,6 +276,18 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
         else:
             bound["load_imbalance_mean"] = balance
         bound["total"] += weights.load * (balance - lb.load_imbalance_mean)
+    sample = stats.token_sample
+    has_sample = sample is not None and len(sample) > 0
+    distinct = None
+    if c.replicas == 0 and has_sample:
+        # The static terms and the kernel's copies are measured on the token sample, so its
+        # pair counts bound a token's distinct GPUs and nodes, per layer.
+        assert sample is not None
+        L, N = stats.load.shape
+        co = np.zeros((L, N, N), np.int64)
+        count_into(sample, np.zeros((L, N), np.int64), None, co)
+        distinct = distinct_bound(co, len(sample), _fewest_experts(sample), c.num_gpus,
+                                  c.num_nodes, S, time_limit=seconds / 2)
     if engine in STATIC_ENGINES:
         # A token's k experts fill at least ceil(k / slots) GPUs and ceil(k / node slots) nodes;
         # with replicas a token may find all its experts on one GPU.
@@ -267,15 +295,10 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
         n = c.num_gpus // c.num_nodes
         dg, dn = (-(-k // S), -(-k // (S * n))) if c.replicas == 0 else (1, 1)
         rg, rn = dg * (1 - 1 / c.num_gpus), dn * (1 - 1 / c.num_nodes)
-        if c.replicas == 0 and stats.token_sample is not None and len(stats.token_sample):
-            # The static terms are measured on the token sample, so its pair counts bound them.
-            sample = stats.token_sample
-            L, N = stats.load.shape
-            co = np.zeros((L, N, N), np.int64)
-            count_into(sample, np.zeros((L, N), np.int64), None, co)
-            rg, rn = (max(a, b) for a, b in zip(
-                (rg, rn), static_bound(co, len(sample), k, c.num_gpus, c.num_nodes, S,
-                                       time_limit=seconds / 2), strict=True))
+        if distinct is not None:
+            rg = max(rg, (1 - 1 / c.num_gpus) * float(distinct[0].mean()))
+            if c.num_nodes > 1:
+                rn = max(rn, (1 - 1 / c.num_nodes) * float(distinct[1].mean()))
         bound["traffic_static"] = rg
         bound["traffic_static_remote_nodes"] = rn
         # The same normalisation as objective.score: traffic_static / k, remote nodes over
@@ -284,7 +307,42 @@ def engine_bound(stats: RoutingStats, c: Cluster, options: SolveOptions, engine:
                           + (weights.node * rn / min(k, c.num_nodes - 1)
                              if c.num_nodes > 1 else 0.0)
                           + weights.coact * lb.coactivation_spread)
+    if has_sample:
+        assert sample is not None
+        copies = copy_bound(sample, stats.num_experts, kernel, c.num_gpus, c.num_nodes,
+                            c.replicas, distinct)
+        bound.update(copies.as_dict())
+        if options.sim is not None:
+            hw, shape = options.sim
+            bound["dispatch_us"], bound["combine_us"] = priced_bound(
+                copies, hw, shape.hidden_size, options.tokens_per_step, c.num_gpus, c.num_nodes)
     return bound
+
+
+def _kernel(options: SolveOptions, engine: str) -> str:
+    """The dispatch kernel of a solve: the one asked for, else the engine and phase's."""
+    return options.kernel or default_kernel(engine, options.phase)
+
+
+def _fewest_experts(sample: np.ndarray) -> int:
+    """The fewest distinct experts any sampled token has in a layer (its top-k, unless a
+    router repeated an expert), the k the distinct-GPU bounds may assume."""
+    srt = np.sort(sample, axis=2)
+    return int((1 + (srt[:, :, 1:] != srt[:, :, :-1]).sum(axis=2)).min())
+
+
+def kernel_terms(stats: RoutingStats, placement: Placement, kernel: str) -> dict[str, Any]:
+    """What ``placement`` pays under ``kernel`` per token and MoE layer on the token sample,
+    homes uniform (``kernel_bounds.placement_copies``, the quantities ``engine_bound``
+    bounds); only ``dispatch`` without a sample."""
+    out: dict[str, Any] = {"dispatch": kernel}
+    sample = stats.token_sample
+    if sample is None or len(sample) == 0:
+        return out
+    nv, net = placement_copies(sample, placement, kernel)
+    out.update(nvlink_copies_per_token=float(nv.mean()), rdma_copies_per_token=float(net.mean()),
+               copies_per_token=float((nv + net).mean()))
+    return out
 
 
 def _serves(solver: Solver, c: Cluster, options: SolveOptions) -> bool:
@@ -344,7 +402,8 @@ def _solve_groups(stats: RoutingStats, c: Cluster, n_group: int, method: str,
     _label_layers(plc, stats)
     # The held-back check ran on the group problem (groups as super-experts).
     held = None if inner.heldout is None else {**inner.heldout, "level": "groups"}
-    return plc, SolveReport(inner.method, inner.status, obj.as_dict(), bound, gap,
+    objective = {**obj.as_dict(), **kernel_terms(stats, plc, _kernel(options, engine))}
+    return plc, SolveReport(inner.method, inner.status, objective, bound, gap,
                             time.perf_counter() - t0, details, held)
 
 

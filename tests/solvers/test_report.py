@@ -323,3 +323,95 @@ def test_demo_opens_with_the_sentence():
     assert first.startswith("On the held-out request moeplace's placement "), first
     assert "--all-metrics" in r.output
     assert np.isfinite(float(re.search(r"max/mean ([\d.]+)", first).group(1)))
+
+
+# ---- the kernel's bounds in solve's report (issue 18) -------------------------------------------
+KEYS = ("nvlink_copies_per_token", "rdma_copies_per_token", "copies_per_token")
+
+
+@pytest.mark.parametrize("args,kernel", [  # the search once, EPLB (quick) for the rest
+    (["--nodes", "2"], "deepep-normal"),
+    (["--nodes", "2", "--phase", "decode", "--method", "eplb"], "deepep-ll"),
+    (["--nodes", "2", "--replicas", "4", "--phase", "decode", "--method", "eplb"], "deepep-ll"),
+    (["--nodes", "1", "--dispatch", "alltoall", "--replicas", "4", "--method", "eplb"],
+     "alltoall"),
+])
+def test_solve_bounds_the_kernels_copies(synth_trace, tmp_path, args, kernel):
+    """solve's bound names the kernel and bounds its copies and priced time; the gap is against
+    the objective it optimised (balance only under deepep-ll, whose copies every placement
+    pays alike); the printed lines quote the JSON's numbers; the time bound is below what
+    evaluate --dispatch prices for the placement on the trace."""
+    plc = str(tmp_path / "p.json")
+    common = ["solve", synth_trace, "--gpus", "4", "--time-limit", "3", "--model-shape",
+              "flame-moe-290m", "--tokens-per-step", "512", *args]
+    d = json.loads(run(*common, "--json", "--out", plc).stdout)
+    rep, b = d["report"], d["report"]["bound"]
+    obj = rep["objective"]
+    assert d["dispatch"] == b["dispatch"] == obj["dispatch"] == kernel
+    for key in KEYS:
+        assert 0 <= b[key] <= obj[key] + 1e-9, key
+    assert b["copies_per_token"] >= b["nvlink_copies_per_token"] + b["rdma_copies_per_token"] - 1e-9
+    assert rep["gap"] == pytest.approx((obj["total"] - b["total"]) / obj["total"])
+    replicas = "--replicas" in args
+    if kernel == "deepep-ll":
+        # traffic weights zeroed: the total is the balance term alone, bound and objective
+        assert obj["total"] == pytest.approx(obj["active_experts_imbalance"])
+        assert b["total"] == pytest.approx(b["active_experts_imbalance"])
+        if not replicas:  # flame-moe-290m: top-6; 4 GPUs in 2 nodes
+            assert [b[key] for key in KEYS] == pytest.approx([6 * 1 / 4, 6 * 1 / 2, 6 * 3 / 4])
+            assert [obj[key] for key in KEYS] == pytest.approx([b[key] for key in KEYS])
+    elif kernel == "deepep-normal":
+        # RDMA copies are the remote nodes; NVLink copies traffic_static's bound rescaled
+        assert b["rdma_copies_per_token"] == pytest.approx(b["traffic_static_remote_nodes"])
+        assert obj["rdma_copies_per_token"] == pytest.approx(obj["traffic_static_remote_nodes"])
+        assert b["nvlink_copies_per_token"] == pytest.approx(
+            b["traffic_static"] * (1 - 1 / 2) / (1 - 1 / 4))
+    ev = json.loads(run("evaluate", synth_trace, plc, "--dispatch", kernel, "--model-shape",
+                        "flame-moe-290m", "--tokens-per-step", "512", "--json").stdout)
+    assert 0 < b["dispatch_us"] <= ev["dispatch_us"] and 0 < b["combine_us"] <= ev["combine_us"]
+    out = run(*common).stdout
+    line = next(x for x in out.splitlines() if x.startswith(f"{kernel} copies per token"))
+    same = kernel == "deepep-ll" and not replicas
+    assert ("the same for every placement" in line) is same
+    # (a second solve: the bounds' refinements stop on time, so compare within one run)
+    pairs = re.findall(r"(NVLink|RDMA|total) ([\d.]+)(?: >= ([\d.]+))?", line)
+    assert [p[0] for p in pairs] == ["NVLink", "RDMA", "total"][:: 1 if "RDMA" in line else 2]
+    for name, value, lb in pairs:
+        if same:
+            assert not lb and float(value) == pytest.approx(b[KEYS[("NVLink", "RDMA", "total")
+                                                                  .index(name)]], abs=5e-4)
+        else:
+            assert float(lb) <= float(value)
+    assert re.search(r"; per layer dispatch >= [\d.]+ us, combine >= [\d.]+ us \(h800-ib, "
+                     r"512-token steps\)$", line), line
+    head = next(x for x in out.splitlines() if x.startswith("objective ("))
+    m = re.search(r"\) ([\d.]+), lower bound ([\d.]+), gap ([\d.]+)%", head)
+    assert m and kernel in head
+    total, lb = float(m.group(1)), float(m.group(2))
+    assert float(m.group(3)) == pytest.approx(100 * (total - lb) / total, abs=0.06)
+    assert ("traffic_static >=" in head) is (kernel != "deepep-ll")
+    assert ("every placement sends the same deepep-ll copies" in head) is same
+
+
+def test_solve_with_report_kernel_and_sim():
+    """The library takes the kernel and the simulator profile; an unknown kernel is one
+    InputError; without a token sample there are no copy terms."""
+    from moeplace.errors import InputError
+    from moeplace.solvers import Cluster, solve_with_report
+    from moeplace.solvers.simulator import Hardware, ModelShape
+    from moeplace.traces import compute_stats
+
+    stats = compute_stats(random_trace(np.random.default_rng(2), 400, 2, 8, 2))
+    sim = (Hardware.load("h800-ib"), ModelShape.named("mixtral-8x7b"))
+    _, rep = solve_with_report(stats, Cluster(4, 2), method="search", time_limit=3,
+                               kernel="alltoall", sim=sim)
+    assert rep.bound["dispatch"] == "alltoall" and rep.bound["dispatch_us"] > 0
+    assert rep.bound["copies_per_token"] <= rep.objective["copies_per_token"] + 1e-9
+    _, rep = solve_with_report(stats, Cluster(4, 2), method="search", time_limit=3,
+                               phase="decode")
+    assert rep.bound["dispatch"] == "deepep-ll" and "dispatch_us" not in rep.bound
+    with pytest.raises(InputError):
+        solve_with_report(stats, Cluster(4, 2), time_limit=3, kernel="nccl")
+    stats.token_sample = None
+    _, rep = solve_with_report(stats, Cluster(4, 2), method="eplb", time_limit=3)
+    assert "copies_per_token" not in rep.bound and rep.bound["dispatch"] == "deepep-normal"
