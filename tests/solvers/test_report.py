@@ -206,7 +206,9 @@ def test_active_experts_hidden_exactly_when_every_expert_is_active(rng):
 @pytest.fixture(scope="module")
 def synth_trace(tmp_path_factory):
     path = tmp_path_factory.mktemp("report") / "t.parquet"
-    r = run("synth", "--preset", "flame-moe-290m", "--tokens", "3000", "--out", str(path))
+    # each request's first 16 tokens prefill, the rest decode: --phase decode has tokens to fit
+    r = run("synth", "--preset", "flame-moe-290m", "--tokens", "3000", "--prompt-tokens", "16",
+            "--out", str(path))
     assert r.exit_code == 0, r.output
     return str(path)
 
