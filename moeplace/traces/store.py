@@ -9,6 +9,7 @@ version, dtype, TraceMeta). A trace is one ``.parquet`` file or a directory of `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -303,7 +304,7 @@ class TraceReader:
         for fi, (f, pf) in enumerate(zip(self.files, self._pfs, strict=True)):
             for g in range(pf.metadata.num_row_groups):
                 c = np.zeros(256, np.int64)
-                try:
+                with _reading(f):
                     for b in pf.iter_batches(batch_size=1 << 20, columns=["phase"],
                                              row_groups=[g]):
                         if b.column(0).null_count:
@@ -311,11 +312,6 @@ class TraceReader:
                                              "re-create the file")
                         v = _as_phase(b.column(0).to_numpy())
                         c += np.bincount(v.astype(np.int64) + 128, minlength=256)
-                except (pa.ArrowException, OSError, ValueError) as exc:
-                    if isinstance(exc, InputError):
-                        raise
-                    raise InputError(f, "file", f"corrupt Parquet data ({_first_line(exc)})",
-                                     "the file may be truncated; re-create it") from None
                 out[(fi, g)] = c
         return out
 
@@ -368,7 +364,7 @@ class TraceReader:
                 groups = [g for g in range(pf.metadata.num_row_groups) if (fi, g) in row_groups]
                 if not groups:
                     continue
-            try:
+            with _reading(f):
                 for batch in pf.iter_batches(batch_size=chunk_tokens, columns=cols,
                                              row_groups=groups):
                     chunk = self._decode(batch, L, k, f)
@@ -377,11 +373,6 @@ class TraceReader:
                         if chunk is None:
                             continue
                     yield chunk
-            except (pa.ArrowException, OSError, ValueError) as exc:
-                if isinstance(exc, InputError):
-                    raise
-                raise InputError(f, "file", f"corrupt Parquet data ({_first_line(exc)})",
-                                 "the file may be truncated; re-create it") from None
 
     def _phase_only(self, chunk: Trace, token_fields: bool) -> Trace | None:
         """The tokens of the view's phase in ``chunk`` (None when it holds none)."""
@@ -406,7 +397,7 @@ class TraceReader:
                                                 if (fi, g) in keep]
             if groups == []:
                 continue
-            try:
+            with _reading(f):
                 for b in pf.iter_batches(batch_size=chunk_tokens, columns=cols,
                                          row_groups=groups):
                     if any(b.column(i).null_count for i in range(b.num_columns)):
@@ -415,11 +406,6 @@ class TraceReader:
                     if self.phase is not None:
                         v = v[_as_phase(b.column(len(cols) - 1).to_numpy()) == self.phase]
                     yield v
-            except (pa.ArrowException, OSError, ValueError) as exc:
-                if isinstance(exc, InputError):
-                    raise
-                raise InputError(f, "file", f"corrupt Parquet data ({_first_line(exc)})",
-                                 "the file may be truncated; re-create it") from None
 
     def _decode(self, batch: pa.RecordBatch, L: int, k: int, source: Path) -> Trace:
         n = batch.num_rows
@@ -467,6 +453,18 @@ def _binary_to_numpy(col: pa.Array, dtype: np.dtype, n: int, L: int, k: int,
 def _as_phase(values: np.ndarray) -> np.ndarray:
     """A phase column's values as a ``Trace`` holds them (``TOKEN_FIELDS``: int8)."""
     return values.astype(TOKEN_FIELDS["phase"], copy=False)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Reading ``path``'s row groups: pyarrow's errors on bad bytes become one InputError."""
+    try:
+        yield
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(path, "file", f"corrupt Parquet data ({_first_line(exc)})",
+                         "the file may be truncated; re-create it") from None
 
 
 def _first_line(exc: BaseException) -> str:
