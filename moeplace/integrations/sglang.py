@@ -88,6 +88,9 @@ def register() -> None:
     except UnsupportedEngineError as e:
         print(str(e), file=sys.stderr)
         raise SystemExit(2) from None
+    from moeplace.solvers import _online_kernels
+
+    _online_kernels.warm()  # at start-up, not at the first rebalance
 
 
 def install(placement_path: str | None = None) -> None:

@@ -71,6 +71,9 @@ def register() -> None:
         return  # plug-ins may load several times per process
     pol.EPLB_POLICIES["default"] = make_policy_class(pol.AbstractEplbPolicy,
                                                      None if spec == "1" else spec)
+    from moeplace.solvers import _online_kernels
+
+    _online_kernels.warm()  # at start-up, not at the first rebalance
 
 
 def make_policy_class(base: type, placement_path: str | None) -> type:

@@ -3,7 +3,10 @@ depends on numba), step for step the numpy search of ``online._search_layer_nump
 
 A numpy step costs about a hundred small array calls (~0.7 ms at 64 GPUs), so on the
 DeepSeek-V3 shape (58 layers, several steps each) the search dominated the policy's CPU time;
-compiled, a step is a few microseconds of plain loops. The two are tested against each other
+compiled, a step is microseconds of plain loops. Layers of at least ``NUMBA_MIN_WORK``
+slot-GPU pairs use it; it is compiled once per machine (cached on disk) and loaded once per
+process, at the engine's start-up (the plug-ins, or a policy for 16 GPUs or more) or before
+the first decision's clock starts. The two searches are tested against each other
 (``tests/solvers/test_online_kernels.py``) and against brute force."""
 
 from __future__ import annotations
@@ -18,11 +21,65 @@ import numpy as np
 # cached on disk), never at ``import moeplace``.
 HAVE_NUMBA = (os.environ.get("MOEPLACE_KERNEL", "") != "numpy"
               and importlib.util.find_spec("numba") is not None)
-# Below this many slot-GPU pairs per layer (toy shapes) the numpy search is fast enough.
-NUMBA_MIN_WORK = 256
+# Below this many slot-GPU pairs per layer the numpy search costs a few ms per decision and
+# is used: compiling the search once costs 5-15 CPU seconds, loading it from the on-disk
+# cache about half a second per process. The DeepSeek-V3 shape (58 x 288 slots on 32-64
+# GPUs) is 9,000-20,000.
+NUMBA_MIN_WORK = 2048
 
 
-def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, has_target,  # type: ignore[no-untyped-def]
+def use_numba(work: int) -> bool:
+    """Whether a layer of ``work`` slot-GPU pairs is searched by the compiled kernel."""
+    return HAVE_NUMBA and work >= NUMBA_MIN_WORK
+
+
+def warm(work: int | None = None) -> None:
+    """Load (or compile, once per machine) the compiled search now if layers of ``work``
+    slot-GPU pairs (None: any) will use it."""
+    if HAVE_NUMBA and (work is None or use_numba(work)):
+        compiled_search()
+
+
+def _jit(f):  # type: ignore[no-untyped-def]
+    """Compiled (cached on disk) where numba is installed; this module is imported only when
+    the policy searches, never at ``import moeplace``."""
+    if not HAVE_NUMBA:
+        return f
+    import numba
+
+    return numba.njit(cache=True, nogil=True, boundscheck=False)(f)
+
+
+@_jit
+def _loads(w, cnt, gpu, row, share, gl):  # type: ignore[no-untyped-def]
+    """Per-copy shares and GPU loads (slot order, as ``np.bincount`` sums them)."""
+    for e in range(w.shape[0]):
+        share[e] = w[e] / max(cnt[e], 1)
+    gl[:] = 0.0
+    for p in range(row.shape[0]):
+        gl[gpu[p]] += share[row[p]]
+
+
+@_jit
+def _smallest(items, key, m):  # type: ignore[no-untyped-def]
+    """The ``m`` items of smallest key (earlier first on ties, as a stable argsort), in their
+    original order (``items`` ascending stays ascending, as ``np.sort`` of the pick)."""
+    n = items.shape[0]
+    out = np.empty(m, np.int64)
+    k = 0
+    for i in range(n):
+        rank = 0
+        for j in range(n):
+            if key[j] < key[i] or (key[j] == key[i] and j < i):
+                rank += 1
+        if rank < m:
+            out[k] = items[i]
+            k += 1
+    return out
+
+
+@_jit
+def _search(row0, w, G, S, node, colocate, max_moves, min_gain, target, has_target,  # type: ignore[no-untyped-def]
                    max_steps, probe, spares):
     """See ``online._search_layer_numpy``; ``node`` 0 means one domain; returns
     ``(rows [n+1, P], copies [n+1], maxes [n+1])``."""
@@ -41,15 +98,7 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
             cnt[e] += C[g, e]
     share = np.empty(N)
     gl = np.zeros(G)
-
-    def loads(share, gl):  # type: ignore[no-untyped-def]
-        for e in range(N):
-            share[e] = w[e] / max(cnt[e], 1)
-        gl[:] = 0.0
-        for p in range(P):
-            gl[gpu[p]] += share[row[p]]
-
-    loads(share, gl)
+    _loads(w, cnt, gpu, row, share, gl)
     mean = w.sum() / G
     steps = min(max_moves, max_steps)
     rows = np.empty((steps + 1, P), np.int64)
@@ -76,9 +125,19 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
                 break
         for g in range(G):
             same[g] = True if node == 0 else (g // node == h // node)
-        order = np.argsort(-gl, kind="mergesort")
-        second = gl[order[1]] if G > 1 else -np.inf
-        third = gl[order[2]] if G > 2 else -np.inf
+        # the second and third GPUs of a stable descending order (lowest index on ties)
+        o1 = -1
+        o2 = -1
+        for g in range(G):
+            if g == h:
+                continue
+            if o1 < 0 or gl[g] > gl[o1]:
+                o2 = o1
+                o1 = g
+            elif o2 < 0 or gl[g] > gl[o2]:
+                o2 = g
+        second = gl[o1] if G > 1 else -np.inf
+        third = gl[o2] if G > 2 else -np.inf
         kind = 0  # 0 none, 1 swap, 2 retarget
         best_gain = 0.0
         bi = -1
@@ -100,7 +159,7 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
                     continue
                 nh = cur + d
                 nk = gl[k] - d
-                other = third if k == order[1] else second
+                other = third if k == o1 else second
                 val = max(max(nh, nk), other)
                 if not val <= cur + eps:
                     continue
@@ -117,12 +176,26 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
                 best_gain = gain
         # (b) a spare copy elsewhere re-targeted to an expert of h; (c) a spare copy on h
         # re-targeted to an expert h does not hold
-        b0 = np.unique(row[h * S:(h + 1) * S])
+        b0 = np.empty(S, np.int64)  # h's distinct experts with room for a copy, ascending
         nb0 = 0
-        for i in range(b0.shape[0]):
-            if cnt[b0[i]] < cap:
-                b0[nb0] = b0[i]
-                nb0 += 1
+        for ia in range(S):
+            e = row[h * S + ia]
+            if cnt[e] >= cap:
+                continue
+            pos = nb0
+            dup = False
+            for i in range(nb0):
+                if b0[i] == e:
+                    dup = True
+                    break
+                if b0[i] > e and pos == nb0:
+                    pos = i
+            if dup:
+                continue
+            for i in range(nb0, pos, -1):
+                b0[i] = b0[i - 1]
+            b0[pos] = e
+            nb0 += 1
         b0 = b0[:nb0]
         S0 = np.empty(P, np.int64)
         ns0 = 0
@@ -136,7 +209,7 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
             for i in range(ns0):
                 ra = row[S0[i]]
                 inc[i] = w[ra] / (cnt[ra] - 1) - w[ra] / cnt[ra] + gl[gpu[S0[i]]] * 1e-9
-            S0 = np.sort(S0[np.argsort(inc, kind="mergesort")[:spares]])
+            S0 = _smallest(S0, inc, spares)
         Sh = np.empty(S, np.int64)
         nsh = 0
         for ia in range(S):
@@ -161,7 +234,7 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
             key = np.empty(nbh)
             for i in range(nbh):
                 key[i] = w[bh[i]] / (cnt[bh[i]] + 1)
-            bh = np.sort(bh[np.argsort(key, kind="mergesort")[:spares]])
+            bh = _smallest(bh, key, spares)
         for blk in range(2):
             bs = b0 if blk == 0 else bh
             Ss = S0 if blk == 0 else Sh
@@ -230,7 +303,7 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
             cnt[a] -= 1
             cnt[bi] += 1
             row[bj] = bi
-            loads(share, gl)
+            _loads(w, cnt, gpu, row, share, gl)
             moved = 1
         n += 1
         rows[n] = row
@@ -243,9 +316,7 @@ def _search_source(row0, w, G, S, node, colocate, max_moves, min_gain, target, h
 def compiled_search():  # type: ignore[no-untyped-def]
     """The numba-compiled search, compiled once per machine (``cache=True``) and loaded once
     per process: a tiny search here loads it, so that no rebalance pays for it."""
-    import numba
-
-    fn = numba.njit(cache=True, nogil=True, boundscheck=False)(_search_source)
+    fn = _search
     fn(np.array([0, 1, 1, 0], np.int64), np.array([3.0, 1.0]), 2, 2, 0, True, 2, 0.0, 0.0, False,
        2, 3, 32)
     return fn

@@ -217,16 +217,19 @@ class OnlinePolicy:
         self.copy_cost = float(tuning.get("copy_cost_tokens",
                                           hw.bf16_flops * hw.matmul_efficiency / link))
         self.hierarchical = num_nodes > 1 and self.num_groups % num_nodes == 0
-        from moeplace.solvers import _online_kernels as kern
-
-        if kern.HAVE_NUMBA:  # load the compiled search now, at the engine's start-up
-            kern.compiled_search()
         # state
         self._mean: np.ndarray | None = None   # [D, L, N] decayed share means
         self._z: np.ndarray | None = None      # [D] bias-correction weights
         self._err: np.ndarray | None = None    # [D] decayed prediction error
         self._recent: list[np.ndarray] = []    # last ``history`` interval loads [L, N]
         self.steps = 0
+        # The compiled search loads at the engine's start-up, not in a rebalance: here when the
+        # cluster is large enough for its layers to use it, else before the first decision.
+        from moeplace.solvers import _online_kernels as kern
+
+        self._warm = num_gpus >= 16 and kern.HAVE_NUMBA
+        if self._warm:
+            kern.warm()
 
     # ---- history -------------------------------------------------------------------------
     def _observe(self, load: np.ndarray) -> None:
@@ -260,6 +263,12 @@ class OnlinePolicy:
     # ---- the decision --------------------------------------------------------------------
     def step(self, load: np.ndarray, current: np.ndarray | None) -> Decision:
         """One EPLB step: observe ``load`` and decide on a map (see the module docstring)."""
+        if current is not None and not self._warm:
+            # Load the compiled search (once per process) before the decision's clock starts.
+            from moeplace.solvers import _online_kernels as kern
+
+            kern.warm(np.shape(current)[-1] * self.num_gpus)
+            self._warm = True
         t0 = time.process_time()
         load = np.asarray(load, np.float64)
         if load.ndim != 2 or not np.isfinite(load).all() or (load < 0).any():
@@ -565,7 +574,7 @@ def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | N
     from moeplace.solvers import _online_kernels as kern
 
     P = row0.shape[0]
-    if kern.HAVE_NUMBA and P * G >= kern.NUMBA_MIN_WORK:
+    if kern.use_numba(P * G):
         steps = max_moves if max_steps is None else min(max_moves, max_steps)
         rows, copies, maxes = kern.compiled_search()(
             np.ascontiguousarray(row0, np.int64), np.ascontiguousarray(w, np.float64), G, S,

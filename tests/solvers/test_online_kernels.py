@@ -71,6 +71,7 @@ def test_policy_takes_the_same_decisions_with_either_search(monkeypatch):
             out.append(cur)
         return out
 
+    monkeypatch.setattr(kern, "NUMBA_MIN_WORK", 0)  # this small shape searched compiled too
     compiled = run()
     monkeypatch.setattr(kern, "HAVE_NUMBA", False)
     assert all((a == b).all() for a, b in zip(compiled, run(), strict=True))
