@@ -73,5 +73,74 @@ def pytest_configure(config: pytest.Config) -> None:
                                     "and run the README's test command")
 
 
+# The slowest tests (seconds on a 2-core machine running -n auto), started first: xdist hands tests
+# out in collection order a few at a time (the scheduler below), so the run ends on short tests
+# instead of one worker still in a 30 s test while the other idles. Only an order: a stale or
+# missing entry costs balance, never a test. Node-id prefixes, longest first.
+SLOW_FIRST = (
+    "tests/test_docs_commands.py::test_documented_commands_run_as_printed",  # 35
+    "tests/profiling/test_profile_cli.py::test_bad_config_json_is_one_stderr_line",  # 30
+    "tests/solvers/test_static.py::test_deepseek_static_engine_beats_eplb_on_held_out",  # 27
+    "tests/profiling/test_transformers_versions.py::",  # 2 x 20
+    "tests/solvers/test_interrupts.py::test_signal_stops_every_exact_method_at_every_moment",  # 13-22
+    "tests/solvers/test_interrupts.py::test_signal_stops_the_search",  # 13-17
+    "tests/solvers/test_time_limits.py::test_sigint_stops_cpsat_solve_and_writes_nothing",  # 16
+    "tests/integrations/test_replay_engines.py::",  # 10
+    "tests/solvers/test_solvers.py::test_heuristics_never_beat_their_lower_bound",  # 10
+    "tests/solvers/test_static.py::test_engine_picks_the_objective_and_exact_methods",  # 10
+    "tests/placement/test_stack_conformance.py::test_deepseek_v3_preset_to_sglang_rows",  # 10
+    "tests/solvers/test_report.py::test_solve_headline_matches_its_json",  # 7-9
+    "tests/fuzz/test_fuzz.py::test_flags",  # 9
+    "tests/solvers/test_groups.py::test_respecting_groups_is_optimal_among_group_respecting",  # 8
+    "tests/integrations/test_engine_oracle.py::",  # 6-7
+    "tests/solvers/test_solvers.py::test_exact_backends_match_brute_force",  # 7
+    "tests/service/test_service_load.py::test_concurrent_uploads_add_up_exactly",  # 7
+    "tests/solvers/test_registry.py::test_exact_methods_prove_what_the_dp_finds",  # 7
+    "tests/service/test_service_inproc.py::test_openapi_operations_never_5xx",  # 7
+    "tests/service/test_status_page.py::test_status_page_in_a_headless_browser",  # 7
+    "tests/fuzz/test_fuzz.py::test_mutated_inputs",  # 2-6
+    "tests/solvers/test_solvers.py::test_deepseek_",  # 6
+    "tests/solvers/test_time_limits.py::",  # 2-6
+    "tests/integrations/test_sglang_hook.py::",  # 6 for the first (SGLang's import)
+    "tests/integrations/test_vllm_plugin.py::",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, p in enumerate(SLOW_FIRST) if item.nodeid.startswith(p)),
+                    len(SLOW_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their collection order
+
+
+# Checks that fork from one engine interpreter (tests/engines.py, one per test process and
+# prelude) run on one xdist worker, so that each engine is imported once per run.
+ENGINE_GROUPS = {
+    "vllm": ("tests/integrations/test_vllm_plugin.py::", "tests/integrations/test_replay_engines.py::",
+             "tests/integrations/test_engine_oracle.py::test_eplb_equals_vllm"),
+    "sglang-hook": ("tests/integrations/test_sglang_hook.py::",),
+    "sglang-boot": ("tests/integrations/test_engine_oracle.py::test_eplb_equals_sglang",
+                    "tests/integrations/test_engine_oracle.py::test_sglang_loads"),
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's default (-n without --dist) with the order above kept and the engine groups kept
+    together: each test its own unit, each ENGINE_GROUPS entry one unit, handed out in collection
+    order as workers free up. (xdist's own loadgroup does not work under pytest 9: the group
+    suffix it writes to ``item._nodeid`` is no longer read.)"""
+    if config.getvalue("dist") != "load":
+        return None  # an explicit --dist is xdist's to serve
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return next((g for g, pre in ENGINE_GROUPS.items() if nodeid.startswith(pre)), nodeid)
+
+    config.option.loadscopereorder = False  # its reorder would put the biggest groups first
+    return Scheduling(config, log)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"moeplace under test: {_moeplace_under_test()}"

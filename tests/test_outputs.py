@@ -146,8 +146,11 @@ def _wait_for_tmp(where: Path, proc: subprocess.Popen, timeout: float = 60.0) ->
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_during_write_removes_temporaries_and_created_parents(tmp_path, sig):
     out = tmp_path / "new" / "deep" / "big"
+    # A write that is still going when the signal comes (50M tokens take minutes). FlameMoE's
+    # small shape: its temporary appears within a second, where DeepSeek-V3's synthetic model
+    # took 5 CPU s to build before anything was written.
     proc = subprocess.Popen([sys.executable, "-m", "moeplace.cli", "synth", "--preset",
-                             "deepseek-v3", "--tokens", "50000000", "--out", str(out)],
+                             "flame-moe-290m", "--tokens", "50000000", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=tmp_path)
     _wait_for_tmp(tmp_path, proc)

@@ -377,6 +377,11 @@ class JobManager:
             proc = _start_worker(d)
             self.procs[job] = (proc, time.monotonic(),
                                time.monotonic() + params["time_limit"] + self.grace_s)
+            # A cancel between the UPDATE above and this line found no process to kill: the
+            # worker ran its whole solve (a 300 s limit: the test's reaper wait timed out).
+            if self.store.query("SELECT state FROM jobs WHERE id = ?", (job,))[0]["state"] \
+                    == "cancelled":
+                proc.kill()
 
     def _reap(self) -> None:
         for job, (proc, t0, deadline) in list(self.procs.items()):

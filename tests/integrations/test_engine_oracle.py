@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moeplace.solvers.baselines import eplb
-from tests.engines import engine_path, run_with_engine
+from tests.engines import VLLM_PRELUDE, engine_path, run_forked
 
 # (GPUs, nodes, replicas, groups, experts): one node and several, no replicas and many, no
 # groups, groups dividing over nodes (hierarchical) and not (global).
@@ -28,13 +28,14 @@ def _loads(i: int, n: int) -> np.ndarray:
     return (rng.random((LAYERS, n)) * rng.choice([1.0, 10.0, 100.0], (LAYERS, n))).astype(np.float32)
 
 
-def _engine_layouts(engine: str, code: str, tmp_path) -> list[np.ndarray]:
+def _engine_layouts(engine: str, prelude: str, code: str, tmp_path) -> list[np.ndarray]:
     engine_path(engine)
     cases = [{"load": _loads(i, N).tolist(), "G": G, "M": M, "R": R, "g": g}
              for i, (G, M, R, g, N) in enumerate(SETTINGS)]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    r = run_with_engine(engine, f"import json\ncases = json.load(open({str(tmp_path / 'cases.json')!r}))\n"
-                        + textwrap.dedent(code), timeout=600)
+    # forked from one interpreter per engine that ran ``prelude`` (tests/engines.py)
+    r = run_forked(engine, prelude, f"import json\ncases = json.load(open({str(tmp_path / 'cases.json')!r}))\n"
+                   + textwrap.dedent(code), timeout=600)
     if r.returncode and "ModuleNotFoundError" in r.stderr:
         pytest.skip(f"{engine}'s EPLB modules do not import: " + r.stderr.strip().splitlines()[-1])
     assert r.returncode == 0, r.stderr
@@ -62,7 +63,7 @@ def test_eplb_equals_vllm_default_policy(tmp_path):
                                                        c["G"]).tolist())
     print(json.dumps(out))
     """
-    _compare(_engine_layouts("vllm", code, tmp_path))
+    _compare(_engine_layouts("vllm", VLLM_PRELUDE, code, tmp_path))
 
 
 SGLANG_BOOT = """
@@ -118,11 +119,22 @@ for p in sys.path:
 """
 
 
+# Modules SGLang's argument resolution imports at module level that these CPU-only checks never
+# call into (vision, tokenizer, kernel and client packages): import shims, never installs.
+SGLANG_RESOLVE_STUBS = ("gguf", "compressed_tensors", "sentencepiece", "tvm_ffi", "IPython",
+                        "torchvision", "einops", "openai")
+# Both SGLang checks fork from one interpreter that ran this (the EPLB algorithms, pure torch,
+# call into none of the stubbed packages).
+SGLANG_PRELUDE = SGLANG_BOOT.replace('name.split(".")[0] == "triton"',
+                                     f'name.split(".")[0] in {("triton", *SGLANG_RESOLVE_STUBS)!r}')
+assert SGLANG_PRELUDE != SGLANG_BOOT
+
+
 def test_eplb_equals_sglang_auto_choice(tmp_path):
     # SGLang's `auto`: deepseek_hierarchical when groups divide over nodes, else deepseek
     # (always the global policy). vLLM passes groups=1 for models without groups, where
     # SGLang passes None; both then run the global policy on several nodes.
-    code = SGLANG_BOOT + """
+    code = """
     import torch
     from sglang.srt.eplb.eplb_algorithms import compute_algorithm, rebalance_experts
     out = []
@@ -136,15 +148,10 @@ def test_eplb_equals_sglang_auto_choice(tmp_path):
         out.append(phy.tolist())
     print(json.dumps(out))
     """
-    _compare(_engine_layouts("sglang", code, tmp_path))
+    _compare(_engine_layouts("sglang", SGLANG_PRELUDE, code, tmp_path))
 
 
 # ---- exports through SGLang's own argument parsing, topology check and loader -------------------
-# Modules SGLang's argument resolution imports at module level that these CPU-only checks never
-# call into (vision, tokenizer, kernel and client packages): import shims, never installs.
-SGLANG_RESOLVE_STUBS = ("gguf", "compressed_tensors", "sentencepiece", "tvm_ffi", "IPython",
-                        "torchvision", "einops", "openai")
-
 DSV3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
         "num_hidden_layers": 61, "first_k_dense_replace": 3, "n_routed_experts": 256,
         "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "hidden_size": 7168,
@@ -202,9 +209,7 @@ def test_sglang_loads_exports_under_the_printed_launch_line(tmp_path):
                            "--ep-size", "32", "--init-expert-location", str(tmp_path / "p.json")],
                   "ranks": [0]})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    boot = SGLANG_BOOT.replace('name.split(".")[0] == "triton"',
-                               f'name.split(".")[0] in {("triton", *SGLANG_RESOLVE_STUBS)!r}')
-    code = boot + f"""
+    code = f"""
 import json, torch
 from sglang.srt.server_args import prepare_server_args
 from sglang.srt.runtime_context import publish, SpawnRanks, spawn_world_rank, get_parallel
@@ -235,7 +240,7 @@ for c in json.load(open({str(tmp_path / 'cases.json')!r})):
         out.append({{"error": str(e).splitlines()[0]}})
 print(json.dumps(out))
 """
-    r = run_with_engine("sglang", code, timeout=900)
+    r = run_forked("sglang", SGLANG_PRELUDE, code, timeout=900)
     if r.returncode and "ModuleNotFoundError" in r.stderr:
         pytest.skip("SGLang's server arguments do not import: " + r.stderr.strip().splitlines()[-1])
     assert r.returncode == 0, r.stderr[-3000:]

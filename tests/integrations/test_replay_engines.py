@@ -7,11 +7,12 @@ import textwrap
 
 import pytest
 
-from tests.engines import run_with_engine
+from tests.engines import VLLM_PRELUDE, run_forked
 
 
 def test_replay_vllm_policy_is_the_installed_vllms_own_algorithm(tmp_path):
-    probe = run_with_engine("vllm", "import vllm.distributed.eplb.policy.default")
+    # forked from the interpreter that imported vLLM once for all vLLM checks (tests/engines.py)
+    probe = run_forked("vllm", VLLM_PRELUDE, "import vllm.distributed.eplb.policy.default")
     if probe.returncode:
         pytest.skip("vLLM's EPLB modules do not import here: "
                     + probe.stderr.strip().splitlines()[-1])
@@ -50,6 +51,6 @@ def test_replay_vllm_policy_is_the_installed_vllms_own_algorithm(tmp_path):
         assert lines[i]["rebalanced"] is True
     print("ok", len(lines))
     """
-    r = run_with_engine("vllm", textwrap.dedent(code))
+    r = run_forked("vllm", VLLM_PRELUDE, textwrap.dedent(code))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().startswith("ok"), r.stdout

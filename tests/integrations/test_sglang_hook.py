@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.engines import run_with_engine
+from tests.engines import prelude_error, run_forked, run_with_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = Path(__file__).resolve().parent / "shims"
@@ -24,7 +24,8 @@ import importlib.util, sys
 if importlib.util.find_spec("triton") is None:
     sys.path.append({str(SHIM)!r})
 """
-PROBE = PRELUDE + "import sglang.srt.eplb.expert_location, sglang.srt.plugins"
+# What every check imports first: each forks from one interpreter that imported it once.
+PROBE = PRELUDE + "import numpy, torch\nimport sglang.srt.eplb.expert_location, sglang.srt.plugins\n"
 
 
 def _entry_point() -> str:
@@ -49,12 +50,12 @@ def _env(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
 
 
 def _run(code: str, tmp_path: Path, extra: dict[str, str]):
-    r = run_with_engine("sglang", PROBE)
-    if r.returncode:
-        pytest.skip("SGLang's EPLB modules do not import here: " + r.stderr.strip().splitlines()[-1])
-    body = PRELUDE + ("import os\nif os.environ.get('MOEPLACE_TEST_EP_DIR'):\n"
-                      "    sys.path.append(os.environ['MOEPLACE_TEST_EP_DIR'])\n") + textwrap.dedent(code)
-    return run_with_engine("sglang", body, extra_env=_env(tmp_path, extra))
+    err = prelude_error("sglang", PROBE)
+    if err:
+        pytest.skip("SGLang's EPLB modules do not import here: " + err)
+    body = ("import os\nif os.environ.get('MOEPLACE_TEST_EP_DIR'):\n"
+            "    sys.path.append(os.environ['MOEPLACE_TEST_EP_DIR'])\n") + textwrap.dedent(code)
+    return run_forked("sglang", PROBE, body, extra_env=_env(tmp_path, extra))
 
 
 CALL = """

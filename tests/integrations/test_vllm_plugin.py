@@ -6,16 +6,20 @@ import textwrap
 
 import pytest
 
-from tests.engines import run_with_engine
+from tests.engines import VLLM_PRELUDE, prelude_error, run_forked, run_with_engine
 
-PROBE = "import vllm.distributed.eplb.policy"
+
+def _vllm_or_skip() -> None:
+    err = prelude_error("vllm", VLLM_PRELUDE)
+    if err:
+        pytest.skip("vLLM's EPLB modules do not import here: " + err)
 
 
 def _run(code: str, env: dict[str, str]):
-    r = run_with_engine("vllm", PROBE)
-    if r.returncode:
-        pytest.skip("vLLM's EPLB modules do not import here: " + r.stderr.strip().splitlines()[-1])
-    return run_with_engine("vllm", textwrap.dedent(code), extra_env=env)
+    """``code`` in a process of its own that has imported vLLM's EPLB modules (skipped where
+    they do not import); each check forks from one interpreter that imported them once."""
+    _vllm_or_skip()
+    return run_forked("vllm", VLLM_PRELUDE, textwrap.dedent(code), extra_env=env)
 
 
 def test_placement_json_lands_first_and_bad_signature_is_refused(tmp_path):
@@ -94,23 +98,23 @@ CFG = '{"window_size":1000,"step_interval":3000,"num_redundant_experts":4}'
 
 
 def test_vllm_own_plugin_loader_installs_moeplace_policy():
-    _run(PROBE, {})
+    _vllm_or_skip()
     _entry_point_or_skip()
-    r = run_with_engine("vllm", LOADER.format(cfg=CFG), extra_env={"MOEPLACE_VLLM_POLICY": "1"})
+    r = _run(LOADER.format(cfg=CFG), {"MOEPLACE_VLLM_POLICY": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     maps = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("MAPS"))[5:])
     assert len(maps) == 3
     # without the variable vLLM keeps its own default policy
-    off = run_with_engine("vllm", "import vllm.plugins; vllm.plugins.load_general_plugins()\n"
-                          "from vllm.distributed.eplb.policy import EPLB_POLICIES, DefaultEplbPolicy\n"
-                          "assert EPLB_POLICIES['default'] is DefaultEplbPolicy",
-                          extra_env={"MOEPLACE_VLLM_POLICY": ""})
+    off = _run("import vllm.plugins; vllm.plugins.load_general_plugins()\n"
+               "from vllm.distributed.eplb.policy import EPLB_POLICIES, DefaultEplbPolicy\n"
+               "assert EPLB_POLICIES['default'] is DefaultEplbPolicy",
+               {"MOEPLACE_VLLM_POLICY": ""})
     assert off.returncode == 0, off.stderr[-3000:]
 
 
 def test_vllm_own_plugin_loader_lands_placement_json_first(tmp_path):
-    _run(PROBE, {})
+    _vllm_or_skip()
     _entry_point_or_skip()
     import numpy as np
 
@@ -121,7 +125,7 @@ def test_vllm_own_plugin_loader_lands_placement_json_first(tmp_path):
                     for _ in range(L)])
     f = tmp_path / "placement.json"
     Placement(phy2log=phy, num_gpus=G, colocated=True).save(f)
-    r = run_with_engine("vllm", LOADER.format(cfg=CFG), extra_env={"MOEPLACE_VLLM_POLICY": str(f)})
+    r = _run(LOADER.format(cfg=CFG), {"MOEPLACE_VLLM_POLICY": str(f)})
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     maps = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("MAPS"))[5:])
@@ -146,8 +150,8 @@ def test_documented_launch_line_matches_vllm_arg_parser():
     assert {"--enable-eplb", "--eplb-config", "--enable-expert-parallel"} <= set(flags)
     assert set(flags) <= declared, set(flags) - declared
     cfg = re.search(r"--eplb-config '([^']+)'", line).group(1)
-    r = run_with_engine("vllm", "import json, sys\nfrom vllm.config.parallel import EPLBConfig\n"
-                        "c = EPLBConfig(**json.loads(sys.argv[1])); print(c.policy, c.num_redundant_experts)"
-                        .replace("sys.argv[1]", repr(cfg)))
+    r = run_forked("vllm", VLLM_PRELUDE, "import json, sys\nfrom vllm.config.parallel import EPLBConfig\n"
+                   "c = EPLBConfig(**json.loads(sys.argv[1])); print(c.policy, c.num_redundant_experts)"
+                   .replace("sys.argv[1]", repr(cfg)))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[0] == "default"

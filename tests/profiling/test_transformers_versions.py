@@ -25,7 +25,9 @@ def test_recorder_under_other_transformers_release(site, tmp_path):
     version = subprocess.run([sys.executable, "-c", "import transformers as t; print(t.__version__)"],
                              env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert version and not version.startswith("5.24"), version
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    # -n 0: one process. The pyproject's -n auto would start a worker per core inside this one
+    # test (each importing torch and transformers again) while the outer run's workers are busy.
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                           "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
                           str(ROOT / "tests/profiling/test_recorder.py")],
                          env=env, capture_output=True, text=True, cwd=tmp_path)

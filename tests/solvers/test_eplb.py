@@ -78,6 +78,41 @@ def test_packing_and_replication_steps():
     assert slots.tolist() == [0, 1, 2, 1, 2, 1] and cnt.tolist() == [1, 3, 2]
 
 
+def _naive_pack_distinct(counts, w, num_bins, cap):
+    """The rule-respecting packing as its docstring states it, one copy at a time over every
+    bin: copies heaviest first (stable), each to the lightest bin with room that lacks that
+    expert, the lowest index on ties; None when a copy finds no such bin."""
+    copies = [(w[e] / max(c, 1), e) for e in range(len(counts)) for c in [counts[e]] * counts[e]]
+    order = sorted(range(len(copies)), key=lambda i: -copies[i][0])  # sorted() is stable
+    bins = [[] for _ in range(num_bins)]
+    load = [0.0] * num_bins
+    for i in order:
+        cw, e = copies[i]
+        ok = [b for b in range(num_bins) if len(bins[b]) < cap and e not in bins[b]]
+        if not ok:
+            return None
+        b = min(ok, key=lambda b: (load[b], b))
+        bins[b].append(e)
+        load[b] += cw
+    return bins, max(load)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10**6), bins=st.integers(1, 12), room=st.integers(-1, 2),
+       ties=st.booleans())
+def test_distinct_packing_is_the_greedy_it_describes(seed, bins, room, ties):
+    from moeplace.solvers.baselines import _pack_distinct
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 30))
+    w = rng.integers(0, 4, n).astype(float) if ties else rng.random(n) * 100
+    counts = rng.integers(0, bins + 1 + (room < 0), n)
+    # mostly room for every copy (or a slot per bin more); room -1 also gets stuck ones
+    cap = max(0, -(-int(counts.sum()) // bins) + room)
+    got = _pack_distinct(counts, w, bins, cap)
+    assert got == _naive_pack_distinct(counts, w, bins, cap)
+
+
 def test_bad_groups_refused():
     with pytest.raises(InputError, match="do not split into 4 groups"):
         eplb(np.ones((1, 6)), 2, 2, 2, num_groups=4)

@@ -96,7 +96,12 @@ def test_a_placement_as_balanced_as_eplb_is_kept(topics):
                                     "moetuner"])
 def test_every_method_is_held_to_eplbs_held_back_balance(topics, method):
     c = Cluster(4, 2)
-    plc, rep = solve_with_report(topics, c, method=method, time_limit=20, engine="exflow")
+    # CP-SAT and the two MILPs run to their limit here without proving optimality, and return
+    # the same placement at 4 s as at 20 s (same objective, held-back figures and fallback
+    # layers); every assertion below holds for whatever a method returns. MoETuner's stages
+    # share the limit: at 4 s it returns EPLB's balance and the fallback would go unexercised.
+    limit = 4 if method in ("cpsat", "ilp-highs", "ilp-cbc") else 20
+    plc, rep = solve_with_report(topics, c, method=method, time_limit=limit, engine="exflow")
     h = rep.heldout
     assert h["status"] == CHECKED and h["reference"] == "eplb"
     assert h["load_imbalance_mean"] == pytest.approx(naive_held(topics, plc))
