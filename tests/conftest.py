@@ -80,6 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
 SLOW_FIRST = (
     "tests/test_docs_commands.py::test_documented_commands_run_as_printed",  # 35
     "tests/profiling/test_profile_cli.py::test_bad_config_json_is_one_stderr_line",  # 30
+    "tests/integrations/test_sglang_disaggregation.py::",  # 35 (two SGLang instances)
     "tests/solvers/test_static.py::test_deepseek_static_engine_beats_eplb_on_held_out",  # 27
     "tests/profiling/test_transformers_versions.py::",  # 2 x 20
     "tests/solvers/test_interrupts.py::test_signal_stops_every_exact_method_at_every_moment",  # 13-22
@@ -88,6 +89,7 @@ SLOW_FIRST = (
     "tests/integrations/test_replay_engines.py::",  # 10
     "tests/solvers/test_solvers.py::test_heuristics_never_beat_their_lower_bound",  # 10
     "tests/solvers/test_static.py::test_engine_picks_the_objective_and_exact_methods",  # 10
+    "tests/solvers/test_online_kernels.py::test_compiled_search_equals_numpy_search",  # 10 (JIT)
     "tests/placement/test_stack_conformance.py::test_deepseek_v3_preset_to_sglang_rows",  # 10
     "tests/solvers/test_report.py::test_solve_headline_matches_its_json",  # 7-9
     "tests/fuzz/test_fuzz.py::test_flags",  # 9
