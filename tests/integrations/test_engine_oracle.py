@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from moeplace.placement import Placement
 from moeplace.solvers.baselines import eplb
 from tests.engines import VLLM_PRELUDE, engine_path, run_forked
 
@@ -165,23 +167,35 @@ DSV3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
         "tie_word_embeddings": False}
 
 
+def dsv3_model_dir(tmp_path: Path) -> Path:
+    """A DeepSeek-V3 model directory holding only its config.json (what SGLang reads)."""
+    model = tmp_path / "dsv3"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(DSV3))
+    return model
+
+
+def dsv3_placement(G: int, M: int, R: int, seed: int) -> Placement:
+    """A random DeepSeek-V3 placement (58 MoE layers, hidden layers 3-60, 256 experts + R)."""
+    rng = np.random.default_rng(seed)
+    N = 256
+    phy = np.stack([np.concatenate([rng.permutation(N), rng.choice(N, R, replace=False)])
+                    for _ in range(58)])
+    return Placement(phy, G, M, N, moe_layer_ids=tuple(range(3, 61)), colocated=True)
+
+
 def test_sglang_loads_exports_under_the_printed_launch_line(tmp_path):
     import shlex
 
     from moeplace.models import known_layout
-    from moeplace.placement import Placement
     from moeplace.placement.exports import export_placement
 
     pytest.importorskip("torch")
     engine_path("sglang")
-    model = tmp_path / "dsv3"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(DSV3))
+    model = dsv3_model_dir(tmp_path)
     G, M, R, N = 32, 4, 32, 256
-    rng = np.random.default_rng(7)
-    phy = np.stack([np.concatenate([rng.permutation(N), rng.choice(N, R, replace=False)])
-                    for _ in range(58)])
-    plc = Placement(phy, G, M, N, moe_layer_ids=tuple(range(3, 61)), colocated=True)
+    plc = dsv3_placement(G, M, R, 7)
+    phy = plc.phy2log
     cases = []
     for name in ("p.json", "p.pt"):
         flags = export_placement(plc, "sglang", tmp_path / name, layout=known_layout("deepseek-v3"))

@@ -16,15 +16,16 @@ import pytest
 from moeplace.placement import Placement
 from moeplace.placement.exports import PD_KERNEL, SGLANG_DEEPEP_MODE, export_disaggregated
 from tests.engines import engine_path, run_with_engine
-from tests.integrations.test_engine_oracle import DSV3, SGLANG_BOOT, SGLANG_RESOLVE_STUBS
+from tests.integrations.test_engine_oracle import (
+    SGLANG_BOOT,
+    SGLANG_RESOLVE_STUBS,
+    dsv3_model_dir,
+    dsv3_placement,
+)
 
 
 def _placement(G: int, M: int, R: int, seed: int) -> Placement:
-    rng = np.random.default_rng(seed)
-    N = 256
-    phy = np.stack([np.concatenate([rng.permutation(N), rng.choice(N, R, replace=False)])
-                    for _ in range(58)])
-    plc = Placement(phy, G, M, N, moe_layer_ids=tuple(range(3, 61)), colocated=True)
+    plc = dsv3_placement(G, M, R, seed)
     plc.info.update(model="deepseek-v3")
     return plc
 
@@ -34,9 +35,7 @@ def test_sglang_accepts_both_instances_and_runs_each_phases_kernel(tmp_path):
 
     pytest.importorskip("torch")
     engine_path("sglang")
-    model = tmp_path / "dsv3"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(DSV3))
+    model = dsv3_model_dir(tmp_path)
     # Separate instances, different sizes: prefill 32 GPUs in 4 nodes with 32 redundant
     # experts, decode 16 GPUs in 2 nodes with none.
     pre, dec = _placement(32, 4, 32, 1), _placement(16, 2, 0, 2)
