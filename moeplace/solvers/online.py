@@ -204,6 +204,10 @@ class OnlinePolicy:
         self.colocate = bool(allow_colocated_copies)
         self.num_slots = tuning.get("num_slots")
         self.decays = np.asarray(tuning.get("decays", DEFAULT_DECAYS), np.float64)
+        if self.decays.ndim != 1 or not self.decays.size or not (
+                (self.decays >= 0) & (self.decays < 1)).all():
+            raise InputError("online policy", "decays", f"{tuning.get('decays')!r}: need "
+                             "decays in [0, 1)", "pass memories such as (0.0, 0.5, 0.9)")
         self.z = float(tuning.get("z", 1.64))
         self.history = int(tuning.get("history", 16))
         self.max_moves = tuning.get("max_moves_per_layer")
@@ -223,13 +227,12 @@ class OnlinePolicy:
         self._err: np.ndarray | None = None    # [D] decayed prediction error
         self._recent: list[np.ndarray] = []    # last ``history`` interval loads [L, N]
         self.steps = 0
-        # The compiled search loads at the engine's start-up, not in a rebalance: here when the
-        # cluster is large enough for its layers to use it, else before the first decision.
-        from moeplace.solvers import _online_kernels as kern
+        if num_gpus >= 16:
+            # The compiled search loads at the engine's start-up, not in a rebalance (layers
+            # of smaller clusters may not use it: step loads it when they do).
+            from moeplace.solvers import _online_kernels
 
-        self._warm = num_gpus >= 16 and kern.HAVE_NUMBA
-        if self._warm:
-            kern.warm()
+            _online_kernels.warm()
 
     # ---- history -------------------------------------------------------------------------
     def _observe(self, load: np.ndarray) -> None:
@@ -263,12 +266,11 @@ class OnlinePolicy:
     # ---- the decision --------------------------------------------------------------------
     def step(self, load: np.ndarray, current: np.ndarray | None) -> Decision:
         """One EPLB step: observe ``load`` and decide on a map (see the module docstring)."""
-        if current is not None and not self._warm:
-            # Load the compiled search (once per process) before the decision's clock starts.
-            from moeplace.solvers import _online_kernels as kern
+        if current is not None:
+            # Loaded once per process (cached after), before the decision's clock starts.
+            from moeplace.solvers import _online_kernels
 
-            kern.warm(np.shape(current)[-1] * self.num_gpus)
-            self._warm = True
+            _online_kernels.warm(np.shape(current)[-1] * self.num_gpus)
         t0 = time.process_time()
         load = np.asarray(load, np.float64)
         if load.ndim != 2 or not np.isfinite(load).all() or (load < 0).any():
@@ -296,21 +298,19 @@ class OnlinePolicy:
             refit_moves = moved_copies(cur, refit, self.num_gpus).sum(axis=1)
         else:
             refit, target, refit_moves = None, None, np.full(L, 1 << 30)
-        # The estimate's own statistical error of a GPU's load (counts ~ Poisson, summed over
-        # the intervals the decay effectively averages): a refit better by less than this is
-        # noise the default fitted, not balance it will keep.
-        n_eff = min(float(self.steps), (1 + decay) / (1 - decay)) if decay < 1 else float(self.steps)
         if target is not None:
-            slack = self.slack_sd / np.sqrt(np.maximum(target * n_eff, 1.0))
-        else:
-            slack = np.zeros(L)
+            # The estimate's own statistical error of a GPU's load (counts ~ Poisson, summed
+            # over the intervals the decay effectively averages): a refit better by less than
+            # this has fitted noise, not balance it will keep.
+            n_eff = min(float(self.steps), (1 + decay) / (1 - decay))
+            bar = target * (1 + self.slack_sd / np.sqrt(np.maximum(target * n_eff, 1.0)))
         new = cur.copy()
         gains = np.zeros(L)
         reasons = {"paid": 0, "not significant": 0, "guard": 0}
         recent = np.stack(self._recent)  # [K, L, N]
         max_moves = int(self.max_moves) if self.max_moves is not None else 2 * P
         for l in range(L):
-            tgt = None if target is None else float(target[l] * (1 + slack[l]))
+            tgt = None if target is None else float(bar[l])
             # Never search past the copies the default's own refit would move in this layer:
             # beyond that, the refit itself is the cheaper way to its balance.
             budget = int(min(max_moves, refit_moves[l]))
@@ -587,9 +587,9 @@ def _search_layer(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | N
 
 
 def _search_layer_numpy(row0: np.ndarray, w: np.ndarray, G: int, S: int, node: int | None,
-                  colocate: bool, max_moves: int, min_gain: float, target: float | None,
-                  max_steps: int | None = None
-                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+                        colocate: bool, max_moves: int, min_gain: float, target: float | None,
+                        max_steps: int | None = None
+                        ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Greedy moves on one layer from ``row0``: ``(maps, copies, max loads)`` after 0, 1, ...
     moves. Stops when the max is the mean, no move lowers it, or the remaining possible gain
     cannot pay one copy (``min_gain``) and the guard ``target`` is met."""
