@@ -167,6 +167,36 @@ DSV3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
         "tie_word_embeddings": False}
 
 
+# In SGLang's interpreter: the initial expert-location map each EP rank computes, as its
+# scheduler process does at start-up (published parallel topology, then
+# compute_initial_expert_location_metadata).
+SGLANG_RANK_MAPS = """
+import json, torch
+from sglang.srt.server_args import prepare_server_args
+from sglang.srt.runtime_context import publish, SpawnRanks, spawn_world_rank, get_parallel
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.eplb import expert_location as el
+
+# SGLang's model registry imports every model's kernels, which do not import without a GPU;
+# what DeepseekV2ForCausalLM.get_model_config_for_expert_location returns, from the config.
+el.ModelConfigForExpertLocation.from_model_config = staticmethod(
+    lambda mc: el.ModelConfigForExpertLocation(mc.hf_config.num_hidden_layers,
+                                               mc.hf_config.n_routed_experts,
+                                               mc.hf_config.n_group))
+
+
+def rank_maps(sa, ranks):
+    mc = ModelConfig.from_server_args(sa)
+    maps = []
+    for r in ranks:
+        publish(sa, role="scheduler", ranks=SpawnRanks(
+            world_rank=spawn_world_rank(sa, tp_rank=r, pp_rank=0), gpu_id=r % 8))
+        md = el.compute_initial_expert_location_metadata(mc, get_parallel().moe_ep_rank)
+        maps.append([md.ep_size, md.physical_to_logical_map_cpu.tolist()])
+    return maps
+"""
+
+
 def dsv3_model_dir(tmp_path: Path) -> Path:
     """A DeepSeek-V3 model directory holding only its config.json (what SGLang reads)."""
     model = tmp_path / "dsv3"
@@ -223,33 +253,14 @@ def test_sglang_loads_exports_under_the_printed_launch_line(tmp_path):
                            "--ep-size", "32", "--init-expert-location", str(tmp_path / "p.json")],
                   "ranks": [0]})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    code = f"""
-import json, torch
-from sglang.srt.server_args import prepare_server_args
-from sglang.srt.runtime_context import publish, SpawnRanks, spawn_world_rank, get_parallel
-from sglang.srt.configs.model_config import ModelConfig
-from sglang.srt.eplb import expert_location as el
-
-# SGLang's model registry imports every model's kernels, which do not import without a GPU;
-# what DeepseekV2ForCausalLM.get_model_config_for_expert_location returns, from the config.
-el.ModelConfigForExpertLocation.from_model_config = staticmethod(
-    lambda mc: el.ModelConfigForExpertLocation(mc.hf_config.num_hidden_layers,
-                                               mc.hf_config.n_routed_experts,
-                                               mc.hf_config.n_group))
+    code = SGLANG_RANK_MAPS + f"""
 out = []
 for c in json.load(open({str(tmp_path / 'cases.json')!r})):
     try:
         sa = prepare_server_args(c["argv"])
         sa.resolve_once()
         sa.check_server_args()
-        mc = ModelConfig.from_server_args(sa)
-        maps = []
-        for r in c["ranks"]:
-            publish(sa, role="scheduler", ranks=SpawnRanks(
-                world_rank=spawn_world_rank(sa, tp_rank=r, pp_rank=0), gpu_id=r % 8))
-            md = el.compute_initial_expert_location_metadata(mc, get_parallel().moe_ep_rank)
-            maps.append([md.ep_size, md.physical_to_logical_map_cpu.tolist()])
-        out.append({{"ok": maps}})
+        out.append({{"ok": rank_maps(sa, c["ranks"])}})
     except Exception as e:  # the engine's refusal is the answer
         out.append({{"error": str(e).splitlines()[0]}})
 print(json.dumps(out))

@@ -18,6 +18,7 @@ from moeplace.placement.exports import PD_KERNEL, SGLANG_DEEPEP_MODE, export_dis
 from tests.engines import engine_path, run_with_engine
 from tests.integrations.test_engine_oracle import (
     SGLANG_BOOT,
+    SGLANG_RANK_MAPS,
     SGLANG_RESOLVE_STUBS,
     dsv3_model_dir,
     dsv3_placement,
@@ -60,20 +61,10 @@ def test_sglang_accepts_both_instances_and_runs_each_phases_kernel(tmp_path):
     cases.append({"role": "control", "argv": bad, "ranks": []})
     boot = SGLANG_BOOT.replace('name.split(".")[0] == "triton"',
                                f'name.split(".")[0] in {("triton", *SGLANG_RESOLVE_STUBS)!r}')
-    code = boot + """
-import json, torch
-from sglang.srt.server_args import prepare_server_args
+    code = boot + SGLANG_RANK_MAPS + """
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.layers.moe.utils import DeepEPMode
-from sglang.srt.runtime_context import publish, SpawnRanks, spawn_world_rank, get_parallel
-from sglang.srt.configs.model_config import ModelConfig
-from sglang.srt.eplb import expert_location as el
 
-# As in test_engine_oracle: DeepseekV2ForCausalLM's expert-location config, from the config.
-el.ModelConfigForExpertLocation.from_model_config = staticmethod(
-    lambda mc: el.ModelConfigForExpertLocation(mc.hf_config.num_hidden_layers,
-                                               mc.hf_config.n_routed_experts,
-                                               mc.hf_config.n_group))
 out = []
 for c in json.load(open(CASES)):
     try:
@@ -88,14 +79,7 @@ for c in json.load(open(CASES)):
                "redundant": v.ep_num_redundant_experts,
                "prefill_batch": mode.resolve(is_extend_in_batch=True).value,
                "decode_batch": mode.resolve(is_extend_in_batch=False).value}
-        mc = ModelConfig.from_server_args(sa)
-        maps = []
-        for r in c["ranks"]:
-            publish(sa, role="scheduler", ranks=SpawnRanks(
-                world_rank=spawn_world_rank(sa, tp_rank=r, pp_rank=0), gpu_id=r % 8))
-            md = el.compute_initial_expert_location_metadata(mc, get_parallel().moe_ep_rank)
-            maps.append([md.ep_size, md.physical_to_logical_map_cpu.tolist()])
-        res["maps"] = maps
+        res["maps"] = rank_maps(sa, c["ranks"])
         out.append({"ok": res})
     except BaseException as e:  # the engine's refusal (argparse exits) is the answer
         out.append({"error": type(e).__name__, "why": str(e).splitlines()[0] if str(e) else ""})
